@@ -1,0 +1,156 @@
+"""Layers: a forward map W (dense, conv, pooled head), optional BatchNorm, and its error synapse E."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def init_weight_(w: torch.Tensor, scheme: str, std: float, gen: torch.Generator) -> None:
+    """Fill `w` (out, in, ...) in place; `gen` makes every layer's draw independent of the others."""
+    fan_in = w[0].numel()
+    with torch.no_grad():
+        if scheme == "gaussian":
+            w.copy_(torch.randn(w.shape, generator=gen, dtype=w.dtype) * std)
+        elif scheme == "kaiming":
+            w.copy_(torch.randn(w.shape, generator=gen, dtype=w.dtype) * std * math.sqrt(2.0 / fan_in))
+        elif scheme == "xavier":
+            fan_out = w.shape[0] * (w[0, 0].numel() if w.dim() > 2 else 1)
+            bound = std * math.sqrt(6.0 / (fan_in + fan_out))
+            w.copy_(torch.rand(w.shape, generator=gen, dtype=w.dtype) * 2 * bound - bound)
+        elif scheme == "orthogonal":
+            flat = torch.randn(w.shape[0], fan_in, generator=gen, dtype=w.dtype)
+            q, r = torch.linalg.qr(flat.T if flat.shape[0] < flat.shape[1] else flat)
+            q = q * torch.sign(torch.diagonal(r))
+            q = q.T if flat.shape[0] < flat.shape[1] else q
+            w.copy_((q * std).reshape(w.shape))
+        else:  # validated by RuleConfig; kept for direct callers
+            raise ValueError(f"unknown init scheme {scheme!r}")
+
+
+class Layer(nn.Module, ABC):
+    """One learnable map from a source node to a target node.
+
+    `weight` (W) and `feedback` (E, same shape as W, present only when the rule uses it) are
+    plain parameters; BatchNorm, when on, is part of the forward map and learns with it.
+    """
+
+    kind = ""
+
+    def __init__(self, weight_shape: tuple[int, ...], *, batchnorm: bool, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(weight_shape))
+        self.bias = nn.Parameter(torch.zeros(weight_shape[0])) if bias and not batchnorm else None
+        self.bn = self._make_bn(weight_shape[0]) if batchnorm else None
+        self.feedback: nn.Parameter | None = None
+
+    def _make_bn(self, channels: int) -> nn.Module:
+        return nn.BatchNorm1d(channels)
+
+    def add_feedback(self, trainable: bool) -> None:
+        self.feedback = nn.Parameter(torch.empty_like(self.weight), requires_grad=trainable)
+
+    @abstractmethod
+    def linear(self, z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The bare map W z (no bias, no BN): the part FA swaps its backward for."""
+
+    @abstractmethod
+    def transpose(self, e: torch.Tensor, weight: torch.Tensor, src_shape: torch.Size) -> torch.Tensor:
+        """The adjoint of `linear` for `weight`, restoring the exact source shape."""
+
+    @abstractmethod
+    def weight_grad(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """The local correlation of input z with output error e (summed over the batch)."""
+
+    def post(self, h: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None:
+            h = h + self.bias.view(1, -1, *([1] * (h.dim() - 2)))
+        if self.bn is not None:
+            h = self.bn(h)
+        return h
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.post(self.linear(z, self.weight))
+
+    def carry(self, e: torch.Tensor, src_shape: torch.Size) -> torch.Tensor:
+        """The error synapse: E applied to the target node's error, shaped like the source."""
+        assert self.feedback is not None, "layer has no error synapse under this rule"
+        return self.transpose(e, self.feedback, src_shape)
+
+
+class Dense(Layer):
+    kind = "dense"
+
+    def __init__(self, d_in: int, d_out: int, *, batchnorm: bool = False) -> None:
+        super().__init__((d_out, d_in), batchnorm=batchnorm, bias=True)
+
+    def linear(self, z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return z.flatten(1) @ weight.T
+
+    def transpose(self, e: torch.Tensor, weight: torch.Tensor, src_shape: torch.Size) -> torch.Tensor:
+        return (e @ weight).reshape(e.shape[0], *src_shape[1:])
+
+    def weight_grad(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return e.T @ z.flatten(1)
+
+
+class Conv(Layer):
+    kind = "conv"
+
+    def __init__(
+        self, c_in: int, c_out: int, kernel: int, *, stride: int = 1, padding: int = 0,
+        batchnorm: bool = False,
+    ) -> None:
+        super().__init__((c_out, c_in, kernel, kernel), batchnorm=batchnorm, bias=True)
+        self.stride, self.padding = stride, padding
+
+    def _make_bn(self, channels: int) -> nn.Module:
+        return nn.BatchNorm2d(channels)
+
+    def linear(self, z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(z, weight, stride=self.stride, padding=self.padding)
+
+    def out_hw(self, h: int, w: int) -> tuple[int, int]:
+        k = self.weight.shape[-1]
+        return tuple((s + 2 * self.padding - k) // self.stride + 1 for s in (h, w))  # type: ignore[return-value]
+
+    def transpose(self, e: torch.Tensor, weight: torch.Tensor, src_shape: torch.Size) -> torch.Tensor:
+        k = weight.shape[-1]
+        pads = [
+            src_shape[i] - ((e.shape[i] - 1) * self.stride - 2 * self.padding + k) for i in (2, 3)
+        ]
+        return F.conv_transpose2d(
+            e, weight, stride=self.stride, padding=self.padding, output_padding=tuple(pads)
+        )
+
+    def weight_grad(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return torch.nn.grad.conv2d_weight(
+            z, self.weight.shape, e, stride=self.stride, padding=self.padding
+        )
+
+
+class PooledHead(Dense):
+    """Global average pooling then a dense map to the K classes: the output layer."""
+
+    kind = "head"
+
+    def linear(self, z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.pool(z) @ weight.T
+
+    @staticmethod
+    def pool(z: torch.Tensor) -> torch.Tensor:
+        return z.mean(dim=(2, 3)) if z.dim() == 4 else z.flatten(1)
+
+    def transpose(self, e: torch.Tensor, weight: torch.Tensor, src_shape: torch.Size) -> torch.Tensor:
+        d = e @ weight
+        if len(src_shape) == 4:  # the transpose of average pooling: spread evenly over H x W
+            hw = src_shape[2] * src_shape[3]
+            return (d / hw)[:, :, None, None].expand(-1, -1, src_shape[2], src_shape[3]).contiguous()
+        return d.reshape(e.shape[0], *src_shape[1:])
+
+    def weight_grad(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return e.T @ self.pool(z)

@@ -1,0 +1,135 @@
+"""Networks as ordered lists of blocks: an MLP and CIFAR/ImageNet-form ResNets of depth 8/18/34."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from workers.blocks import Block, Wire
+from workers.layers import Conv, Dense, Layer, PooledHead
+
+MODELS = ("mlp", "resnet8", "resnet18", "resnet34")
+RESNET_LAYOUT = {"resnet8": (1, 1, 1), "resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: str = "resnet8"
+    form: str = "cifar"  # cifar: 3x3 stem; imagenet: 7x7 stride-2 stem + max-pool
+    width: int = 16  # channels of the first ResNet stage (doubling per stage)
+    hidden: int = 128  # MLP width
+    depth: int = 2  # MLP hidden layers
+    gap: int = 1  # MLP layers per block (the residual gap)
+    residual: bool = False  # MLP: identity skip over each block whose input width matches
+    act: str = "relu"
+    batchnorm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name not in MODELS:
+            raise ValueError(f"model.name: {self.name!r} is not one of {list(MODELS)}")
+        if self.form not in ("cifar", "imagenet"):
+            raise ValueError(f"model.form: {self.form!r} is not one of ['cifar', 'imagenet']")
+        if self.act not in ("relu", "tanh"):
+            raise ValueError(f"model.act: {self.act!r} is not one of ['relu', 'tanh']")
+        for key in ("width", "hidden", "depth", "gap"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.depth % self.gap:
+            raise ValueError(f"model.depth ({self.depth}) must be a multiple of model.gap ({self.gap})")
+
+
+BlockFactory = Callable[[], Block]
+
+
+def model_plan(
+    cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
+) -> list[tuple[str, BlockFactory]]:
+    """The model's blocks in order, as (name, factory) so a stage builds only the blocks it owns."""
+    if cfg.name == "mlp":
+        return _mlp(cfg, input_shape, num_classes)
+    return _resnet(cfg, input_shape, num_classes)
+
+
+def _mlp(cfg: ModelConfig, input_shape: tuple[int, ...], k: int) -> list[tuple[str, BlockFactory]]:
+    plan: list[tuple[str, BlockFactory]] = []
+    d_in = math.prod(input_shape)
+    for b in range(cfg.depth // cfg.gap):
+        dims = [d_in] + [cfg.hidden] * cfg.gap
+        shape_in = input_shape if b == 0 else (cfg.hidden,)
+
+        def make(b: int = b, dims: list[int] = dims, shape_in: tuple[int, ...] = shape_in) -> Block:
+            layers = {f"fc{i}": Dense(dims[i], dims[i + 1], batchnorm=cfg.batchnorm)
+                      for i in range(cfg.gap)}
+            wires = [Wire(f"fc{i}", i - 1, i) for i in range(cfg.gap)]
+            identity = [(-1, cfg.gap - 1)] if cfg.residual and dims[0] == cfg.hidden else []
+            return Block(f"dense{b}", layers, wires, [cfg.act] * cfg.gap, identity=identity,
+                         in_shape=shape_in, node_shapes=[(cfg.hidden,)] * cfg.gap)
+
+        plan.append((f"dense{b}", make))
+        d_in = cfg.hidden
+    plan.append(("head", lambda: _head(cfg.hidden, (cfg.hidden,), k)))
+    return plan
+
+
+def _head(c: int, in_shape: tuple[int, ...], k: int) -> Block:
+    return Block("head", {"fc": PooledHead(c, k)}, [Wire("fc", -1, 0)], ["identity"],
+                 head=True, in_shape=in_shape, node_shapes=[(k,)])
+
+
+def _conv_out(n: int, k: int, s: int, p: int) -> int:
+    return (n + 2 * p - k) // s + 1
+
+
+def _resnet(cfg: ModelConfig, input_shape: tuple[int, ...], k: int) -> list[tuple[str, BlockFactory]]:
+    if len(input_shape) != 3:
+        raise ValueError(f"model.name: {cfg.name} needs image input (C, H, W), got shape {input_shape}")
+    c_in, h, w = input_shape
+    bn = cfg.batchnorm
+    plan: list[tuple[str, BlockFactory]] = []
+    imagenet = cfg.form == "imagenet"
+    kernel, stride, pad = (7, 2, 3) if imagenet else (3, 1, 1)
+    hs, ws = _conv_out(h, kernel, stride, pad), _conv_out(w, kernel, stride, pad)
+    stem_shape = (cfg.width, hs, ws)
+
+    def stem() -> Block:
+        conv = Conv(c_in, cfg.width, kernel, stride=stride, padding=pad, batchnorm=bn)
+        return Block("stem", {"conv": conv}, [Wire("conv", -1, 0)], [cfg.act], out_pool=imagenet,
+                     in_shape=input_shape, node_shapes=[stem_shape])
+
+    plan.append(("stem", stem))
+    shape = stem_shape
+    if imagenet:
+        shape = (cfg.width, _conv_out(hs, 3, 2, 1), _conv_out(ws, 3, 2, 1))
+    for s, n_blocks in enumerate(RESNET_LAYOUT[cfg.name]):
+        c_out = cfg.width * 2**s
+        for b in range(n_blocks):
+            st = 2 if (s > 0 and b == 0) else 1
+            out_shape = (c_out, _conv_out(shape[1], 3, st, 1), _conv_out(shape[2], 3, st, 1))
+            name = f"layer{s + 1}.{b}"
+            plan.append((name, _basic_block_factory(name, shape, out_shape, st, cfg)))
+            shape = out_shape
+    plan.append(("head", lambda c=shape[0], sh=shape: _head(c, sh, k)))
+    return plan
+
+
+def _basic_block_factory(
+    name: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...], stride: int, cfg: ModelConfig
+) -> BlockFactory:
+    def make() -> Block:
+        c_in, c_out, bn = in_shape[0], out_shape[0], cfg.batchnorm
+        layers: dict[str, Layer] = {
+            "conv1": Conv(c_in, c_out, 3, stride=stride, padding=1, batchnorm=bn),
+            "conv2": Conv(c_out, c_out, 3, stride=1, padding=1, batchnorm=bn),
+        }
+        wires = [Wire("conv1", -1, 0), Wire("conv2", 0, 1)]
+        identity: list[tuple[int, int]] = []
+        if stride != 1 or c_in != c_out:
+            layers["shortcut"] = Conv(c_in, c_out, 1, stride=stride, padding=0, batchnorm=bn)
+            wires.append(Wire("shortcut", -1, 1, shortcut=True))
+        else:
+            identity.append((-1, 1))
+        return Block(name, layers, wires, [cfg.act, cfg.act], identity=identity,
+                     in_shape=in_shape, node_shapes=[out_shape, out_shape])
+
+    return make

@@ -1,0 +1,129 @@
+"""The learning-rule interface, its config, the error signal passed between stages, and the registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from workers.blocks import activate
+
+if TYPE_CHECKING:
+    from workers.blocks import Block, Wire
+
+TOPOLOGIES = ("skip", "mirror", "adjacent")
+FEEDBACK_UPDATES = ("kp", "local", "fixed")
+SKIP_UPDATES = ("corr", "local", "fixed")
+INITS = ("gaussian", "kaiming", "xavier", "orthogonal")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuleConfig:
+    """How layers learn. Every [choice] of ALGORITHM.md is a key here, with its default."""
+
+    name: str = "rec_lra"
+    topology: str = "skip"
+    feedback_update: str = "kp"
+    skip_update: str = "corr"
+    skip_grid: int = 4
+    beta: float = 0.1
+    gamma: float = 1.0
+    mix_skip: float = 0.19
+    mix_adjacent: float = 0.24
+    reproject: float = 1.0
+    input_noise: float = 0.1
+    init: str = "kaiming"
+    init_std: float = 1.0
+    feedback_init: str = "kaiming"
+
+    def __post_init__(self) -> None:
+        if self.name not in RULES:
+            raise ValueError(f"rule.name: unknown rule {self.name!r}; choose one of {sorted(RULES)}")
+        for key, value, allowed in (
+            ("topology", self.topology, TOPOLOGIES),
+            ("feedback_update", self.feedback_update, FEEDBACK_UPDATES),
+            ("skip_update", self.skip_update, SKIP_UPDATES),
+            ("init", self.init, INITS),
+            ("feedback_init", self.feedback_init, INITS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"rule.{key}: {value!r} is not one of {list(allowed)}")
+        for key in ("mix_skip", "mix_adjacent"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"rule.{key}: must lie in [0, 1], got {getattr(self, key)}")
+        for key in ("beta", "gamma", "input_noise", "init_std"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"rule.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.reproject < 0:
+            raise ValueError(f"rule.reproject: must be >= 0 (0 turns it off), got {self.reproject}")
+        if self.skip_grid < 0:
+            raise ValueError(f"rule.skip_grid: must be >= 0 (0 means dense), got {self.skip_grid}")
+
+
+@dataclass
+class ErrorSignal:
+    """What one stage hands the stage below after learning a micro-batch.
+
+    `labels` goes to the last stage; `output_error` (e_L, B x K) is broadcast to every stage;
+    `boundary` is the signal at the stage's input: a displacement for target rules, a gradient
+    for autograd rules. Only what the rule needs is filled in.
+    """
+
+    labels: torch.Tensor | None = None
+    output_error: torch.Tensor | None = None
+    boundary: torch.Tensor | None = None
+
+
+class Rule:
+    """A learning rule. Subclasses live one per module in workers/rules and register by name.
+
+    A rule decides which error synapses exist and how they learn, where each node's learning
+    signal comes from, and how a node turns its displacement into an error.
+    """
+
+    name: ClassVar[str] = ""
+    autograd: ClassVar[bool] = False  # True: stage-local autograd with a boundary gradient
+    chained: ClassVar[bool] = True  # True: a stage's learn needs the boundary from the stage above
+
+    def __init__(self, cfg: RuleConfig) -> None:
+        self.cfg = cfg
+
+    def feedback_mode(self, block: Block, wire: Wire) -> str | None:
+        """How the layer's error synapse E learns ("kp", "local", "fixed"); None: no synapse."""
+        return None
+
+    def skip_mode(self, block: Block, node: int) -> str | None:
+        """How the node's skip synapse from e_L learns ("corr", "local", "fixed"); None: none."""
+        return None
+
+    def uses_identity(self) -> bool:
+        """Whether identity shortcuts carry errors back (the `mirror` topology)."""
+        return False
+
+    def mix(self, block: Block, node: int) -> float:
+        """a in e = a(z - y) + (1 - a) sign(z - y)."""
+        return 1.0
+
+    def node_error(
+        self, h: torch.Tensor, z: torch.Tensor, d: torch.Tensor, act: str, mix: float
+    ) -> torch.Tensor:
+        """The node's error unit: target y = act(h - beta d), e = a(z - y) + (1 - a) sign(z - y)."""
+        y = activate(act, h - self.cfg.beta * d)
+        diff = z - y
+        if mix >= 1.0:
+            return diff
+        return mix * diff + (1.0 - mix) * torch.sign(diff)
+
+
+RULES: dict[str, type[Rule]] = {}
+
+
+def register(cls: type[Rule]) -> type[Rule]:
+    RULES[cls.name] = cls
+    return cls
+
+
+def make_rule(cfg: RuleConfig) -> Rule:
+    return RULES[cfg.name](cfg)
+

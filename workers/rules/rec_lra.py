@@ -1,0 +1,38 @@
+"""rec-LRA: local targets from error synapses; junctions fed from e_L by skip synapses (`skip`)."""
+
+from __future__ import annotations
+
+from workers.blocks import Block, Wire
+from workers.rules.base import Rule, register
+
+
+@register
+class RecLRA(Rule):
+    """Topologies: `skip` (junctions from e_L, interiors from the layer above: stages learn in
+    parallel), `mirror` (errors follow the forward skips too), `adjacent` (plain LRA-E path)."""
+
+    name = "rec_lra"
+
+    @property
+    def chained(self) -> bool:  # type: ignore[override]
+        return self.cfg.topology != "skip"
+
+    def _skip_fed(self, block: Block, node: int) -> bool:
+        return self.cfg.topology == "skip" and not block.head and node == block.out_node
+
+    def feedback_mode(self, block: Block, wire: Wire) -> str | None:
+        topology = self.cfg.topology
+        if topology == "skip" and (wire.src < 0 or block.head):
+            return None  # its source is a junction, fed by a skip synapse instead
+        if topology == "adjacent" and wire.shortcut:
+            return None
+        return self.cfg.feedback_update
+
+    def skip_mode(self, block: Block, node: int) -> str | None:
+        return self.cfg.skip_update if self._skip_fed(block, node) else None
+
+    def uses_identity(self) -> bool:
+        return self.cfg.topology == "mirror"
+
+    def mix(self, block: Block, node: int) -> float:
+        return self.cfg.mix_skip if self._skip_fed(block, node) else self.cfg.mix_adjacent

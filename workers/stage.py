@@ -1,0 +1,236 @@
+"""Stage: a plain class owning a contiguous group of blocks, their synapses and optimizer state."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.blocks import Block, BlockCache
+from workers.layers import init_weight_
+from workers.models import ModelConfig, model_plan
+from workers.optim import OptimConfig, build_optimizer, reproject_
+from workers.rules import ErrorSignal, RuleConfig, make_rule
+from workers.synapses import SkipSynapse
+from workers.sweep import sweep_block
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite error or update; names the stage, layer and step so the run can stop cleanly."""
+
+
+class StageStateError(ValueError):
+    """A state dict that does not fit this stage (missing or unexpected layers, wrong shapes)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSpec:
+    model: ModelConfig
+    rule: RuleConfig
+    optim: OptimConfig
+    input_shape: tuple[int, ...]
+    num_classes: int
+    blocks: tuple[int, int]  # [first, last) block indices of the model this stage owns
+    index: int = 0
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_cached: int = 64  # micro-batches a stage may hold between forward and learn
+
+
+@dataclass
+class StageStats:
+    forward_seconds: float = 0.0
+    learn_seconds: float = 0.0
+    local_loss: dict[str, float] = field(default_factory=dict)
+    update_norm: dict[str, float] = field(default_factory=dict)
+    micro_batches: int = 0
+
+
+class Stage:
+    """Owns blocks [first, last): forward (caching per micro-batch), learn, apply, state.
+
+    The same class runs in-process (tests, K = 1) and as a Ray actor (the pipeline).
+    """
+
+    def __init__(self, spec: StageSpec) -> None:
+        self.spec = spec
+        self.rule = make_rule(spec.rule)
+        self.dtype = DTYPES[spec.dtype]
+        self.device = torch.device(spec.device)
+        plan = model_plan(spec.model, spec.input_shape, spec.num_classes)
+        first, last = spec.blocks
+        if not 0 <= first < last <= len(plan):
+            raise ValueError(f"pipeline: blocks [{first}, {last}) outside the model's {len(plan)} blocks")
+        self.blocks = nn.ModuleList()
+        for i in range(first, last):
+            block = plan[i][1]()
+            self._equip(block, torch.Generator().manual_seed(spec.seed * 1_000_003 + i))
+            self.blocks.append(block)
+        self.blocks.to(device=self.device, dtype=self.dtype)
+        self.is_first, self.is_last = first == 0, last == len(plan)
+        self.optimizer = build_optimizer(spec.optim, self._trainable())
+        self._noise = torch.Generator().manual_seed(spec.seed * 7919 + 17)
+        self._cache: dict[Any, Any] = {}
+        self.step = 0
+        self.stats = StageStats()
+
+    # -- construction -------------------------------------------------------------------------
+    def _equip(self, block: Block, gen: torch.Generator) -> None:
+        cfg = self.spec.rule
+        for wire in block.wires:
+            layer = block.layers[wire.layer]
+            init_weight_(layer.weight, cfg.init, cfg.init_std, gen)
+            mode = self.rule.feedback_mode(block, wire)
+            if mode is not None:
+                layer.add_feedback(trainable=mode != "fixed")
+                init_weight_(layer.feedback, cfg.feedback_init, cfg.init_std, gen)
+        for n, shape in enumerate(block.node_shapes):
+            mode = self.rule.skip_mode(block, n)
+            if mode is not None:
+                syn = SkipSynapse(self.spec.num_classes, shape, cfg.skip_grid)
+                init_weight_(syn.weight, cfg.feedback_init, cfg.init_std, gen)
+                syn.weight.requires_grad_(mode != "fixed")
+                block.skips[str(n)] = syn
+
+    def units(self) -> dict[str, nn.Module]:
+        """Every learnable unit by its model-wide name: layers and skip synapses."""
+        out: dict[str, nn.Module] = {}
+        for block in self.blocks:
+            for lname, layer in block.layers.items():
+                out[f"{block.name}.{lname}"] = layer
+            for n, syn in block.skips.items():
+                out[f"{block.name}.skip{n}"] = syn
+        return out
+
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.blocks.parameters() if p.requires_grad]
+
+    # -- the three verbs ------------------------------------------------------------------------
+    def forward(self, mb: Any, x: torch.Tensor) -> torch.Tensor:
+        """Train-mode forward of micro-batch `mb`; keeps what learn needs until learn(mb)."""
+        if len(self._cache) >= self.spec.max_cached:
+            raise RuntimeError(
+                f"stage {self.spec.index}: {len(self._cache)} micro-batches cached without learn; "
+                "raise pipeline.max_in_flight or call learn for each forward"
+            )
+        t0 = time.perf_counter()
+        self.blocks.train()
+        x = x.to(self.device, self.dtype)
+        if self.is_first and self.spec.rule.input_noise > 0:
+            noise = torch.randn(x.shape, generator=self._noise, dtype=x.dtype)
+            x = x + self.spec.rule.input_noise * noise.to(self.device)
+        if self.rule.autograd:
+            x_in = x.detach().requires_grad_(not self.is_first)
+            out = x_in
+            for block in self.blocks:
+                out = block(out, self.rule.layer_map)  # type: ignore[attr-defined]
+            self._cache[mb] = (x_in, out)
+        else:
+            caches: list[BlockCache] = []
+            out = x
+            for block in self.blocks:
+                out, cache = block.forward_local(out)
+                caches.append(cache)
+            self._cache[mb] = caches
+        self.stats.forward_seconds += time.perf_counter() - t0
+        return out.detach()
+
+    def learn(self, mb: Any, signal: ErrorSignal, *, step_batch: int) -> ErrorSignal:
+        """Learn micro-batch `mb` from its error signal; updates accumulate until apply().
+
+        `step_batch` is the number of samples in the whole step, so that summing the
+        micro-batches' updates gives the batch mean.
+        """
+        t0 = time.perf_counter()
+        if mb not in self._cache:
+            raise KeyError(f"stage {self.spec.index}: learn({mb!r}) without a forward for it")
+        cached = self._cache.pop(mb)
+        scale = 1.0 / step_batch
+        e_out = signal.output_error
+        if self.is_last:
+            if signal.labels is None:
+                raise ValueError(f"stage {self.spec.index}: the last stage needs labels to learn")
+            logits = cached[1] if self.rule.autograd else cached[-1].z[-1]
+            labels = signal.labels.to(self.device)
+            e_out = (torch.softmax(logits.detach(), dim=1)
+                     - F.one_hot(labels, logits.shape[1]).to(logits.dtype))
+        if e_out is None:
+            raise ValueError(f"stage {self.spec.index}: no output error in the signal")
+        e_out = e_out.to(self.device, self.dtype)
+        boundary = None if signal.boundary is None else signal.boundary.to(self.device, self.dtype)
+        if self.rule.autograd:
+            boundary = self._learn_autograd(cached, labels if self.is_last else None, boundary, scale)
+        else:
+            for block, cache in zip(reversed(self.blocks), reversed(cached), strict=True):
+                boundary = sweep_block(block, cache, self.rule, d_out=boundary, e_out=e_out,
+                                       scale=scale, losses=self.stats.local_loss)
+        self._check_finite("error", e_out)
+        self.stats.learn_seconds += time.perf_counter() - t0
+        self.stats.micro_batches += 1
+        send = boundary if (self.rule.chained and not self.is_first) else None
+        return ErrorSignal(output_error=e_out.detach(), boundary=None if send is None else send.detach())
+
+    def _learn_autograd(self, cached: tuple, labels: torch.Tensor | None,
+                        grad: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+        x_in, out = cached
+        if labels is not None:
+            loss = F.cross_entropy(out, labels, reduction="sum") * scale
+            self.stats.local_loss["head.loss"] = float(loss) / scale / out.shape[0]
+            loss.backward()
+        else:
+            if grad is None:
+                raise ValueError(f"stage {self.spec.index}: backprop needs the boundary gradient")
+            out.backward(grad)
+        return x_in.grad
+
+    def apply(self) -> dict[str, float]:
+        """Re-project, check and apply the accumulated updates; one optimizer step."""
+        norms: dict[str, float] = {}
+        for name, unit in self.units().items():
+            total = 0.0
+            for pname, p in unit.named_parameters():
+                if p.grad is None:
+                    continue
+                self._check_finite(f"update of {name}.{pname}", p.grad)
+                reproject_(p.grad, self.spec.rule.reproject)
+                total += float(p.grad.pow(2).sum())
+            norms[name] = total**0.5
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.stats.update_norm = norms
+        return norms
+
+    def _check_finite(self, what: str, t: torch.Tensor) -> None:
+        if not torch.isfinite(t).all():
+            raise NonFiniteError(
+                f"stage {self.spec.index}: non-finite {what} at step {self.step}; "
+                "lower optim.lr or rule.beta, or set rule.reproject"
+            )
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval-mode forward, no caching."""
+        self.blocks.eval()
+        out = x.to(self.device, self.dtype)
+        for block in self.blocks:
+            out = block(out)
+        return out
+
+    def pop_stats(self) -> StageStats:
+        stats, self.stats = self.stats, StageStats()
+        return stats
+
+    def drop_cache(self) -> None:
+        self._cache.clear()
+
+    @property
+    def cached(self) -> int:
+        return len(self._cache)
