@@ -1,0 +1,170 @@
+"""CIFAR-10 from its python batches: structural file checks, the held-out split, GCN + ZCA."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torchvision.datasets import CIFAR10
+from torchvision.transforms import v2
+
+from driver.datasets_common import DataError, DatasetSplits, TensorImages
+
+if TYPE_CHECKING:
+    from driver.data import DataConfig
+
+log = logging.getLogger(__name__)
+
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+ZCA_EPS = 1e-2
+ZCA_MAX_FIT = 10_000
+_MISSING_FIX = (
+    "download them with data.download = true, "
+    f"or point data.root at the folder that holds {CIFAR10.base_folder}"
+)
+_CORRUPT_FIX = "delete it and re-run with data.download = true to fetch a fresh copy"
+
+
+@functools.cache
+def _file_problem(path: str, mtime_ns: int, size: int, batch: bool) -> str | None:
+    """What is wrong with one batch (or meta) file, or None; cached on the file's stat."""
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="latin1")
+    except Exception as err:  # any unpickling failure means a truncated or foreign file
+        return f"cannot read {path} ({type(err).__name__}: {err})"
+    if not isinstance(entry, dict):
+        return f"{path} holds a {type(entry).__name__}, not a CIFAR-10 dict"
+    if not batch:
+        names = entry.get("label_names")
+        return None if isinstance(names, list) and len(names) == 10 else f"{path}: bad label_names"
+    data, labels = entry.get("data"), entry.get("labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        return f"{path}: 'data' is not a uint8 N x 3072 array"
+    if data.shape[1] != 3 * 32 * 32 or not isinstance(labels, list) or len(labels) != len(data):
+        return f"{path}: 'data' {data.shape} and 'labels' do not form N x 3072 images with N labels"
+    if labels and not all(isinstance(v, int) and 0 <= v < 10 for v in labels):
+        return f"{path}: labels outside 0..9"
+    return None
+
+
+def cifar_problem(folder: Path) -> str | None:
+    """Structural check of a ``cifar-10-batches-py`` folder, as one line with the fix, or None."""
+    names = [n for n, _ in CIFAR10.train_list + CIFAR10.test_list]
+    if not folder.is_dir() or not any((folder / n).is_file() for n in names):
+        where = f"under {folder} (looked for data_batch_1..5, test_batch)"
+        return f"cifar10: no CIFAR-10 batches {where}; {_MISSING_FIX}"
+    missing = [n for n in [*names, CIFAR10.meta["filename"]] if not (folder / n).is_file()]
+    if missing:
+        return f"cifar10: missing {', '.join(missing)} under {folder}; {_MISSING_FIX}"
+    for name in [*names, CIFAR10.meta["filename"]]:
+        stat = (folder / name).stat()
+        problem = _file_problem(str(folder / name), stat.st_mtime_ns, stat.st_size, name in names)
+        if problem:
+            return f"cifar10: {problem}; {_CORRUPT_FIX}"
+    return None
+
+
+class CheckedCIFAR10(CIFAR10):
+    """torchvision's CIFAR10 reader with the md5 check replaced by :func:`cifar_problem`."""
+
+    def _check_integrity(self) -> bool:
+        return cifar_problem(Path(self.root) / self.base_folder) is None
+
+    def _load_meta(self) -> None:
+        with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
+            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+
+def _read(root: str, *, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split as (uint8 N x 3 x 32 x 32, int64 N), or DataError naming the file and the fix."""
+    folder = Path(root) / CIFAR10.base_folder
+    problem = None if download else cifar_problem(folder)
+    if problem:
+        raise DataError(problem)
+    try:
+        ds = CheckedCIFAR10(root, train=train, download=download)
+    except OSError as err:  # network or disk failure while downloading
+        raise DataError(
+            f"cifar10: download of {CIFAR10.url} into {root} failed ({err}); "
+            f"check the network, or {_MISSING_FIX}"
+        ) from err
+    except RuntimeError as err:  # torchvision: still "not found or corrupted" after downloading
+        raise DataError(cifar_problem(folder) or f"cifar10: {err}") from err
+    images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
+    return images, torch.tensor(ds.targets, dtype=torch.long)
+
+
+def _gcn(x: torch.Tensor) -> torch.Tensor:
+    """Global contrast normalisation: each image to zero mean and unit standard deviation."""
+    flat = x.reshape(len(x), -1).float() / 255.0
+    flat = flat - flat.mean(dim=1, keepdim=True)
+    return flat / flat.std(dim=1, keepdim=True).clamp_min(1e-8)
+
+
+class ZCA:
+    """ZCA whitening ``W = V diag(1/sqrt(lam + eps)) V^T`` (null space scaled by 1/sqrt(eps))."""
+
+    def __init__(self, train: torch.Tensor, eps: float = ZCA_EPS) -> None:
+        if len(train) > ZCA_MAX_FIT:  # a fixed, evenly spaced subset bounds the fit's cost
+            train = train[torch.linspace(0, len(train) - 1, ZCA_MAX_FIT).long()]
+        train = train.double()  # fit in float64, apply in float32
+        mean = train.mean(dim=0)
+        _, s, vh = torch.linalg.svd(train - mean, full_matrices=False)
+        lam = s**2 / len(train)
+        self.scale = eps**-0.5
+        self.mean, self.v = mean.float(), vh.T.float().contiguous()
+        self.coef = ((lam + eps).rsqrt() - self.scale).float()
+
+    def __call__(self, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        out = torch.empty(x.shape, dtype=torch.float32)
+        for i in range(0, len(x), chunk):
+            xc = x[i : i + chunk].float() - self.mean
+            out[i : i + chunk] = xc * self.scale + ((xc @ self.v) * self.coef) @ self.v.T
+        return out
+
+
+class Normalise:
+    """uint8 image -> float32 in [0, 1] -> per-channel standardised with the CIFAR-10 statistics."""
+
+    def __init__(self) -> None:
+        self.mean = torch.tensor(MEAN).view(3, 1, 1)
+        self.std = torch.tensor(STD).view(3, 1, 1)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return (img.float() / 255.0 - self.mean) / self.std
+
+
+def load_cifar10(cfg: DataConfig) -> DatasetSplits:
+    """Train: data_batch_1..5 less the last ``val_size`` images (val); test: test_batch."""
+    x, y = _read(cfg.root, train=True, download=cfg.download)
+    x_test, y_test = _read(cfg.root, train=False, download=False)
+    n_train = len(x) - cfg.val_size
+    if n_train < 1:
+        raise DataError(
+            f"cifar10: data.val_size = {cfg.val_size} leaves no training images "
+            f"(the batches under {Path(cfg.root) / CIFAR10.base_folder} hold {len(x)})"
+        )
+    parts = {"train": (x[:n_train], y[:n_train]), "val": (x[n_train:], y[n_train:])}
+    parts["test"] = (x_test, y_test)
+    aug = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])
+    if cfg.whiten:
+        zca = ZCA(_gcn(parts["train"][0]))
+        out = {k: TensorImages(zca(_gcn(a)).view(-1, 3, 32, 32), b) for k, (a, b) in parts.items()}
+        if cfg.augment:
+            out["train"].transform = aug
+    else:
+        norm = Normalise()
+        out = {k: TensorImages(a, b, norm) for k, (a, b) in parts.items()}
+        if cfg.augment:
+            out["train"].transform = v2.Compose([aug, norm])
+    log.info("cifar10: train %d, val %d, test %d", n_train, cfg.val_size, len(x_test))
+    return DatasetSplits(**out, input_shape=(3, 32, 32), num_classes=10)
