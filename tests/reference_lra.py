@@ -51,7 +51,7 @@ import torch
 RULES = ("rec_lra", "lra_e")
 TOPOLOGIES = ("adjacent", "mirror", "skip")
 FEEDBACK_UPDATES = ("kp", "local", "fixed")
-SKIP_UPDATES = ("corr", "local", "fixed")
+SKIP_UPDATES = ("kp", "local", "fixed")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -312,8 +312,8 @@ def gradients(
                 grads[key] = -gamma * (e_src.T @ d) / batch
         else:  # skip synapse M{k}
             z_junction = layers[junction_of_block(int(key[1:]), gap)][1]
-            if skip_update == "corr":
-                grads[key] = -gamma * (e_out.T @ z_junction) / batch
+            if skip_update == "kp":  # direct KP: M moves like a readout of the junction would
+                grads[key] = gamma * (e_out.T @ z_junction) / batch
             elif skip_update == "local":
                 grads[key] = -gamma * (e_out.T @ d) / batch
 

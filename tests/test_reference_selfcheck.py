@@ -151,7 +151,7 @@ def test_mirror_adds_the_error_of_the_junction_above_at_a_block_input():
 @pytest.mark.parametrize(
     "rule, topology, feedback_update, skip_update, gamma, mixes, lr",
     [
-        ("rec_lra", "skip", "kp", "corr", 0.15, (0.19, 0.24), 0.01),
+        ("rec_lra", "skip", "kp", "kp", 0.15, (0.19, 0.24), 0.01),
         ("rec_lra", "skip", "local", "local", 0.15, (0.19, 0.24), 0.01),
         ("rec_lra", "mirror", "kp", "fixed", 0.15, (1.0, 1.0), 0.05),
         ("lra_e", "adjacent", "kp", "fixed", 1.0, (1.0, 1.0), 0.05),
@@ -217,7 +217,7 @@ def test_reprojection_caps_every_update_norm():
         mix_skip=0.19,
         mix_adjacent=0.24,
         feedback_update="local",
-        skip_update="corr",
+        skip_update="kp",
         lr=lr,
     )
 

@@ -47,6 +47,7 @@ class Layer(nn.Module, ABC):
         self.bias = nn.Parameter(torch.zeros(weight_shape[0])) if bias and not batchnorm else None
         self.bn = self._make_bn(weight_shape[0]) if batchnorm else None
         self.feedback: nn.Parameter | None = None
+        self.feedback_mode: str | None = None  # how E learns: "kp", "local", "fixed"
 
     def _make_bn(self, channels: int) -> nn.Module:
         return nn.BatchNorm1d(channels)
@@ -119,12 +120,10 @@ class Conv(Layer):
         return tuple((s + 2 * self.padding - k) // self.stride + 1 for s in (h, w))  # type: ignore[return-value]
 
     def transpose(self, e: torch.Tensor, weight: torch.Tensor, src_shape: torch.Size) -> torch.Tensor:
-        k = weight.shape[-1]
-        pads = [
-            src_shape[i] - ((e.shape[i] - 1) * self.stride - 2 * self.padding + k) for i in (2, 3)
-        ]
-        return F.conv_transpose2d(
-            e, weight, stride=self.stride, padding=self.padding, output_padding=tuple(pads)
+        # A transposed conv sized to the source (output_padding implied), through the fast
+        # input-gradient kernel: the slow CPU path of conv_transpose2d is several times slower.
+        return torch.nn.grad.conv2d_input(
+            src_shape, weight, e, stride=self.stride, padding=self.padding
         )
 
     def weight_grad(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:

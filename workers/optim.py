@@ -34,19 +34,25 @@ class OptimConfig:
 def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     params = list(params)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True
+        )
     return torch.optim.AdamW(
-        params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
+        params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+        foreach=True,
     )
 
 
-def reproject_(update: torch.Tensor, radius: float) -> torch.Tensor:
-    """Rescale `update` in place to Frobenius norm `radius` when it is longer ("Gaussian ball").
-
-    A radius of 0 turns re-projection off.
-    """
+def reproject_(grads: list[torch.Tensor], radius: float) -> torch.Tensor:
+    """Rescale each update in place to Frobenius norm `radius` when it is longer ("Gaussian
+    ball"); return the norms after re-projection. A radius of 0 turns re-projection off."""
+    if not grads:
+        return torch.zeros(0)
+    norms = torch.stack(torch._foreach_norm(grads))
+    if not torch.isfinite(norms).all():
+        return norms  # the caller refuses the step and names the culprit
     if radius > 0:
-        norm = torch.linalg.vector_norm(update)
-        if norm > radius:
-            update.mul_(radius / norm)
-    return update
+        factors = torch.clamp(radius / (norms + 1e-30), max=1.0)
+        torch._foreach_mul_(grads, list(factors.unbind()))
+        norms = norms * factors
+    return norms

@@ -14,6 +14,7 @@ from workers.blocks import Block, BlockCache
 from workers.layers import init_weight_
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig, build_optimizer, reproject_
+from workers.state import load_stage_state, stage_state
 from workers.rules import ErrorSignal, RuleConfig, make_rule
 from workers.synapses import SkipSynapse
 from workers.sweep import sweep_block
@@ -71,23 +72,30 @@ class Stage:
         self.blocks = nn.ModuleList()
         for i in range(first, last):
             block = plan[i][1]()
-            self._equip(block, torch.Generator().manual_seed(spec.seed * 1_000_003 + i))
+            self._equip(block, torch.Generator().manual_seed(spec.seed * 1_000_003 + i), i == 0)
             self.blocks.append(block)
         self.blocks.to(device=self.device, dtype=self.dtype)
         self.is_first, self.is_last = first == 0, last == len(plan)
         self.optimizer = build_optimizer(spec.optim, self._trainable())
         self._noise = torch.Generator().manual_seed(spec.seed * 7919 + 17)
         self._cache: dict[Any, Any] = {}
+        self._losses: dict[str, torch.Tensor] = {}
+        self._samples = 0  # learned since the last apply
+        self._kp = [(layer.feedback, layer.weight) for block in self.blocks
+                    for layer in block.layers.values() if layer.feedback_mode == "kp"]
         self.step = 0
         self.stats = StageStats()
 
     # -- construction -------------------------------------------------------------------------
-    def _equip(self, block: Block, gen: torch.Generator) -> None:
+    def _equip(self, block: Block, gen: torch.Generator, model_input: bool) -> None:
         cfg = self.spec.rule
         for wire in block.wires:
             layer = block.layers[wire.layer]
             init_weight_(layer.weight, cfg.init, cfg.init_std, gen)
             mode = self.rule.feedback_mode(block, wire)
+            if wire.src < 0 and model_input:
+                mode = None  # would carry an error to the data itself
+            layer.feedback_mode = mode
             if mode is not None:
                 layer.add_feedback(trainable=mode != "fixed")
                 init_weight_(layer.feedback, cfg.feedback_init, cfg.init_std, gen)
@@ -142,17 +150,13 @@ class Stage:
         self.stats.forward_seconds += time.perf_counter() - t0
         return out.detach()
 
-    def learn(self, mb: Any, signal: ErrorSignal, *, step_batch: int) -> ErrorSignal:
-        """Learn micro-batch `mb` from its error signal; updates accumulate until apply().
-
-        `step_batch` is the number of samples in the whole step, so that summing the
-        micro-batches' updates gives the batch mean.
-        """
+    def learn(self, mb: Any, signal: ErrorSignal) -> ErrorSignal:
+        """Learn micro-batch `mb` from its error signal. Updates are summed over samples until
+        apply(), which takes their mean: K micro-batches then one apply equal one big batch."""
         t0 = time.perf_counter()
         if mb not in self._cache:
             raise KeyError(f"stage {self.spec.index}: learn({mb!r}) without a forward for it")
         cached = self._cache.pop(mb)
-        scale = 1.0 / step_batch
         e_out = signal.output_error
         if self.is_last:
             if signal.labels is None:
@@ -166,23 +170,27 @@ class Stage:
         e_out = e_out.to(self.device, self.dtype)
         boundary = None if signal.boundary is None else signal.boundary.to(self.device, self.dtype)
         if self.rule.autograd:
-            boundary = self._learn_autograd(cached, labels if self.is_last else None, boundary, scale)
+            boundary = self._learn_autograd(cached, labels if self.is_last else None, boundary)
         else:
+            pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
             for block, cache in zip(reversed(self.blocks), reversed(cached), strict=True):
                 boundary = sweep_block(block, cache, self.rule, d_out=boundary, e_out=e_out,
-                                       scale=scale, losses=self.stats.local_loss)
+                                       losses=self._losses, pairs=pairs)
+            outs, errs = zip(*pairs, strict=True)
+            torch.autograd.backward(outs, errs)
         self._check_finite("error", e_out)
         self.stats.learn_seconds += time.perf_counter() - t0
         self.stats.micro_batches += 1
+        self._samples += e_out.shape[0]
         send = boundary if (self.rule.chained and not self.is_first) else None
         return ErrorSignal(output_error=e_out.detach(), boundary=None if send is None else send.detach())
 
     def _learn_autograd(self, cached: tuple, labels: torch.Tensor | None,
-                        grad: torch.Tensor | None, scale: float) -> torch.Tensor | None:
+                        grad: torch.Tensor | None) -> torch.Tensor | None:
         x_in, out = cached
         if labels is not None:
-            loss = F.cross_entropy(out, labels, reduction="sum") * scale
-            self.stats.local_loss["head.loss"] = float(loss) / scale / out.shape[0]
+            loss = F.cross_entropy(out, labels, reduction="sum")
+            self._losses["head.loss"] = loss.detach() / out.shape[0]
             loss.backward()
         else:
             if grad is None:
@@ -192,21 +200,37 @@ class Stage:
 
     def apply(self) -> dict[str, float]:
         """Re-project, check and apply the accumulated updates; one optimizer step."""
-        norms: dict[str, float] = {}
+        for feedback, weight in self._kp:  # KP: E moves by gamma times its layer's update
+            if weight.grad is not None:
+                feedback.grad = weight.grad * self.spec.rule.gamma
+        owners, grads = [], []
         for name, unit in self.units().items():
-            total = 0.0
             for pname, p in unit.named_parameters():
-                if p.grad is None:
-                    continue
-                self._check_finite(f"update of {name}.{pname}", p.grad)
-                reproject_(p.grad, self.spec.rule.reproject)
-                total += float(p.grad.pow(2).sum())
-            norms[name] = total**0.5
+                if p.grad is not None:
+                    owners.append(f"{name}.{pname}")
+                    grads.append(p.grad)
+        if grads and self._samples:
+            torch._foreach_mul_(grads, 1.0 / self._samples)  # sums over samples -> means
+        self._samples = 0
+        norms = reproject_(grads, self.spec.rule.reproject)
+        if not torch.isfinite(norms).all():
+            bad = next(o for o, g in zip(owners, grads, strict=True) if not torch.isfinite(g).all())
+            raise NonFiniteError(
+                f"stage {self.spec.index}: non-finite update of {bad} at step {self.step}; "
+                "lower optim.lr or rule.beta, or set rule.reproject"
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.stats.update_norm = norms
-        return norms
+        per_unit: dict[str, float] = {}
+        if owners:
+            for owner, v in zip(owners, norms.pow(2).tolist(), strict=True):
+                unit = owner.rsplit(".", 1)[0].removesuffix(".bn")
+                per_unit[unit] = per_unit.get(unit, 0.0) + v
+        self.stats.update_norm = {k: v**0.5 for k, v in per_unit.items()}
+        self.stats.local_loss.update({k: float(v) for k, v in self._losses.items()})
+        self._losses.clear()
+        return self.stats.update_norm
 
     def _check_finite(self, what: str, t: torch.Tensor) -> None:
         if not torch.isfinite(t).all():
@@ -214,6 +238,16 @@ class Stage:
                 f"stage {self.spec.index}: non-finite {what} at step {self.step}; "
                 "lower optim.lr or rule.beta, or set rule.reproject"
             )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Units keyed by model-wide layer name, plus the stage's step and noise RNG."""
+        return {"units": stage_state(self), "step": self.step, "noise_rng": self._noise.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
+        load_stage_state(self, state["units"], strict=strict)
+        self.step = int(state.get("step", 0))
+        if self.is_first and "noise_rng" in state:
+            self._noise.set_state(state["noise_rng"])
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,13 +21,19 @@ def _add(slot: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
 
 def sweep_block(
     block: Block, cache: BlockCache, rule: Rule, *, d_out: torch.Tensor | None,
-    e_out: torch.Tensor, scale: float, losses: dict[str, float],
+    e_out: torch.Tensor, losses: dict[str, torch.Tensor],
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> torch.Tensor | None:
     """Learn one block from its output displacement (or e_L for the head); return the
     displacement at the block input (None when the rule sends nothing down from here).
 
-    Gradients (batch-summed local updates times `scale`) accumulate in each parameter's .grad.
-    Every tensor used here is this block's own cache, e_L, or the displacement handed to it.
+    Updates are batch-summed (the stage divides by the samples at apply). Each layer's update is
+    the correlation of its own input with its node's error: the pair (layer output, error) is
+    appended to `pairs`, and the caller runs one backward over all pairs (each layer's graph
+    starts at its detached input, so nothing crosses layers). Skip synapses and `local` error
+    synapses accumulate in .grad directly; `kp` error synapses copy gamma times their layer's
+    update at apply time. Every tensor used here is this block's own cache, e_L, or the
+    displacement handed to it.
     """
     n_nodes = len(block.acts)
     d: list[torch.Tensor | None] = [None] * n_nodes
@@ -38,26 +44,21 @@ def sweep_block(
         if block.head:
             e = e_out
         else:
-            d_n = _node_displacement(block, n, d[n], cache, rule, e_out, scale)
+            d_n = _node_displacement(block, n, d[n], cache, rule, e_out)
             e = rule.node_error(cache.h[n], cache.z[n], d_n, block.acts[n], rule.mix(block, n))
-        losses[f"{block.name}.node{n}"] = 0.5 * float(e.detach().pow(2).sum()) / e.shape[0]
+        losses[f"{block.name}.node{n}"] = torch.linalg.vector_norm(e.detach()) ** 2 * (0.5 / e.shape[0])
         for wire in block.wires:
             if wire.tgt != n:
                 continue
             layer = block.layers[wire.layer]
-            params = [p for p in layer.parameters() if p.requires_grad and p is not layer.feedback]
-            grads = torch.autograd.grad(cache.layer_out[wire.layer], params, e * scale)
-            for p, g in zip(params, grads, strict=True):
-                accumulate(p, g)
-            mode = rule.feedback_mode(block, wire)
+            pairs.append((cache.layer_out[wire.layer], e))
+            mode = layer.feedback_mode
             if mode is None:
                 continue
             src = cache.input if wire.src < 0 else cache.z[wire.src]
             carried = layer.carry(e, src.shape)
-            if mode == "kp":
-                accumulate(layer.feedback, rule.cfg.gamma * grads[0])
-            elif mode == "local":
-                accumulate(layer.feedback, -rule.cfg.gamma * scale * layer.weight_grad(carried, e))
+            if mode == "local":
+                accumulate(layer.feedback, layer.weight_grad(carried, e).mul_(-rule.cfg.gamma))
             if wire.src < 0:
                 d_in = _add(d_in, carried)
             else:
@@ -74,15 +75,15 @@ def sweep_block(
 
 def _node_displacement(
     block: Block, n: int, d_adjacent: torch.Tensor | None, cache: BlockCache, rule: Rule,
-    e_out: torch.Tensor, scale: float,
+    e_out: torch.Tensor,
 ) -> torch.Tensor:
     mode = rule.skip_mode(block, n)
     if mode is None:
         return torch.zeros_like(cache.z[n]) if d_adjacent is None else d_adjacent
     synapse = block.skips[str(n)]
     d_n = synapse(e_out)
-    if mode == "corr":
-        accumulate(synapse.weight, -rule.cfg.gamma * scale * synapse.correlate(e_out, cache.z[n]))
+    if mode == "kp":  # direct KP: for the last junction, exactly KP on the head
+        accumulate(synapse.weight, synapse.pullback(e_out, cache.z[n]).mul_(rule.cfg.gamma))
     elif mode == "local":
-        accumulate(synapse.weight, -rule.cfg.gamma * scale * synapse.correlate(e_out, d_n))
+        accumulate(synapse.weight, synapse.pullback(e_out, d_n).mul_(-rule.cfg.gamma))
     return d_n

@@ -34,9 +34,16 @@ class SkipSynapse(nn.Module):
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         return self._apply_with(e, self.weight)
 
-    def correlate(self, e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The correlation of e with v pulled back through the map: d<S(e), v>/dS (batch-summed)."""
-        with torch.enable_grad():
-            w = self.weight.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self._apply_with(e, w), w, v)
-        return g
+    def pullback(self, e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """d<S(e), v>/dS, batch-summed: e_L correlated with v pulled back through the upsampling."""
+        if self.inner == self.shape:
+            pooled = v.flatten(1)
+        elif self.shape[1] % self.inner[1] == 0 and self.shape[2] % self.inner[2] == 0:
+            cell = (self.shape[1] // self.inner[1], self.shape[2] // self.inner[2])
+            pooled = F.avg_pool2d(v, cell, divisor_override=1).flatten(1)  # nearest's adjoint
+        else:
+            with torch.enable_grad():
+                w = self.weight.detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(self._apply_with(e, w), w, v)
+            return g
+        return pooled.T @ e

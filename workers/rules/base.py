@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 TOPOLOGIES = ("skip", "mirror", "adjacent")
 FEEDBACK_UPDATES = ("kp", "local", "fixed")
-SKIP_UPDATES = ("corr", "local", "fixed")
+SKIP_UPDATES = ("kp", "local", "fixed")
 INITS = ("gaussian", "kaiming", "xavier", "orthogonal")
 
 
@@ -25,7 +25,7 @@ class RuleConfig:
     name: str = "rec_lra"
     topology: str = "skip"
     feedback_update: str = "kp"
-    skip_update: str = "corr"
+    skip_update: str = "kp"
     skip_grid: int = 4
     beta: float = 0.1
     gamma: float = 1.0
@@ -109,11 +109,10 @@ class Rule:
         self, h: torch.Tensor, z: torch.Tensor, d: torch.Tensor, act: str, mix: float
     ) -> torch.Tensor:
         """The node's error unit: target y = act(h - beta d), e = a(z - y) + (1 - a) sign(z - y)."""
-        y = activate(act, h - self.cfg.beta * d)
-        diff = z - y
+        diff = z - activate(act, torch.sub(h, d, alpha=self.cfg.beta))
         if mix >= 1.0:
             return diff
-        return mix * diff + (1.0 - mix) * torch.sign(diff)
+        return torch.sign(diff).mul_(1.0 - mix).add_(diff, alpha=mix)
 
 
 RULES: dict[str, type[Rule]] = {}

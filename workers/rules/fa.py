@@ -38,5 +38,6 @@ class FA(Backprop):
         return "fixed"
 
     def layer_map(self, layer: Layer, z: torch.Tensor) -> torch.Tensor:
-        assert layer.feedback is not None
+        if layer.feedback is None:  # the model's first layer: nothing to send below
+            return layer(z)
         return layer.post(_FeedbackMap.apply(z, layer.weight, layer.feedback, layer))

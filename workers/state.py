@@ -1,0 +1,61 @@
+"""Stage state keyed by layer name: weights, synapses, BN buffers and optimizer state per unit."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from workers.stage import Stage
+
+
+def stage_state(stage: Stage) -> dict[str, dict[str, Any]]:
+    """{unit name: {"tensors": {...}, "optim": {param: state}}} for every unit the stage owns.
+
+    Units are named model-wide ("layer2.0.conv1", "layer2.0.skip1", "head.fc"), so a checkpoint
+    written by K stages loads into any other partition of the same model.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    opt_state = stage.optimizer.state
+    for name, unit in stage.units().items():
+        tensors = {k: v.detach().cpu().clone() for k, v in unit.state_dict().items()}
+        optim = {
+            pname: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
+                    for k, v in opt_state[p].items()}
+            for pname, p in unit.named_parameters() if p in opt_state
+        }
+        out[name] = {"tensors": tensors, "optim": optim}
+    return out
+
+
+def load_stage_state(stage: Stage, state: dict[str, dict[str, Any]], *, strict: bool = True) -> None:
+    """Load the units this stage owns from `state` (which may hold other stages' units too)."""
+    from workers.stage import StageStateError
+
+    units = stage.units()
+    missing = [n for n in units if n not in state]
+    if missing and strict:
+        raise StageStateError(
+            f"checkpoint lacks {len(missing)} layer(s) this stage owns, e.g. {missing[0]!r}: "
+            "it was written for a different model or rule"
+        )
+    for name, unit in units.items():
+        if name not in state:
+            continue
+        entry = state[name]
+        own = unit.state_dict()
+        for key, value in entry["tensors"].items():
+            if key not in own or own[key].shape != value.shape:
+                raise StageStateError(
+                    f"layer {name!r}: tensor {key!r} of shape {tuple(value.shape)} does not fit "
+                    f"this model ({'absent' if key not in own else tuple(own[key].shape)})"
+                )
+        unit.load_state_dict(entry["tensors"], strict=strict)
+        for pname, p in unit.named_parameters():
+            if pname in entry["optim"]:
+                stage.optimizer.state[p] = {
+                    k: (v.to(p.device, p.dtype) if torch.is_tensor(v) and v.shape == p.shape
+                        else v)  # moments follow the parameter; scalars such as `step` stay
+                    for k, v in entry["optim"][pname].items()
+                }
