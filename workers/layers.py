@@ -14,7 +14,9 @@ def init_weight_(w: torch.Tensor, scheme: str, std: float, gen: torch.Generator)
     """Fill `w` (out, in, ...) in place; `gen` makes every layer's draw independent of the others."""
     fan_in = w[0].numel()
     with torch.no_grad():
-        if scheme == "gaussian":
+        if scheme == "zeros":  # a KP synapse then holds exactly what its layer has learned
+            w.zero_()
+        elif scheme == "gaussian":
             w.copy_(torch.randn(w.shape, generator=gen, dtype=w.dtype) * std)
         elif scheme == "kaiming":
             w.copy_(torch.randn(w.shape, generator=gen, dtype=w.dtype) * std * math.sqrt(2.0 / fan_in))

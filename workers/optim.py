@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -18,8 +20,14 @@ class OptimConfig:
     momentum: float = 0.9
     beta1: float = 0.9
     beta2: float = 0.999
+    schedule: str = "cosine"  # learning rate over the run: constant, or cosine decay to 0
+    total_steps: int = 0  # steps the schedule spans; 0: filled in by the driver from the run
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule: {self.schedule!r} is not one of {list(SCHEDULES)}")
+        if self.total_steps < 0:
+            raise ValueError(f"optim.total_steps: must be >= 0, got {self.total_steps}")
         if self.name not in OPTIMIZERS:
             raise ValueError(f"optim.name: {self.name!r} is not one of {list(OPTIMIZERS)}")
         if not self.lr > 0:
@@ -41,6 +49,19 @@ def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> t
         params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
         foreach=True,
     )
+
+
+def lr_factor(cfg: OptimConfig, step: int) -> float:
+    """The learning-rate multiplier for optimizer step `step` (0-based)."""
+    if cfg.schedule == "constant" or cfg.total_steps <= 0:
+        return 1.0
+    progress = min(step, cfg.total_steps) / cfg.total_steps
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * lr_factor(cfg, step)
 
 
 def reproject_(grads: list[torch.Tensor], radius: float) -> torch.Tensor:

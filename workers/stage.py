@@ -13,7 +13,7 @@ from torch import nn
 from workers.blocks import Block, BlockCache
 from workers.layers import init_weight_
 from workers.models import ModelConfig, model_plan
-from workers.optim import OptimConfig, build_optimizer, reproject_
+from workers.optim import OptimConfig, build_optimizer, reproject_, set_lr
 from workers.state import load_stage_state, stage_state
 from workers.rules import ErrorSignal, RuleConfig, make_rule
 from workers.synapses import SkipSynapse
@@ -176,8 +176,9 @@ class Stage:
             for block, cache in zip(reversed(self.blocks), reversed(cached), strict=True):
                 boundary = sweep_block(block, cache, self.rule, d_out=boundary, e_out=e_out,
                                        losses=self._losses, pairs=pairs)
-            outs, errs = zip(*pairs, strict=True)
-            torch.autograd.backward(outs, errs)
+            if pairs:
+                outs, errs = zip(*pairs, strict=True)
+                torch.autograd.backward(outs, errs)
         self._check_finite("error", e_out)
         self.stats.learn_seconds += time.perf_counter() - t0
         self.stats.micro_batches += 1
@@ -219,6 +220,7 @@ class Stage:
                 f"stage {self.spec.index}: non-finite update of {bad} at step {self.step}; "
                 "lower optim.lr or rule.beta, or set rule.reproject"
             )
+        set_lr(self.optimizer, self.spec.optim, self.step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

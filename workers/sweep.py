@@ -51,7 +51,9 @@ def sweep_block(
             if wire.tgt != n:
                 continue
             layer = block.layers[wire.layer]
-            pairs.append((cache.layer_out[wire.layer], e))
+            out = cache.layer_out[wire.layer]
+            if out.requires_grad:  # a frozen layer has nothing to learn
+                pairs.append((out, e))
             mode = layer.feedback_mode
             if mode is None:
                 continue

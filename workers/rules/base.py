@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 TOPOLOGIES = ("skip", "mirror", "adjacent")
 FEEDBACK_UPDATES = ("kp", "local", "fixed")
 SKIP_UPDATES = ("kp", "local", "fixed")
-INITS = ("gaussian", "kaiming", "xavier", "orthogonal")
+INITS = ("gaussian", "kaiming", "xavier", "orthogonal", "zeros")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +49,9 @@ class RuleConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"rule.{key}: {value!r} is not one of {list(allowed)}")
+        if self.init == "zeros":
+            raise ValueError("rule.init: forward weights cannot start at zero; "
+                             "use kaiming, gaussian, xavier or orthogonal")
         for key in ("mix_skip", "mix_adjacent"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"rule.{key}: must lie in [0, 1], got {getattr(self, key)}")

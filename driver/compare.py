@@ -1,0 +1,44 @@
+"""Train several rules on the same network, data and epochs, and print a side-by-side table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from driver.config import Config, with_rule
+from driver.data import load_dataset
+from driver.train import RunLog, train
+
+
+def epochs_to(run: RunLog, target: float) -> int | None:
+    """The first epoch whose validation accuracy reaches `target`."""
+    return next((e["epoch"] for e in run.epochs if e["val_acc"] >= target), None)
+
+
+def compare_rules(cfg: Config, *, quiet: bool = False) -> list[RunLog]:
+    """Train cfg.rule, then every rule in cfg.train.compare, on the same splits."""
+    splits = load_dataset(cfg.data)
+    names = [cfg.rule.name] + [n for n in cfg.train.compare if n != cfg.rule.name]
+    runs = [train(with_rule(cfg, n), quiet=quiet, splits=splits) for n in names]
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary(runs), indent=1))
+    return runs
+
+
+def summary(runs: list[RunLog]) -> dict:
+    ref = next((r for r in runs if r.rule == "backprop"), None)
+    target = 0.95 * max(e["val_acc"] for e in ref.epochs) if ref and ref.epochs else None
+    return {r.rule: {"test_acc": r.test_acc, "best_val_acc": max(e["val_acc"] for e in r.epochs),
+                     "epochs_to_95pct_backprop": epochs_to(r, target) if target else None,
+                     "step_ms": 1e3 * r.step_seconds, "epochs": len(r.epochs)} for r in runs}
+
+
+def format_table(runs: list[RunLog]) -> str:
+    rows = summary(runs)
+    lines = [f"{'rule':<10} {'test acc':>8} {'best val':>8} {'ep->95%bp':>9} {'ms/step':>8}"]
+    for rule, r in rows.items():
+        ep = r["epochs_to_95pct_backprop"]
+        lines.append(f"{rule:<10} {r['test_acc']:>8.4f} {r['best_val_acc']:>8.4f} "
+                     f"{'-' if ep is None else ep:>9} {r['step_ms']:>8.2f}")
+    return "\n".join(lines)

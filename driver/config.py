@@ -1,0 +1,145 @@
+"""The run's configuration: component dataclasses, TOML files, --set overrides; unknown keys fail."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from driver.data import DataConfig
+from workers.models import ModelConfig
+from workers.optim import OptimConfig
+from workers.rules import RULES, RuleConfig
+
+
+class ConfigError(ValueError):
+    """A bad config: one line naming the key and the fix."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    epochs: int = 12
+    batch_size: int = 32
+    micro_batches: int = 1  # the step's batch is split into this many micro-batches
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"  # cpu | cuda | auto
+    threads: int = 0  # torch threads per process; 0 keeps torch's default
+    out_dir: str = "runs/default"
+    log_every: int = 50  # steps between log summaries
+    max_steps: int = 0  # stop after this many steps (0: run all epochs)
+    compare: tuple[str, ...] = ("backprop",)  # rules trained afterwards for the closing table
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "micro_batches", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("threads", "max_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.micro_batches > self.batch_size:
+            raise ValueError(f"train.micro_batches ({self.micro_batches}) exceeds train.batch_size "
+                             f"({self.batch_size})")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"train.dtype: {self.dtype!r} is not one of ['float32', 'float64']")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"train.device: {self.device!r} is not one of ['cpu', 'cuda', 'auto']")
+        for name in self.compare:
+            if name not in RULES:
+                raise ValueError(f"train.compare: unknown rule {name!r}; choose from {sorted(RULES)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rule: RuleConfig = field(default_factory=RuleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML file, then each `section.key=value` override, validated."""
+    raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config: no file at {p}; pass an existing TOML file to --config")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config: {p} is not valid TOML ({exc}); fix the file") from None
+        for section, body in data.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"config: unknown section [{section}] in {p}; known: "
+                                  f"{', '.join(SECTIONS)}")
+            if not isinstance(body, dict):
+                raise ConfigError(f"config: [{section}] must be a table in {p}")
+            raw[section].update(body)
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. rule.beta=0.1")
+        if section not in SECTIONS:
+            raise ConfigError(f"--set {item!r}: unknown section {section!r}; known: "
+                              f"{', '.join(SECTIONS)}")
+        raw[section][name] = _parse_value(text.strip())
+    return Config(**{name: _build(name, cls, raw[name]) for name, cls in SECTIONS.items()})
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word such as rec_lra
+
+
+def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"config: unknown key {section}.{key}; known keys: "
+                              f"{', '.join(known)}")
+        kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(hint)
+        inner = args[0] if args and (len(args) == 2 and args[1] is Ellipsis) else None
+        return tuple(_coerce(key, inner or args[i], v) for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
+
+
+def with_rule(cfg: Config, name: str) -> Config:
+    """The same run with another learning rule (for side-by-side comparisons)."""
+    return replace(cfg, rule=replace(cfg.rule, name=name))
