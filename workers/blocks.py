@@ -59,6 +59,8 @@ class Block(nn.Module):
         self.in_shape = in_shape
         self.node_shapes = node_shapes or []
         self.skips = nn.ModuleDict()  # node index (as str) -> SkipSynapse, added by the rule
+        self.wires_into = [[w for w in wires if w.tgt == n] for n in range(len(acts))]
+        self.identity_into = [[s for s, t in self.identity if t == n] for n in range(len(acts))]
 
     @property
     def out_node(self) -> int:
@@ -84,41 +86,38 @@ class Block(nn.Module):
         replace each layer's map (FA swaps its backward)."""
         zs: list[torch.Tensor] = []
         for n, act in enumerate(self.acts):
-            h = self._node_input(n, x, zs, lambda lname, z: (
-                layer_map(self.layers[lname], z) if layer_map else self.layers[lname](z)))
-            zs.append(activate(act, h))
+            h: torch.Tensor | None = None
+            for w in self.wires_into[n]:
+                z = x if w.src < 0 else zs[w.src]
+                layer = self.layers[w.layer]
+                out = layer_map(layer, z) if layer_map else layer(z)
+                h = out if h is None else h + out
+            zs.append(activate(act, self._add_identity(n, h, x, zs)))
         return self._pool(zs[-1])[0]
 
     def forward_local(self, x: torch.Tensor) -> tuple[torch.Tensor, BlockCache]:
-        """Forward where every layer sees a detached input: no gradient can cross a layer."""
+        """Forward where every layer sees a detached input: no gradient can cross a layer.
+
+        Each layer's output keeps a graph back to that layer's own parameters only."""
         x = x.detach()
         cache = BlockCache(input=x)
-
-        def run(lname: str, z: torch.Tensor) -> torch.Tensor:
-            with torch.enable_grad():
-                out = self.layers[lname](z.detach())
-            cache.layer_out[lname] = out
-            return out.detach()
-
+        zs = cache.z
         for n, act in enumerate(self.acts):
-            h = self._node_input(n, x, cache.z, run)
+            h: torch.Tensor | None = None
+            for w in self.wires_into[n]:
+                out = self.layers[w.layer]((x if w.src < 0 else zs[w.src]).detach())
+                cache.layer_out[w.layer] = out
+                out = out.detach()
+                h = out if h is None else h + out
+            h = self._add_identity(n, h, x, zs)
             cache.h.append(h)
-            cache.z.append(activate(act, h))
-        out, cache.pool_index = self._pool(cache.z[-1])
+            zs.append(activate(act, h))
+        out, cache.pool_index = self._pool(zs[-1])
         return out, cache
 
-    def _node_input(self, n: int, x: torch.Tensor, zs: list[torch.Tensor], run) -> torch.Tensor:  # noqa: ANN001
-        def src(i: int) -> torch.Tensor:
-            return x if i < 0 else zs[i]
-
-        h: torch.Tensor | None = None
-        for w in self.wires:
-            if w.tgt == n:
-                out = run(w.layer, src(w.src))
-                h = out if h is None else h + out
-        for s, t in self.identity:
-            if t == n:
-                assert h is not None
-                h = h + src(s)
+    def _add_identity(self, n: int, h: torch.Tensor | None, x: torch.Tensor,
+                      zs: list[torch.Tensor]) -> torch.Tensor:
+        for s in self.identity_into[n]:
+            h = h + (x if s < 0 else zs[s])  # type: ignore[operator]
         assert h is not None, f"node {n} of {self.name} has no input"
         return h

@@ -62,8 +62,9 @@ class Layer(nn.Module, ABC):
         """The bare map W z (no bias, no BN): the part FA swaps its backward for."""
 
     @abstractmethod
-    def transpose(self, e: torch.Tensor, weight: torch.Tensor, src_shape: torch.Size) -> torch.Tensor:
-        """The adjoint of `linear` for `weight`, restoring the exact source shape."""
+    def transpose(self, e: torch.Tensor, weight: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """The adjoint of `linear` for `weight`, shaped like the source activation `src` (whose
+        values are not used)."""
 
     @abstractmethod
     def weight_grad(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -79,10 +80,10 @@ class Layer(nn.Module, ABC):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.post(self.linear(z, self.weight))
 
-    def carry(self, e: torch.Tensor, src_shape: torch.Size) -> torch.Tensor:
+    def carry(self, e: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         """The error synapse: E applied to the target node's error, shaped like the source."""
         assert self.feedback is not None, "layer has no error synapse under this rule"
-        return self.transpose(e, self.feedback, src_shape)
+        return self.transpose(e, self.feedback, src)
 
 
 class Dense(Layer):
@@ -94,8 +95,8 @@ class Dense(Layer):
     def linear(self, z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return z.flatten(1) @ weight.T
 
-    def transpose(self, e: torch.Tensor, weight: torch.Tensor, src_shape: torch.Size) -> torch.Tensor:
-        return (e @ weight).reshape(e.shape[0], *src_shape[1:])
+    def transpose(self, e: torch.Tensor, weight: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        return (e @ weight).reshape(src.shape)
 
     def weight_grad(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return e.T @ z.flatten(1)
@@ -121,12 +122,15 @@ class Conv(Layer):
         k = self.weight.shape[-1]
         return tuple((s + 2 * self.padding - k) // self.stride + 1 for s in (h, w))  # type: ignore[return-value]
 
-    def transpose(self, e: torch.Tensor, weight: torch.Tensor, src_shape: torch.Size) -> torch.Tensor:
-        # A transposed conv sized to the source (output_padding implied), through the fast
-        # input-gradient kernel: the slow CPU path of conv_transpose2d is several times slower.
-        return torch.nn.grad.conv2d_input(
-            src_shape, weight, e, stride=self.stride, padding=self.padding
-        )
+    def transpose(self, e: torch.Tensor, weight: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        # A transposed conv sized to the source (output_padding implied), computed by the
+        # input-gradient kernel backprop itself uses. Handing it a real tensor of the source's
+        # shape and layout matters: conv_transpose2d and conv2d_input (an expanded dummy input)
+        # take CPU paths up to 2x slower.
+        return torch.ops.aten.convolution_backward(
+            e, src, weight, None, [self.stride] * 2, [self.padding] * 2, [1, 1], False, [0, 0],
+            1, [True, False, False],
+        )[0]
 
     def weight_grad(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return torch.nn.grad.conv2d_weight(
@@ -146,12 +150,12 @@ class PooledHead(Dense):
     def pool(z: torch.Tensor) -> torch.Tensor:
         return z.mean(dim=(2, 3)) if z.dim() == 4 else z.flatten(1)
 
-    def transpose(self, e: torch.Tensor, weight: torch.Tensor, src_shape: torch.Size) -> torch.Tensor:
+    def transpose(self, e: torch.Tensor, weight: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         d = e @ weight
-        if len(src_shape) == 4:  # the transpose of average pooling: spread evenly over H x W
-            hw = src_shape[2] * src_shape[3]
-            return (d / hw)[:, :, None, None].expand(-1, -1, src_shape[2], src_shape[3]).contiguous()
-        return d.reshape(e.shape[0], *src_shape[1:])
+        if src.dim() == 4:  # the transpose of average pooling: spread evenly over H x W
+            b, c, h, w = src.shape
+            return (d / (h * w))[:, :, None, None].expand(b, c, h, w).contiguous()
+        return d.reshape(src.shape)
 
     def weight_grad(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return e.T @ self.pool(z)

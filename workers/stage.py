@@ -81,6 +81,8 @@ class Stage:
         self._cache: dict[Any, Any] = {}
         self._losses: dict[str, torch.Tensor] = {}
         self._samples = 0  # learned since the last apply
+        self._named_params = [(f"{name}.{pname}", p) for name, unit in self.units().items()
+                              for pname, p in unit.named_parameters()]
         self._kp = [(layer.feedback, layer.weight) for block in self.blocks
                     for layer in block.layers.values() if layer.feedback_mode == "kp"]
         self.step = 0
@@ -204,12 +206,8 @@ class Stage:
         for feedback, weight in self._kp:  # KP: E moves by gamma times its layer's update
             if weight.grad is not None:
                 feedback.grad = weight.grad * self.spec.rule.gamma
-        owners, grads = [], []
-        for name, unit in self.units().items():
-            for pname, p in unit.named_parameters():
-                if p.grad is not None:
-                    owners.append(f"{name}.{pname}")
-                    grads.append(p.grad)
+        owners = [o for o, p in self._named_params if p.grad is not None]
+        grads = [p.grad for _, p in self._named_params if p.grad is not None]
         if grads and self._samples:
             torch._foreach_mul_(grads, 1.0 / self._samples)  # sums over samples -> means
         self._samples = 0

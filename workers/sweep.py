@@ -47,9 +47,7 @@ def sweep_block(
             d_n = _node_displacement(block, n, d[n], cache, rule, e_out)
             e = rule.node_error(cache.h[n], cache.z[n], d_n, block.acts[n], rule.mix(block, n))
         losses[f"{block.name}.node{n}"] = torch.linalg.vector_norm(e.detach()) ** 2 * (0.5 / e.shape[0])
-        for wire in block.wires:
-            if wire.tgt != n:
-                continue
+        for wire in block.wires_into[n]:
             layer = block.layers[wire.layer]
             out = cache.layer_out[wire.layer]
             if out.requires_grad:  # a frozen layer has nothing to learn
@@ -58,7 +56,7 @@ def sweep_block(
             if mode is None:
                 continue
             src = cache.input if wire.src < 0 else cache.z[wire.src]
-            carried = layer.carry(e, src.shape)
+            carried = layer.carry(e, src)
             if mode == "local":
                 accumulate(layer.feedback, layer.weight_grad(carried, e).mul_(-rule.cfg.gamma))
             if wire.src < 0:
@@ -66,12 +64,11 @@ def sweep_block(
             else:
                 d[wire.src] = _add(d[wire.src], carried)
         if rule.uses_identity():
-            for s, t in block.identity:
-                if t == n:
-                    if s < 0:
-                        d_in = _add(d_in, e)
-                    else:
-                        d[s] = _add(d[s], e)
+            for s in block.identity_into[n]:
+                if s < 0:
+                    d_in = _add(d_in, e)
+                else:
+                    d[s] = _add(d[s], e)
     return d_in
 
 

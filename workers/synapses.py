@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+
+def _nearest(n_in: int, n_out: int) -> torch.Tensor:
+    """The source cell of each output position under nearest-neighbour upsampling."""
+    return (torch.arange(n_out) * n_in) // n_out
 
 
 class SkipSynapse(nn.Module):
@@ -14,6 +18,7 @@ class SkipSynapse(nn.Module):
 
     With `grid` 0 (or >= H) the map is dense to the full junction shape; on an MLP junction
     (shape (D,)) it is always dense. The factored form keeps ImageNet-sized junctions cheap.
+    Upsampling is a fixed 0/1 matrix U (g*g x H*W), so S and its adjoint are two matmuls.
     """
 
     def __init__(self, num_classes: int, shape: tuple[int, ...], grid: int) -> None:
@@ -21,29 +26,25 @@ class SkipSynapse(nn.Module):
         self.shape = tuple(shape)
         if len(shape) == 3 and 0 < grid < max(shape[1], shape[2]):
             self.inner: tuple[int, ...] = (shape[0], min(grid, shape[1]), min(grid, shape[2]))
+            _, h, w = shape
+            _, gh, gw = self.inner
+            cell = _nearest(gh, h)[:, None] * gw + _nearest(gw, w)[None, :]
+            up = torch.zeros(gh * gw, h * w)
+            up[cell.flatten(), torch.arange(h * w)] = 1.0
+            self.register_buffer("up", up, persistent=False)
         else:
             self.inner = self.shape
+            self.up = None
         self.weight = nn.Parameter(torch.empty(math.prod(self.inner), num_classes))
 
-    def _apply_with(self, e: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        v = (e @ weight.T).view(e.shape[0], *self.inner)
-        if self.inner != self.shape:
-            v = F.interpolate(v, size=self.shape[1:], mode="nearest")
-        return v
-
     def forward(self, e: torch.Tensor) -> torch.Tensor:
-        return self._apply_with(e, self.weight)
+        v = e @ self.weight.T
+        if self.up is not None:
+            v = v.view(e.shape[0], self.inner[0], -1) @ self.up
+        return v.view(e.shape[0], *self.shape)
 
     def pullback(self, e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """d<S(e), v>/dS, batch-summed: e_L correlated with v pulled back through the upsampling."""
-        if self.inner == self.shape:
-            pooled = v.flatten(1)
-        elif self.shape[1] % self.inner[1] == 0 and self.shape[2] % self.inner[2] == 0:
-            cell = (self.shape[1] // self.inner[1], self.shape[2] // self.inner[2])
-            pooled = F.avg_pool2d(v, cell, divisor_override=1).flatten(1)  # nearest's adjoint
-        else:
-            with torch.enable_grad():
-                w = self.weight.detach().requires_grad_(True)
-                (g,) = torch.autograd.grad(self._apply_with(e, w), w, v)
-            return g
-        return pooled.T @ e
+        if self.up is not None:
+            v = v.reshape(v.shape[0], self.inner[0], -1) @ self.up.T
+        return v.reshape(v.shape[0], -1).T @ e

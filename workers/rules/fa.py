@@ -26,7 +26,7 @@ class _FeedbackMap(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         z, feedback = ctx.saved_tensors
         layer: Layer = ctx.layer
-        grad_z = layer.transpose(grad, feedback, z.shape) if ctx.needs_input_grad[0] else None
+        grad_z = layer.transpose(grad, feedback, z) if ctx.needs_input_grad[0] else None
         return grad_z, layer.weight_grad(z, grad), None, None
 
 
