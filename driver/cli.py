@@ -13,18 +13,28 @@ from driver.data import DataError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reclra", description="Backprop-free layer-parallel training")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a model; with no arguments, rec-LRA vs backprop on digits")
+    t = sub.add_parser(
+        "train", help="train a model; with no arguments, rec-LRA vs backprop on digits"
+    )
     t.add_argument("--config", help="TOML config file (sections: model, rule, optim, data, train)")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one key, e.g. --set rule.beta=0.2 (repeatable)")
+    t.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set rule.beta=0.2 (repeatable)",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bars (for jobs and logs)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "train":

@@ -29,9 +29,16 @@ def compare_rules(cfg: Config, *, quiet: bool = False) -> list[RunLog]:
 def summary(runs: list[RunLog]) -> dict:
     ref = next((r for r in runs if r.rule == "backprop"), None)
     target = 0.95 * max(e["val_acc"] for e in ref.epochs) if ref and ref.epochs else None
-    return {r.rule: {"test_acc": r.test_acc, "best_val_acc": max(e["val_acc"] for e in r.epochs),
-                     "epochs_to_95pct_backprop": epochs_to(r, target) if target else None,
-                     "step_ms": 1e3 * r.step_seconds, "epochs": len(r.epochs)} for r in runs}
+    return {
+        r.rule: {
+            "test_acc": r.test_acc,
+            "best_val_acc": max(e["val_acc"] for e in r.epochs),
+            "epochs_to_95pct_backprop": epochs_to(r, target) if target else None,
+            "step_ms": 1e3 * r.step_seconds,
+            "epochs": len(r.epochs),
+        }
+        for r in runs
+    }
 
 
 def format_table(runs: list[RunLog]) -> str:
@@ -39,6 +46,8 @@ def format_table(runs: list[RunLog]) -> str:
     lines = [f"{'rule':<10} {'test acc':>8} {'best val':>8} {'ep->95%bp':>9} {'ms/step':>8}"]
     for rule, r in rows.items():
         ep = r["epochs_to_95pct_backprop"]
-        lines.append(f"{rule:<10} {r['test_acc']:>8.4f} {r['best_val_acc']:>8.4f} "
-                     f"{'-' if ep is None else ep:>9} {r['step_ms']:>8.2f}")
+        lines.append(
+            f"{rule:<10} {r['test_acc']:>8.4f} {r['best_val_acc']:>8.4f} "
+            f"{'-' if ep is None else ep:>9} {r['step_ms']:>8.2f}"
+        )
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The run's configuration: component dataclasses, TOML files, --set overrides; unknown keys fail."""
+"""The run's config: component dataclasses, TOML files, --set overrides; unknown keys fail."""
 
 from __future__ import annotations
 
@@ -42,15 +42,19 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
         if self.micro_batches > self.batch_size:
-            raise ValueError(f"train.micro_batches ({self.micro_batches}) exceeds train.batch_size "
-                             f"({self.batch_size})")
+            raise ValueError(
+                f"train.micro_batches ({self.micro_batches}) exceeds train.batch_size "
+                f"({self.batch_size})"
+            )
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"train.dtype: {self.dtype!r} is not one of ['float32', 'float64']")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"train.device: {self.device!r} is not one of ['cpu', 'cuda', 'auto']")
         for name in self.compare:
             if name not in RULES:
-                raise ValueError(f"train.compare: unknown rule {name!r}; choose from {sorted(RULES)}")
+                raise ValueError(
+                    f"train.compare: unknown rule {name!r}; choose from {sorted(RULES)}"
+                )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,8 +82,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config: {p} is not valid TOML ({exc}); fix the file") from None
         for section, body in data.items():
             if section not in SECTIONS:
-                raise ConfigError(f"config: unknown section [{section}] in {p}; known: "
-                                  f"{', '.join(SECTIONS)}")
+                raise ConfigError(
+                    f"config: unknown section [{section}] in {p}; known: {', '.join(SECTIONS)}"
+                )
             if not isinstance(body, dict):
                 raise ConfigError(f"config: [{section}] must be a table in {p}")
             raw[section].update(body)
@@ -89,8 +94,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not sep or not dot:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. rule.beta=0.1")
         if section not in SECTIONS:
-            raise ConfigError(f"--set {item!r}: unknown section {section!r}; known: "
-                              f"{', '.join(SECTIONS)}")
+            raise ConfigError(
+                f"--set {item!r}: unknown section {section!r}; known: {', '.join(SECTIONS)}"
+            )
         raw[section][name] = _parse_value(text.strip())
     return Config(**{name: _build(name, cls, raw[name]) for name, cls in SECTIONS.items()})
 
@@ -108,8 +114,9 @@ def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"config: unknown key {section}.{key}; known keys: "
-                              f"{', '.join(known)}")
+            raise ConfigError(
+                f"config: unknown key {section}.{key}; known keys: {', '.join(known)}"
+            )
         kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
     try:
         return cls(**kwargs)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -28,8 +28,10 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device: cuda asked for but no CUDA device is visible; "
-                         "set train.device = \"cpu\" or \"auto\"")
+        raise ValueError(
+            "train.device: cuda asked for but no CUDA device is visible; "
+            'set train.device = "cpu" or "auto"'
+        )
     return name
 
 
@@ -41,10 +43,17 @@ def base_spec(cfg: Config, splits: DatasetSplits) -> StageSpec:
         per_epoch = math.ceil(len(splits.train) / cfg.train.batch_size)  # type: ignore[arg-type]
         total = cfg.train.epochs * per_epoch
         optim = replace(optim, total_steps=min(total, cfg.train.max_steps or total))
-    return StageSpec(model=cfg.model, rule=cfg.rule, optim=optim,
-                     input_shape=splits.input_shape, num_classes=splits.num_classes,
-                     blocks=(0, n), seed=cfg.train.seed, dtype=cfg.train.dtype,
-                     device=resolve_device(cfg.train.device))
+    return StageSpec(
+        model=cfg.model,
+        rule=cfg.rule,
+        optim=optim,
+        input_shape=splits.input_shape,
+        num_classes=splits.num_classes,
+        blocks=(0, n),
+        seed=cfg.train.seed,
+        dtype=cfg.train.dtype,
+        device=resolve_device(cfg.train.device),
+    )
 
 
 @dataclass
@@ -79,8 +88,14 @@ def evaluate(runner: LocalRunner, ds: Any, batch_size: int) -> tuple[float, floa
     return correct / max(n, 1), loss / max(n, 1)
 
 
-def train(cfg: Config, *, quiet: bool = False, out_dir: Path | None = None,
-          splits: DatasetSplits | None = None, track_test: bool = False) -> RunLog:
+def train(
+    cfg: Config,
+    *,
+    quiet: bool = False,
+    out_dir: Path | None = None,
+    splits: DatasetSplits | None = None,
+    track_test: bool = False,
+) -> RunLog:
     """Train `cfg.rule` on `cfg.model` and `cfg.data`; return (and write) its curves.
 
     `track_test` also records test accuracy after every epoch (benchmarks measure convergence
@@ -96,12 +111,23 @@ def train(cfg: Config, *, quiet: bool = False, out_dir: Path | None = None,
     run = RunLog(rule=cfg.rule.name, config=config_to_dict(cfg))
     step_time = 0.0
     for epoch in range(tc.epochs):
-        loader = make_loader(splits.train, tc.batch_size, shuffle=True, seed=tc.seed, epoch=epoch,
-                             num_workers=cfg.data.num_workers)
+        loader = make_loader(
+            splits.train,
+            tc.batch_size,
+            shuffle=True,
+            seed=tc.seed,
+            epoch=epoch,
+            num_workers=cfg.data.num_workers,
+        )
         correct = seen = 0
         loss_sum = 0.0
-        bar = tqdm(loader, desc=f"{cfg.rule.name} epoch {epoch + 1}/{tc.epochs}", leave=False,
-                   disable=quiet, unit="step")
+        bar = tqdm(
+            loader,
+            desc=f"{cfg.rule.name} epoch {epoch + 1}/{tc.epochs}",
+            leave=False,
+            disable=quiet,
+            unit="step",
+        )
         for x, y in bar:
             t0 = time.perf_counter()
             logits = runner.step(x, y, tc.micro_batches).float().cpu()
@@ -111,15 +137,28 @@ def train(cfg: Config, *, quiet: bool = False, out_dir: Path | None = None,
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
             seen += len(y)
             if run.steps % tc.log_every == 0:
-                log.info("%s step %d: train acc %.3f loss %.3f, %.1f ms/step", cfg.rule.name,
-                         run.steps, correct / seen, loss_sum / seen, 1e3 * step_time / run.steps)
+                log.info(
+                    "%s step %d: train acc %.3f loss %.3f, %.1f ms/step",
+                    cfg.rule.name,
+                    run.steps,
+                    correct / seen,
+                    loss_sum / seen,
+                    1e3 * step_time / run.steps,
+                )
             bar.set_postfix(acc=f"{correct / seen:.3f}", loss=f"{loss_sum / seen:.3f}")
             if tc.max_steps and run.steps >= tc.max_steps:
                 break
         val_acc, val_loss = evaluate(runner, splits.val, tc.batch_size)
-        run.epochs.append({"epoch": epoch + 1, "train_acc": correct / max(seen, 1),
-                           "train_loss": loss_sum / max(seen, 1), "val_acc": val_acc,
-                           "val_loss": val_loss, "seconds": time.perf_counter() - t_start})
+        run.epochs.append(
+            {
+                "epoch": epoch + 1,
+                "train_acc": correct / max(seen, 1),
+                "train_loss": loss_sum / max(seen, 1),
+                "val_acc": val_acc,
+                "val_loss": val_loss,
+                "seconds": time.perf_counter() - t_start,
+            }
+        )
         if track_test:
             run.epochs[-1]["test_acc"] = evaluate(runner, splits.test, tc.batch_size)[0]
         log.info("%s epoch %d: val acc %.4f loss %.4f", cfg.rule.name, epoch + 1, val_acc, val_loss)

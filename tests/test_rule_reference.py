@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import reference_lra as ref
 import torch
 
-import reference_lra as ref
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
 from workers.rules import ErrorSignal, RuleConfig
@@ -15,12 +15,21 @@ D0, H, K, B = 12, 10, 4, 16
 
 
 def _stage(depth: int, gap: int, residual: bool, act: str, rule: RuleConfig, lr: float) -> Stage:
-    model = ModelConfig(name="mlp", hidden=H, depth=depth, gap=gap, residual=residual, act=act,
-                        batchnorm=False)
+    model = ModelConfig(
+        name="mlp", hidden=H, depth=depth, gap=gap, residual=residual, act=act, batchnorm=False
+    )
     n = len(model_plan(model, (D0,), K))
-    return Stage(StageSpec(model=model, rule=rule, optim=OptimConfig(name="sgd", lr=lr, momentum=0.0,
-                           weight_decay=0.0), input_shape=(D0,), num_classes=K, blocks=(0, n),
-                           dtype="float64"))
+    return Stage(
+        StageSpec(
+            model=model,
+            rule=rule,
+            optim=OptimConfig(name="sgd", lr=lr, momentum=0.0, weight_decay=0.0),
+            input_shape=(D0,),
+            num_classes=K,
+            blocks=(0, n),
+            dtype="float64",
+        )
+    )
 
 
 def _bind(stage: Stage, params: dict, depth: int, gap: int) -> dict[str, torch.nn.Parameter]:
@@ -62,16 +71,37 @@ CASES = [
 def test_three_steps_match_reference(case):
     name, topology, fb, sk, depth, gap, residual, act, (mix_s, mix_a) = case
     lr, beta, gamma, radius = 0.05, 0.2, 0.7, 0.8
-    rule = RuleConfig(name=name, topology=topology, feedback_update=fb, skip_update=sk, beta=beta,
-                      gamma=gamma, mix_skip=mix_s, mix_adjacent=mix_a, reproject=radius,
-                      input_noise=0.0)
+    rule = RuleConfig(
+        name=name,
+        topology=topology,
+        feedback_update=fb,
+        skip_update=sk,
+        beta=beta,
+        gamma=gamma,
+        mix_skip=mix_s,
+        mix_adjacent=mix_a,
+        reproject=radius,
+        input_noise=0.0,
+    )
     stage = _stage(depth, gap, residual, act, rule, lr)
     params = ref.init_params(D0, H, depth, K, gap, seed=3)
     binding = _bind(stage, params, depth, gap)
     gen = torch.Generator().manual_seed(0)
-    kw = dict(depth=depth, gap=gap, act=act, residual=residual, rule=name, topology=topology,
-              beta=beta, gamma=gamma, mix_skip=mix_s, mix_adjacent=mix_a, feedback_update=fb,
-              skip_update=sk, reproject=radius)
+    kw = dict(
+        depth=depth,
+        gap=gap,
+        act=act,
+        residual=residual,
+        rule=name,
+        topology=topology,
+        beta=beta,
+        gamma=gamma,
+        mix_skip=mix_s,
+        mix_adjacent=mix_a,
+        feedback_update=fb,
+        skip_update=sk,
+        reproject=radius,
+    )
     for _ in range(3):
         x = torch.randn(B, D0, generator=gen, dtype=torch.float64)
         y = torch.randint(0, K, (B,), generator=gen)
@@ -86,8 +116,11 @@ def test_three_steps_match_reference(case):
         expect = params[key].T if key.startswith("M") else params[key]
         torch.testing.assert_close(p.detach(), expect, rtol=1e-10, atol=1e-12, msg=key)
     # synapses the reference says are unused must not exist in the stage either
-    err_kw = {k: v for k, v in kw.items() if k not in ("gamma", "feedback_update", "skip_update",
-                                                       "reproject")}
+    err_kw = {
+        k: v
+        for k, v in kw.items()
+        if k not in ("gamma", "feedback_update", "skip_update", "reproject")
+    }
     used = set(ref.compute_errors(params, x, y, **err_kw)["used"])
     for key in binding:
         if key[0] in "EM":

@@ -37,20 +37,38 @@ def test_rec_lra_topologies_learn(digits, tmp_path):
 
 def test_max_steps_and_micro_batches(digits, tmp_path):
     cfg = load_config(None, ["train.max_steps=7", "train.micro_batches=4", "train.epochs=5"])
-    run = train(replace(cfg, train=replace(cfg.train, compare=())), quiet=True, out_dir=tmp_path,
-                splits=digits)
+    run = train(
+        replace(cfg, train=replace(cfg.train, compare=())),
+        quiet=True,
+        out_dir=tmp_path,
+        splits=digits,
+    )
     assert run.steps == 7 and len(run.epochs) == 1
 
 
 def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "driver.cli", *args], capture_output=True,
-                          text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "driver.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def test_cli_trains_and_compares(tmp_path):
     out = tmp_path / "runs"
-    p = _cli("train", "--quiet", "--set", "train.epochs=1", "--set", "train.max_steps=5",
-             "--set", f"train.out_dir={json.dumps(str(out))}", cwd=tmp_path)
+    p = _cli(
+        "train",
+        "--quiet",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.max_steps=5",
+        "--set",
+        f"train.out_dir={json.dumps(str(out))}",
+        cwd=tmp_path,
+    )
     assert p.returncode == 0, p.stderr
     assert "rec_lra" in p.stdout and "backprop" in p.stdout and "test acc" in p.stdout
     summary = json.loads((out / "summary.json").read_text())
@@ -58,14 +76,19 @@ def test_cli_trains_and_compares(tmp_path):
     assert (out / "rec_lra" / "metrics.json").is_file()
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--set", "rule.betta=1"], "rule.betta"),
-    (["--config", "nope.toml"], "no file at"),
-    (["--set", "data.name=cifar10", "--set", "data.root=missing"], "missing"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--set", "rule.betta=1"], "rule.betta"),
+        (["--config", "nope.toml"], "no file at"),
+        (["--set", "data.name=cifar10", "--set", "data.root=missing"], "missing"),
+    ],
+)
 def test_cli_errors_are_one_line(tmp_path, args, needle):
     p = _cli("train", "--quiet", *args, cwd=tmp_path)
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("reclra: error:") and needle in lines[0], p.stderr
+    assert len(lines) == 1 and lines[0].startswith("reclra: error:") and needle in lines[0], (
+        p.stderr
+    )
     assert not (tmp_path / "runs").exists()  # nothing written on a refused run

@@ -1,4 +1,4 @@
-"""Blocks: small graphs of layers between two cut points (stem, residual block, dense block, head)."""
+"""Blocks: small graphs of layers between two cut points (stem, residual, dense, head)."""
 
 from __future__ import annotations
 
@@ -37,16 +37,24 @@ class BlockCache:
 
 
 class Block(nn.Module):
-    """Nodes (post-activations) joined by layers and identity shortcuts; the last node is the output.
+    """Nodes (post-activations) joined by layers and identity shortcuts; the last is the output.
 
     h_n = sum of the layers into n (+ identity shortcuts into n); z_n = act_n(h_n). The ImageNet
     stem max-pools its output node. A `head` block's single node is the logits.
     """
 
     def __init__(
-        self, name: str, layers: dict[str, Layer], wires: list[Wire], acts: list[str], *,
-        identity: list[tuple[int, int]] | None = None, out_pool: bool = False, head: bool = False,
-        in_shape: tuple[int, ...] = (), node_shapes: list[tuple[int, ...]] | None = None,
+        self,
+        name: str,
+        layers: dict[str, Layer],
+        wires: list[Wire],
+        acts: list[str],
+        *,
+        identity: list[tuple[int, int]] | None = None,
+        out_pool: bool = False,
+        head: bool = False,
+        in_shape: tuple[int, ...] = (),
+        node_shapes: list[tuple[int, ...]] | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -79,7 +87,9 @@ class Block(nn.Module):
         if not self.out_pool:
             return d
         out = cache.z[self.out_node]
-        return F.max_unpool2d(d, cache.pool_index, 3, stride=2, padding=1, output_size=out.shape[-2:])
+        return F.max_unpool2d(
+            d, cache.pool_index, 3, stride=2, padding=1, output_size=out.shape[-2:]
+        )
 
     def forward(self, x: torch.Tensor, layer_map=None) -> torch.Tensor:  # noqa: ANN001
         """Plain differentiable forward (autograd rules, evaluation). `layer_map(layer, z)` may
@@ -115,8 +125,9 @@ class Block(nn.Module):
         out, cache.pool_index = self._pool(zs[-1])
         return out, cache
 
-    def _add_identity(self, n: int, h: torch.Tensor | None, x: torch.Tensor,
-                      zs: list[torch.Tensor]) -> torch.Tensor:
+    def _add_identity(
+        self, n: int, h: torch.Tensor | None, x: torch.Tensor, zs: list[torch.Tensor]
+    ) -> torch.Tensor:
         for s in self.identity_into[n]:
             h = h + (x if s < 0 else zs[s])  # type: ignore[operator]
         assert h is not None, f"node {n} of {self.name} has no input"

@@ -1,4 +1,4 @@
-"""Layers: a forward map W (dense, conv, pooled head), optional BatchNorm, and its error synapse E."""
+"""Layers: a forward map W (dense, conv, pooled head), optional BatchNorm, error synapse E."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 
 
 def init_weight_(w: torch.Tensor, scheme: str, std: float, gen: torch.Generator) -> None:
-    """Fill `w` (out, in, ...) in place; `gen` makes every layer's draw independent of the others."""
+    """Fill `w` (out, in, ...) in place; `gen` makes each layer's draw independent of others."""
     fan_in = w[0].numel()
     with torch.no_grad():
         if scheme == "zeros":  # a KP synapse then holds exactly what its layer has learned
@@ -19,7 +19,9 @@ def init_weight_(w: torch.Tensor, scheme: str, std: float, gen: torch.Generator)
         elif scheme == "gaussian":
             w.copy_(torch.randn(w.shape, generator=gen, dtype=w.dtype) * std)
         elif scheme == "kaiming":
-            w.copy_(torch.randn(w.shape, generator=gen, dtype=w.dtype) * std * math.sqrt(2.0 / fan_in))
+            w.copy_(
+                torch.randn(w.shape, generator=gen, dtype=w.dtype) * std * math.sqrt(2.0 / fan_in)
+            )
         elif scheme == "xavier":
             fan_out = w.shape[0] * (w[0, 0].numel() if w.dim() > 2 else 1)
             bound = std * math.sqrt(6.0 / (fan_in + fan_out))
@@ -106,7 +108,13 @@ class Conv(Layer):
     kind = "conv"
 
     def __init__(
-        self, c_in: int, c_out: int, kernel: int, *, stride: int = 1, padding: int = 0,
+        self,
+        c_in: int,
+        c_out: int,
+        kernel: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
         batchnorm: bool = False,
     ) -> None:
         super().__init__((c_out, c_in, kernel, kernel), batchnorm=batchnorm, bias=True)
@@ -128,8 +136,17 @@ class Conv(Layer):
         # shape and layout matters: conv_transpose2d and conv2d_input (an expanded dummy input)
         # take CPU paths up to 2x slower.
         return torch.ops.aten.convolution_backward(
-            e, src, weight, None, [self.stride] * 2, [self.padding] * 2, [1, 1], False, [0, 0],
-            1, [True, False, False],
+            e,
+            src,
+            weight,
+            None,
+            [self.stride] * 2,
+            [self.padding] * 2,
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [True, False, False],
         )[0]
 
     def weight_grad(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:

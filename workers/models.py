@@ -36,7 +36,9 @@ class ModelConfig:
             if getattr(self, key) < 1:
                 raise ValueError(f"model.{key}: must be >= 1, got {getattr(self, key)}")
         if self.depth % self.gap:
-            raise ValueError(f"model.depth ({self.depth}) must be a multiple of model.gap ({self.gap})")
+            raise ValueError(
+                f"model.depth ({self.depth}) must be a multiple of model.gap ({self.gap})"
+            )
 
 
 BlockFactory = Callable[[], Block]
@@ -59,12 +61,21 @@ def _mlp(cfg: ModelConfig, input_shape: tuple[int, ...], k: int) -> list[tuple[s
         shape_in = input_shape if b == 0 else (cfg.hidden,)
 
         def make(b: int = b, dims: list[int] = dims, shape_in: tuple[int, ...] = shape_in) -> Block:
-            layers = {f"fc{i}": Dense(dims[i], dims[i + 1], batchnorm=cfg.batchnorm)
-                      for i in range(cfg.gap)}
+            layers = {
+                f"fc{i}": Dense(dims[i], dims[i + 1], batchnorm=cfg.batchnorm)
+                for i in range(cfg.gap)
+            }
             wires = [Wire(f"fc{i}", i - 1, i) for i in range(cfg.gap)]
             identity = [(-1, cfg.gap - 1)] if cfg.residual and dims[0] == cfg.hidden else []
-            return Block(f"dense{b}", layers, wires, [cfg.act] * cfg.gap, identity=identity,
-                         in_shape=shape_in, node_shapes=[(cfg.hidden,)] * cfg.gap)
+            return Block(
+                f"dense{b}",
+                layers,
+                wires,
+                [cfg.act] * cfg.gap,
+                identity=identity,
+                in_shape=shape_in,
+                node_shapes=[(cfg.hidden,)] * cfg.gap,
+            )
 
         plan.append((f"dense{b}", make))
         d_in = cfg.hidden
@@ -73,17 +84,28 @@ def _mlp(cfg: ModelConfig, input_shape: tuple[int, ...], k: int) -> list[tuple[s
 
 
 def _head(c: int, in_shape: tuple[int, ...], k: int) -> Block:
-    return Block("head", {"fc": PooledHead(c, k)}, [Wire("fc", -1, 0)], ["identity"],
-                 head=True, in_shape=in_shape, node_shapes=[(k,)])
+    return Block(
+        "head",
+        {"fc": PooledHead(c, k)},
+        [Wire("fc", -1, 0)],
+        ["identity"],
+        head=True,
+        in_shape=in_shape,
+        node_shapes=[(k,)],
+    )
 
 
 def _conv_out(n: int, k: int, s: int, p: int) -> int:
     return (n + 2 * p - k) // s + 1
 
 
-def _resnet(cfg: ModelConfig, input_shape: tuple[int, ...], k: int) -> list[tuple[str, BlockFactory]]:
+def _resnet(
+    cfg: ModelConfig, input_shape: tuple[int, ...], k: int
+) -> list[tuple[str, BlockFactory]]:
     if len(input_shape) != 3:
-        raise ValueError(f"model.name: {cfg.name} needs image input (C, H, W), got shape {input_shape}")
+        raise ValueError(
+            f"model.name: {cfg.name} needs image input (C, H, W), got shape {input_shape}"
+        )
     c_in, h, w = input_shape
     bn = cfg.batchnorm
     plan: list[tuple[str, BlockFactory]] = []
@@ -94,8 +116,15 @@ def _resnet(cfg: ModelConfig, input_shape: tuple[int, ...], k: int) -> list[tupl
 
     def stem() -> Block:
         conv = Conv(c_in, cfg.width, kernel, stride=stride, padding=pad, batchnorm=bn)
-        return Block("stem", {"conv": conv}, [Wire("conv", -1, 0)], [cfg.act], out_pool=imagenet,
-                     in_shape=input_shape, node_shapes=[stem_shape])
+        return Block(
+            "stem",
+            {"conv": conv},
+            [Wire("conv", -1, 0)],
+            [cfg.act],
+            out_pool=imagenet,
+            in_shape=input_shape,
+            node_shapes=[stem_shape],
+        )
 
     plan.append(("stem", stem))
     shape = stem_shape
@@ -129,7 +158,14 @@ def _basic_block_factory(
             wires.append(Wire("shortcut", -1, 1, shortcut=True))
         else:
             identity.append((-1, 1))
-        return Block(name, layers, wires, [cfg.act, cfg.act], identity=identity,
-                     in_shape=in_shape, node_shapes=[out_shape, out_shape])
+        return Block(
+            name,
+            layers,
+            wires,
+            [cfg.act, cfg.act],
+            identity=identity,
+            in_shape=in_shape,
+            node_shapes=[out_shape, out_shape],
+        )
 
     return make

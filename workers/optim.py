@@ -15,7 +15,7 @@ SCHEDULES = ("constant", "cosine")
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     name: str = "adamw"
-    lr: float = 1e-3
+    lr: float = 1e-2
     weight_decay: float = 1e-4
     momentum: float = 0.9
     beta1: float = 0.9
@@ -39,14 +39,19 @@ class OptimConfig:
                 raise ValueError(f"optim.{key}: must lie in [0, 1), got {getattr(self, key)}")
 
 
-def build_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: OptimConfig, params: Iterable[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
     params = list(params)
     if cfg.name == "sgd":
         return torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True
         )
     return torch.optim.AdamW(
-        params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+        params,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        weight_decay=cfg.weight_decay,
         foreach=True,
     )
 

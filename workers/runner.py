@@ -14,9 +14,16 @@ from workers.stage import Stage, StageSpec
 def stage_specs(base: StageSpec, bounds: list[int]) -> list[StageSpec]:
     """Specs for stages cut at `bounds` (block indices: [0, b1, ..., n_blocks])."""
     n = len(model_plan(base.model, base.input_shape, base.num_classes))
-    if bounds[0] != 0 or bounds[-1] != n or any(a >= b for a, b in zip(bounds, bounds[1:])):
+    if (
+        bounds[0] != 0
+        or bounds[-1] != n
+        or any(a >= b for a, b in zip(bounds, bounds[1:], strict=False))
+    ):
         raise ValueError(f"pipeline.boundaries: {bounds} must rise strictly from 0 to {n} blocks")
-    return [replace(base, blocks=(a, b), index=i) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    return [
+        replace(base, blocks=(a, b), index=i)
+        for i, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False))
+    ]
 
 
 class LocalRunner:
@@ -29,7 +36,9 @@ class LocalRunner:
     def step(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int = 1) -> torch.Tensor:
         """One training step; returns the logits of the step's forward (for train accuracy)."""
         logits = []
-        for mb, (xs, ys) in enumerate(zip(x.chunk(micro_batches), y.chunk(micro_batches))):
+        for mb, (xs, ys) in enumerate(
+            zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=True)
+        ):
             out = xs
             for stage in self.stages:
                 out = stage.forward(mb, out)

@@ -14,10 +14,10 @@ from workers.blocks import Block, BlockCache
 from workers.layers import init_weight_
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig, build_optimizer, reproject_, set_lr
-from workers.state import load_stage_state, stage_state
 from workers.rules import ErrorSignal, RuleConfig, make_rule
-from workers.synapses import SkipSynapse
+from workers.state import load_stage_state, stage_state
 from workers.sweep import sweep_block
+from workers.synapses import SkipSynapse
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -68,7 +68,9 @@ class Stage:
         plan = model_plan(spec.model, spec.input_shape, spec.num_classes)
         first, last = spec.blocks
         if not 0 <= first < last <= len(plan):
-            raise ValueError(f"pipeline: blocks [{first}, {last}) outside the model's {len(plan)} blocks")
+            raise ValueError(
+                f"pipeline: blocks [{first}, {last}) outside the model's {len(plan)} blocks"
+            )
         self.blocks = nn.ModuleList()
         for i in range(first, last):
             block = plan[i][1]()
@@ -81,10 +83,17 @@ class Stage:
         self._cache: dict[Any, Any] = {}
         self._losses: dict[str, torch.Tensor] = {}
         self._samples = 0  # learned since the last apply
-        self._named_params = [(f"{name}.{pname}", p) for name, unit in self.units().items()
-                              for pname, p in unit.named_parameters()]
-        self._kp = [(layer.feedback, layer.weight) for block in self.blocks
-                    for layer in block.layers.values() if layer.feedback_mode == "kp"]
+        self._named_params = [
+            (f"{name}.{pname}", p)
+            for name, unit in self.units().items()
+            for pname, p in unit.named_parameters()
+        ]
+        self._kp = [
+            (layer.feedback, layer.weight)
+            for block in self.blocks
+            for layer in block.layers.values()
+            if layer.feedback_mode == "kp"
+        ]
         self.step = 0
         self.stats = StageStats()
 
@@ -165,8 +174,9 @@ class Stage:
                 raise ValueError(f"stage {self.spec.index}: the last stage needs labels to learn")
             logits = cached[1] if self.rule.autograd else cached[-1].z[-1]
             labels = signal.labels.to(self.device)
-            e_out = (torch.softmax(logits.detach(), dim=1)
-                     - F.one_hot(labels, logits.shape[1]).to(logits.dtype))
+            e_out = torch.softmax(logits.detach(), dim=1) - F.one_hot(labels, logits.shape[1]).to(
+                logits.dtype
+            )
         if e_out is None:
             raise ValueError(f"stage {self.spec.index}: no output error in the signal")
         e_out = e_out.to(self.device, self.dtype)
@@ -176,8 +186,15 @@ class Stage:
         else:
             pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
             for block, cache in zip(reversed(self.blocks), reversed(cached), strict=True):
-                boundary = sweep_block(block, cache, self.rule, d_out=boundary, e_out=e_out,
-                                       losses=self._losses, pairs=pairs)
+                boundary = sweep_block(
+                    block,
+                    cache,
+                    self.rule,
+                    d_out=boundary,
+                    e_out=e_out,
+                    losses=self._losses,
+                    pairs=pairs,
+                )
             if pairs:
                 outs, errs = zip(*pairs, strict=True)
                 torch.autograd.backward(outs, errs)
@@ -186,10 +203,13 @@ class Stage:
         self.stats.micro_batches += 1
         self._samples += e_out.shape[0]
         send = boundary if (self.rule.chained and not self.is_first) else None
-        return ErrorSignal(output_error=e_out.detach(), boundary=None if send is None else send.detach())
+        return ErrorSignal(
+            output_error=e_out.detach(), boundary=None if send is None else send.detach()
+        )
 
-    def _learn_autograd(self, cached: tuple, labels: torch.Tensor | None,
-                        grad: torch.Tensor | None) -> torch.Tensor | None:
+    def _learn_autograd(
+        self, cached: tuple, labels: torch.Tensor | None, grad: torch.Tensor | None
+    ) -> torch.Tensor | None:
         x_in, out = cached
         if labels is not None:
             loss = F.cross_entropy(out, labels, reduction="sum")

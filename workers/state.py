@@ -21,15 +21,20 @@ def stage_state(stage: Stage) -> dict[str, dict[str, Any]]:
     for name, unit in stage.units().items():
         tensors = {k: v.detach().cpu().clone() for k, v in unit.state_dict().items()}
         optim = {
-            pname: {k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
-                    for k, v in opt_state[p].items()}
-            for pname, p in unit.named_parameters() if p in opt_state
+            pname: {
+                k: (v.detach().cpu().clone() if torch.is_tensor(v) else v)
+                for k, v in opt_state[p].items()
+            }
+            for pname, p in unit.named_parameters()
+            if p in opt_state
         }
         out[name] = {"tensors": tensors, "optim": optim}
     return out
 
 
-def load_stage_state(stage: Stage, state: dict[str, dict[str, Any]], *, strict: bool = True) -> None:
+def load_stage_state(
+    stage: Stage, state: dict[str, dict[str, Any]], *, strict: bool = True
+) -> None:
     """Load the units this stage owns from `state` (which may hold other stages' units too)."""
     from workers.stage import StageStateError
 
@@ -55,7 +60,8 @@ def load_stage_state(stage: Stage, state: dict[str, dict[str, Any]], *, strict: 
         for pname, p in unit.named_parameters():
             if pname in entry["optim"]:
                 stage.optimizer.state[p] = {
-                    k: (v.to(p.device, p.dtype) if torch.is_tensor(v) and v.shape == p.shape
-                        else v)  # moments follow the parameter; scalars such as `step` stay
+                    k: (
+                        v.to(p.device, p.dtype) if torch.is_tensor(v) and v.shape == p.shape else v
+                    )  # moments follow the parameter; scalars such as `step` stay
                     for k, v in entry["optim"][pname].items()
                 }

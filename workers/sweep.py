@@ -20,8 +20,13 @@ def _add(slot: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
 
 
 def sweep_block(
-    block: Block, cache: BlockCache, rule: Rule, *, d_out: torch.Tensor | None,
-    e_out: torch.Tensor, losses: dict[str, torch.Tensor],
+    block: Block,
+    cache: BlockCache,
+    rule: Rule,
+    *,
+    d_out: torch.Tensor | None,
+    e_out: torch.Tensor,
+    losses: dict[str, torch.Tensor],
     pairs: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> torch.Tensor | None:
     """Learn one block from its output displacement (or e_L for the head); return the
@@ -46,7 +51,9 @@ def sweep_block(
         else:
             d_n = _node_displacement(block, n, d[n], cache, rule, e_out)
             e = rule.node_error(cache.h[n], cache.z[n], d_n, block.acts[n], rule.mix(block, n))
-        losses[f"{block.name}.node{n}"] = torch.linalg.vector_norm(e.detach()) ** 2 * (0.5 / e.shape[0])
+        losses[f"{block.name}.node{n}"] = torch.linalg.vector_norm(e.detach()) ** 2 * (
+            0.5 / e.shape[0]
+        )
         for wire in block.wires_into[n]:
             layer = block.layers[wire.layer]
             out = cache.layer_out[wire.layer]
@@ -73,7 +80,11 @@ def sweep_block(
 
 
 def _node_displacement(
-    block: Block, n: int, d_adjacent: torch.Tensor | None, cache: BlockCache, rule: Rule,
+    block: Block,
+    n: int,
+    d_adjacent: torch.Tensor | None,
+    cache: BlockCache,
+    rule: Rule,
     e_out: torch.Tensor,
 ) -> torch.Tensor:
     mode = rule.skip_mode(block, n)

@@ -16,8 +16,9 @@ class _FeedbackMap(torch.autograd.Function):
     """Forward W z; backward sends the error down through E instead of W."""
 
     @staticmethod
-    def forward(ctx: Any, z: torch.Tensor, weight: torch.Tensor, feedback: torch.Tensor,
-                layer: Layer) -> torch.Tensor:
+    def forward(
+        ctx: Any, z: torch.Tensor, weight: torch.Tensor, feedback: torch.Tensor, layer: Layer
+    ) -> torch.Tensor:
         ctx.save_for_backward(z, feedback)
         ctx.layer = layer
         return layer.linear(z, weight)
