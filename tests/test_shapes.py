@@ -322,3 +322,21 @@ def test_skip_topology_synapses_match_node_shapes(name, form, shape, grid):
         for syn in block.skips.values():
             assert syn.weight.grad is not None and torch.isfinite(syn.weight.grad).all()
     stage.apply()
+
+
+def test_imagenet_stem_unpool_is_the_true_adjoint_of_its_max_pool():
+    """<pool(z) . d> summed through the argmax routing must equal autograd's VJP, including
+    positions that win several overlapping 3x3 stride-2 windows."""
+    from workers.blocks import BlockCache
+    from workers.models import ModelConfig, model_plan
+
+    stem = model_plan(ModelConfig(name="resnet8", form="imagenet", width=2), (3, 9, 9), 4)[0][1]()
+    z = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    z[0, 0, 3, 3] = 10.0  # wins four windows
+    z.requires_grad_(True)
+    pooled, idx = torch.nn.functional.max_pool2d(z, 3, stride=2, padding=1, return_indices=True)
+    d = torch.randn_like(pooled)
+    (expected,) = torch.autograd.grad(pooled, z, d)
+    cache = BlockCache(input=torch.zeros(2, 3, 9, 9), z=[z.detach()], pool_index=idx)
+    got = stem.unpool(d, cache)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)

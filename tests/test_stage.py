@@ -246,9 +246,6 @@ def test_loading_another_rule_is_refused():
         skip.load_state_dict(mirror.state_dict())
 
 
-@pytest.mark.xfail(reason="product bug: load_stage_state lets torch's RuntimeError through when "
-                   "the checkpoint lacks a tensor the unit has (here E of layer1.0.conv1)",
-                   raises=RuntimeError, strict=False)
 def test_loading_a_checkpoint_without_error_synapses_is_refused():
     """The other way round: a mirror stage has an E on each block's first conv, a skip
     checkpoint does not; the refusal must still be a StageStateError naming the layer."""
@@ -259,8 +256,6 @@ def test_loading_a_checkpoint_without_error_synapses_is_refused():
     _layer_named(str(info.value), mirror)
 
 
-@pytest.mark.xfail(reason="product bug: load_stage_state checks unit by unit while loading, so a "
-                   "refused checkpoint leaves the earlier units overwritten", strict=False)
 def test_refused_checkpoint_leaves_the_stage_untouched():
     spec = _spec(RULES["rec_lra-skip"])
     stage = Stage(replace(spec, seed=1))

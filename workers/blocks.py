@@ -83,12 +83,12 @@ class Block(nn.Module):
         return F.max_pool2d(z, 3, stride=2, padding=1, return_indices=True)
 
     def unpool(self, d: torch.Tensor, cache: BlockCache) -> torch.Tensor:
-        """Route a displacement at the pooled output back to the pooled positions."""
+        """The adjoint of the output max-pool: each pooled displacement goes back to its argmax,
+        summed where overlapping windows share one."""
         if not self.out_pool:
             return d
-        out = cache.z[self.out_node]
-        return F.max_unpool2d(
-            d, cache.pool_index, 3, stride=2, padding=1, output_size=out.shape[-2:]
+        return torch.ops.aten.max_pool2d_with_indices_backward(
+            d, cache.z[self.out_node], [3, 3], [2, 2], [1, 1], [1, 1], False, cache.pool_index
         )
 
     def forward(self, x: torch.Tensor, layer_map=None) -> torch.Tensor:  # noqa: ANN001

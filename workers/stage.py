@@ -154,9 +154,10 @@ class Stage:
         else:
             caches: list[BlockCache] = []
             out = x
-            for block in self.blocks:
-                out, cache = block.forward_local(out)
-                caches.append(cache)
+            with torch.enable_grad():  # each layer's own graph, even if called under no_grad
+                for block in self.blocks:
+                    out, cache = block.forward_local(out)
+                    caches.append(cache)
             self._cache[mb] = caches
         self.stats.forward_seconds += time.perf_counter() - t0
         return out.detach()

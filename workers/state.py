@@ -35,7 +35,10 @@ def stage_state(stage: Stage) -> dict[str, dict[str, Any]]:
 def load_stage_state(
     stage: Stage, state: dict[str, dict[str, Any]], *, strict: bool = True
 ) -> None:
-    """Load the units this stage owns from `state` (which may hold other stages' units too)."""
+    """Load the units this stage owns from `state` (which may hold other stages' units too).
+
+    Everything is checked before anything is loaded: a refused state leaves the stage as it was.
+    """
     from workers.stage import StageStateError
 
     units = stage.units()
@@ -48,20 +51,28 @@ def load_stage_state(
     for name, unit in units.items():
         if name not in state:
             continue
-        entry = state[name]
-        own = unit.state_dict()
-        for key, value in entry["tensors"].items():
-            if key not in own or own[key].shape != value.shape:
+        own, theirs = unit.state_dict(), state[name]["tensors"]
+        for key in sorted(set(own) | set(theirs)):
+            if key not in theirs or key not in own:
+                where = "the checkpoint lacks" if key not in theirs else "this model has no"
                 raise StageStateError(
-                    f"layer {name!r}: tensor {key!r} of shape {tuple(value.shape)} does not fit "
-                    f"this model ({'absent' if key not in own else tuple(own[key].shape)})"
+                    f"layer {name!r}: {where} tensor {key!r}; the checkpoint was written for a "
+                    "different model or rule (compare model.*, rule.name, rule.topology)"
                 )
-        unit.load_state_dict(entry["tensors"], strict=strict)
+            if own[key].shape != theirs[key].shape:
+                raise StageStateError(
+                    f"layer {name!r}: tensor {key!r} has shape {tuple(theirs[key].shape)} in the "
+                    f"checkpoint but {tuple(own[key].shape)} in this model"
+                )
+    for name, unit in units.items():
+        if name not in state:
+            continue
+        entry = state[name]
+        unit.load_state_dict(entry["tensors"])
         for pname, p in unit.named_parameters():
             if pname in entry["optim"]:
                 stage.optimizer.state[p] = {
-                    k: (
-                        v.to(p.device, p.dtype) if torch.is_tensor(v) and v.shape == p.shape else v
-                    )  # moments follow the parameter; scalars such as `step` stay
+                    k: (v.to(p.device, p.dtype) if torch.is_tensor(v) and v.shape == p.shape
+                        else v)  # moments follow the parameter; scalars such as `step` stay
                     for k, v in entry["optim"][pname].items()
                 }
