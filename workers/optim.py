@@ -52,7 +52,7 @@ def build_optimizer(
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         weight_decay=cfg.weight_decay,
-        foreach=True,
+        fused=True,
     )
 
 
