@@ -1,0 +1,108 @@
+"""One actor per placement-group bundle; submit and gather with deadlines; tear down on failure."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.errors import PlacementError, StageDied, StageError, StageTimeout
+
+log = logging.getLogger(__name__)
+
+
+class ActorGroup:
+    """`len(args)` actors of `cls`, actor i on bundle i of one placement group.
+
+    Ray never restarts or retries them (a retried call could run out of order); failures
+    surface as StageError subclasses naming the actor index.
+    """
+
+    def __init__(
+        self, cls: type, args: Sequence[tuple], *, cpus: float, gpus: float,
+        strategy: str = "PACK", placement_timeout_s: float = 60.0,
+        timeout_key: str = "pipeline.placement_timeout_s",
+    ) -> None:
+        bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})} for _ in args]
+        self.pg = placement_group(bundles, strategy=strategy)
+        try:
+            ray.get(self.pg.ready(), timeout=placement_timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(self.pg)
+            raise PlacementError(
+                f"could not place {len(args)} stages of {bundles[0]} within "
+                f"{placement_timeout_s:g}s (cluster has {ray.available_resources()}); lower "
+                f"the per-stage resources or the stage count, or raise {timeout_key}"
+            ) from None
+        remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0)(cls)
+        self.actors = [
+            remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=i)).remote(*a)
+            for i, a in enumerate(args)
+        ]
+        self._alive = True
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def call(self, i: int, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
+        return getattr(self.actors[i], method).remote(*args, **kwargs)
+
+    def gather(
+        self, refs: Sequence[tuple[int, ray.ObjectRef]], *, timeout_s: float, key: str,
+        what: str = "call",
+    ) -> list[Any]:
+        """Results of `refs` ((actor index, ref) pairs) in order. The first failure raises a
+        StageError naming its actor; past the deadline, StageTimeout names the first actor
+        still working and the config key `key` that sets the deadline."""
+        deadline = time.monotonic() + timeout_s
+        pending = {ref: i for i, ref in refs}
+        while pending:
+            left = deadline - time.monotonic()
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(left, 0.0))
+            if not ready:
+                stage = min(pending.values())
+                raise StageTimeout(stage, f"{what} still running after {timeout_s:g}s; "
+                                   f"raise {key} if that is expected")
+            ref = ready[0]
+            self._check(pending.pop(ref), ref, what)
+        return [ray.get(ref) for _, ref in refs]
+
+    @staticmethod
+    def _check(i: int, ref: ray.ObjectRef, what: str) -> None:
+        try:
+            ray.get(ref, timeout=0)
+        except (ActorDiedError, RayActorError) as exc:
+            raise StageDied(i, f"{what}: the actor died", type(exc).__name__) from None
+        except RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            if isinstance(cause, StageError):
+                raise cause from None
+            raise StageError(i, f"{what} failed", f"{type(cause).__name__}: {cause}") from None
+
+    def shutdown(self) -> None:
+        """Kill every actor and free the placement group (idempotent)."""
+        if not self._alive:
+            return
+        self._alive = False
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as exc:  # noqa: BLE001 - best effort on a dying cluster
+                log.debug("kill failed: %s", exc)
+        try:
+            remove_placement_group(self.pg)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("placement group removal failed: %s", exc)
+
+    def __enter__(self) -> ActorGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

@@ -1,0 +1,77 @@
+"""Connect to a Ray cluster by address (or RAY_ADDRESS), or start a local one; token auth."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from cluster.errors import ClusterError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    address: str = ""  # "" : RAY_ADDRESS if set, else start a local Ray on this machine
+    num_cpus: int = 0  # local cluster only; 0 lets Ray count the cores
+    num_gpus: int = -1  # local cluster only; -1 lets Ray detect them
+    namespace: str = "reclra"
+    runtime_env: dict[str, Any] = field(default_factory=dict)  # Ray runtime_env, e.g. env_vars
+
+    def __post_init__(self) -> None:
+        if self.num_cpus < 0:
+            raise ValueError(f"cluster.num_cpus: must be >= 0, got {self.num_cpus}")
+        if self.num_gpus < -1:
+            raise ValueError(f"cluster.num_gpus: must be >= -1, got {self.num_gpus}")
+
+
+def auth_token_available() -> bool:
+    """Whether Ray's token auth would find a token (RAY_AUTH_TOKEN, _PATH, or the default file)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return Path(path).is_file() and Path(path).stat().st_size > 0
+    return (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def connect(cfg: ClusterConfig) -> bool:
+    """Join the configured cluster, or start a local one. Returns True when this call started
+    Ray (so the caller should shut it down). An already-initialised Ray is reused."""
+    if ray.is_initialized():
+        return False
+    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+    remote = bool(address) and address != "local"
+    if remote and os.environ.get("RAY_AUTH_MODE") == "token" and not auth_token_available():
+        raise ClusterError(
+            "cluster: RAY_AUTH_MODE=token but no token found; set RAY_AUTH_TOKEN (the value of "
+            "`ray get-auth-token` on the head node) or RAY_AUTH_TOKEN_PATH"
+        )
+    kwargs: dict[str, Any] = {"namespace": cfg.namespace, "log_to_driver": True}
+    if cfg.runtime_env:
+        kwargs["runtime_env"] = cfg.runtime_env
+    try:
+        if remote:
+            ray.init(address=address, **kwargs)
+        else:
+            local = {"num_cpus": cfg.num_cpus or None, "include_dashboard": False}
+            if cfg.num_gpus >= 0:
+                local["num_gpus"] = cfg.num_gpus
+            ray.init(**local, **kwargs)
+    except ConnectionError as exc:
+        raise ClusterError(
+            f"cluster: cannot reach Ray at {address!r} ({exc}); check cluster.address or "
+            "RAY_ADDRESS, and that the head node is up"
+        ) from None
+    log.info("ray: %s cluster with %s", "joined" if remote else "started a local",
+             ray.cluster_resources())
+    return not remote
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0.0))

@@ -1,0 +1,118 @@
+"""The pipeline's schedule: per-stage op orders, their dependencies, and a tick-by-tick table.
+
+Each stage runs its ops strictly in order (a Ray actor called by one driver does). Stage s
+first runs w_s = max(1, min(W - s, N)) forwards (W: the in-flight bound), then alternates one
+learn and one forward (1F1B), then drains. Micro-batch m's learn on the last stage yields e_L;
+with a broadcast error (rec-LRA `skip`, DFA) every other stage learns from that e_L directly,
+in parallel; with a chained error (mirror, adjacent, LRA-E, FA, backprop) stage s waits for
+stage s+1's learn of the same micro-batch.
+
+`sync` (K = 2, N = M = 4 micro-batches, W = 2, broadcast error), one tick per op:
+
+    tick | stage 0 | stage 1
+    -----+---------+--------
+       0 | F0      |
+       1 | F1      | F0
+       2 |         | L0
+       3 | L0      | F1
+       4 | F2      | L1
+       5 | L1      | F2
+       6 | F3      | L2
+       7 | L2      | F3
+       8 |         | L3
+       9 | L3      | A
+      10 | A       |
+
+Every micro-batch of a step sees the step's starting weights; each stage applies (A) once,
+after its last learn: the same weights as one process training on the whole batch.
+
+`async` (same shape): a learn applies its own update at once (L+), nothing waits for a flush,
+and the stream runs on across steps; a forward may therefore see weights up to w_s - 1 updates
+older than those it learns with (its staleness, which stages measure and report):
+
+    tick | stage 0 | stage 1
+    -----+---------+--------
+       0 | F0      |
+       1 | F1      | F0
+       2 |         | L0+
+       3 | L0+     | F1
+       4 | F2      | L1+
+       5 | L1+     | F2
+       ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+FORWARD, LEARN, APPLY = "F", "L", "A"
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str  # F, L or A
+    stage: int
+    mb: int = -1  # micro-batch index in the stream; -1 for A
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == APPLY else f"{self.kind}{self.mb}"
+
+
+def warmup(stage: int, window: int, n: int) -> int:
+    """Forwards stage `stage` runs before its first learn: at most this many are cached."""
+    return max(1, min(window - stage, n))
+
+
+def stage_ops(stage: int, n: int, window: int, *, apply_at_end: bool) -> Iterator[Op]:
+    """The ordered ops of one stage for a stream of `n` micro-batches."""
+    w = warmup(stage, window, n)
+    for m in range(w):
+        yield Op(FORWARD, stage, m)
+    for m in range(n - w):
+        yield Op(LEARN, stage, m)
+        yield Op(FORWARD, stage, m + w)
+    for m in range(max(n - w, 0), n):
+        yield Op(LEARN, stage, m)
+    if apply_at_end:
+        yield Op(APPLY, stage)
+
+
+def dependencies(op: Op, stages: int, *, chained: bool) -> list[Op]:
+    """The ops of other stages whose results `op` takes as arguments."""
+    if op.kind == FORWARD and op.stage > 0:
+        return [Op(FORWARD, op.stage - 1, op.mb)]
+    if op.kind == LEARN and op.stage < stages - 1:
+        return [Op(LEARN, op.stage + 1 if chained else stages - 1, op.mb)]
+    return []
+
+
+def ticks(stages: int, n: int, window: int, *, chained: bool, sync: bool) -> list[list[Op | None]]:
+    """Simulate unit-time ops: row t holds what each stage runs at tick t (None: idle)."""
+    queues = [list(stage_ops(s, n, window, apply_at_end=sync)) for s in range(stages)]
+    done: dict[Op, int] = {}
+    rows: list[list[Op | None]] = []
+    while any(queues):
+        t = len(rows)
+        row: list[Op | None] = [None] * stages
+        for s, queue in enumerate(queues):
+            if queue and all(done.get(d, t) < t for d in dependencies(queue[0], stages,
+                                                                       chained=chained)):
+                row[s] = queue.pop(0)
+        for op in row:
+            if op is not None:
+                done[op] = t
+        rows.append(row)
+    return rows
+
+
+def render(rows: list[list[Op | None]], *, learn_applies: bool = False) -> str:
+    """The tick table, as drawn in this module's docstring."""
+    k = len(rows[0]) if rows else 0
+    head = "tick | " + " | ".join(f"stage {s}" for s in range(k))
+    lines = [head, "-----+" + "+".join(["-" * 9] * k)]
+    for t, row in enumerate(rows):
+        cells = [("" if op is None else str(op) + ("+" if learn_applies and op.kind == LEARN
+                                                   else "")).ljust(7) for op in row]
+        lines.append(f"{t:>4} | " + " | ".join(cells).rstrip())
+    return "\n".join(lines)
