@@ -25,8 +25,14 @@ class ActorGroup:
     """
 
     def __init__(
-        self, cls: type, args: Sequence[tuple], *, cpus: float, gpus: float,
-        strategy: str = "PACK", placement_timeout_s: float = 60.0,
+        self,
+        cls: type,
+        args: Sequence[tuple],
+        *,
+        cpus: float,
+        gpus: float,
+        strategy: str = "PACK",
+        placement_timeout_s: float = 60.0,
         timeout_key: str = "pipeline.placement_timeout_s",
     ) -> None:
         bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})} for _ in args]
@@ -42,8 +48,11 @@ class ActorGroup:
             ) from None
         remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0)(cls)
         self.actors = [
-            remote.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=self.pg, placement_group_bundle_index=i)).remote(*a)
+            remote.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=i
+                )
+            ).remote(*a)
             for i, a in enumerate(args)
         ]
         self._alive = True
@@ -55,7 +64,11 @@ class ActorGroup:
         return getattr(self.actors[i], method).remote(*args, **kwargs)
 
     def gather(
-        self, refs: Sequence[tuple[int, ray.ObjectRef]], *, timeout_s: float, key: str,
+        self,
+        refs: Sequence[tuple[int, ray.ObjectRef]],
+        *,
+        timeout_s: float,
+        key: str,
         what: str = "call",
     ) -> list[Any]:
         """Results of `refs` ((actor index, ref) pairs) in order. The first failure raises a
@@ -68,8 +81,10 @@ class ActorGroup:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(left, 0.0))
             if not ready:
                 stage = min(pending.values())
-                raise StageTimeout(stage, f"{what} still running after {timeout_s:g}s; "
-                                   f"raise {key} if that is expected")
+                raise StageTimeout(
+                    stage,
+                    f"{what} still running after {timeout_s:g}s; raise {key} if that is expected",
+                )
             ref = ready[0]
             self._check(pending.pop(ref), ref, what)
         return [ray.get(ref) for _, ref in refs]

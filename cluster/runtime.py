@@ -68,8 +68,11 @@ def connect(cfg: ClusterConfig) -> bool:
             f"cluster: cannot reach Ray at {address!r} ({exc}); check cluster.address or "
             "RAY_ADDRESS, and that the head node is up"
         ) from None
-    log.info("ray: %s cluster with %s", "joined" if remote else "started a local",
-             ray.cluster_resources())
+    log.info(
+        "ray: %s cluster with %s",
+        "joined" if remote else "started a local",
+        ray.cluster_resources(),
+    )
     return not remote
 
 

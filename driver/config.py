@@ -10,7 +10,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cluster.runtime import ClusterConfig
 from driver.data import DataConfig
+from driver.pipeline import PipelineConfig
 from workers.models import ModelConfig
 from workers.optim import OptimConfig
 from workers.rules import RULES, RuleConfig
@@ -24,7 +26,6 @@ class ConfigError(ValueError):
 class TrainConfig:
     epochs: int = 12
     batch_size: int = 32
-    micro_batches: int = 1  # the step's batch is split into this many micro-batches
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"  # cpu | cuda | auto
@@ -35,17 +36,12 @@ class TrainConfig:
     compare: tuple[str, ...] = ("backprop",)  # rules trained afterwards for the closing table
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size", "micro_batches", "log_every"):
+        for key in ("epochs", "batch_size", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("threads", "max_steps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
-        if self.micro_batches > self.batch_size:
-            raise ValueError(
-                f"train.micro_batches ({self.micro_batches}) exceeds train.batch_size "
-                f"({self.batch_size})"
-            )
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"train.dtype: {self.dtype!r} is not one of ['float32', 'float64']")
         if self.device not in ("cpu", "cuda", "auto"):
@@ -64,6 +60,15 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def __post_init__(self) -> None:
+        if self.pipeline.micro_batches > self.train.batch_size:
+            raise ValueError(
+                f"pipeline.micro_batches ({self.pipeline.micro_batches}) exceeds "
+                f"train.batch_size ({self.train.batch_size})"
+            )
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
@@ -98,7 +103,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 f"--set {item!r}: unknown section {section!r}; known: {', '.join(SECTIONS)}"
             )
         raw[section][name] = _parse_value(text.strip())
-    return Config(**{name: _build(name, cls, raw[name]) for name, cls in SECTIONS.items()})
+    built = {name: _build(name, cls, raw[name]) for name, cls in SECTIONS.items()}
+    try:
+        return Config(**built)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _parse_value(text: str) -> Any:
@@ -134,6 +143,8 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         return tuple(_coerce(key, inner or args[i], v) for i, v in enumerate(value))
     if origin in (typing.Union, types.UnionType):
         return value
+    if origin is dict and not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a table, got {value!r}")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and not (

@@ -96,8 +96,9 @@ def ticks(stages: int, n: int, window: int, *, chained: bool, sync: bool) -> lis
         t = len(rows)
         row: list[Op | None] = [None] * stages
         for s, queue in enumerate(queues):
-            if queue and all(done.get(d, t) < t for d in dependencies(queue[0], stages,
-                                                                       chained=chained)):
+            if queue and all(
+                done.get(d, t) < t for d in dependencies(queue[0], stages, chained=chained)
+            ):
                 row[s] = queue.pop(0)
         for op in row:
             if op is not None:
@@ -112,7 +113,80 @@ def render(rows: list[list[Op | None]], *, learn_applies: bool = False) -> str:
     head = "tick | " + " | ".join(f"stage {s}" for s in range(k))
     lines = [head, "-----+" + "+".join(["-" * 9] * k)]
     for t, row in enumerate(rows):
-        cells = [("" if op is None else str(op) + ("+" if learn_applies and op.kind == LEARN
-                                                   else "")).ljust(7) for op in row]
+        cells = [
+            (
+                "" if op is None else str(op) + ("+" if learn_applies and op.kind == LEARN else "")
+            ).ljust(7)
+            for op in row
+        ]
         lines.append(f"{t:>4} | " + " | ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+class StageSequence:
+    """One stage's ops, generated as micro-batches arrive: up to `window` forwards in flight,
+    a learn whenever the window is full (or no data is waiting), then drain once closed."""
+
+    def __init__(self, stage: int, window: int, *, apply_at_end: bool) -> None:
+        self.stage, self.window, self.apply_at_end = stage, window, apply_at_end
+        self.next_f = self.next_l = 0
+        self.applied = False
+
+    def peek(self, available: int, closed: bool) -> Op | None:
+        in_flight = self.next_f - self.next_l
+        if in_flight < self.window and self.next_f < available:
+            return Op(FORWARD, self.stage, self.next_f)
+        if in_flight > 0:
+            return Op(LEARN, self.stage, self.next_l)
+        if closed and self.apply_at_end and not self.applied and self.next_f == available:
+            return Op(APPLY, self.stage)
+        return None
+
+    def advance(self, op: Op) -> None:
+        if op.kind == FORWARD:
+            self.next_f += 1
+        elif op.kind == LEARN:
+            self.next_l += 1
+        else:
+            self.applied = True
+
+
+class Stream:
+    """The whole pipeline's op stream: which op each stage may submit next, given what the
+    driver has already submitted (a Ray call can take a result that does not exist yet, as
+    long as the call producing it was submitted first)."""
+
+    def __init__(self, stages: int, window: int, *, chained: bool, sync: bool) -> None:
+        self.stages, self.chained = stages, chained
+        self.seqs = [
+            StageSequence(s, warmup(s, window, 1 << 30), apply_at_end=sync) for s in range(stages)
+        ]
+        self.available = 0  # micro-batches whose data the driver holds
+        self.closed = False
+        self.submitted: set[Op] = set()
+
+    def ready(self) -> Iterator[Op]:
+        """Submittable ops, in an order that keeps every stage's own order; mark them as
+        submitted as they are yielded."""
+        progress = True
+        while progress:
+            progress = False
+            for seq in self.seqs:
+                op = seq.peek(self.available, self.closed)
+                if op is None or not all(
+                    d in self.submitted for d in dependencies(op, self.stages, chained=self.chained)
+                ):
+                    continue
+                seq.advance(op)
+                self.submitted.add(op)
+                progress = True
+                yield op
+
+    def finished(self) -> bool:
+        return self.closed and all(
+            s.next_l == self.available and (s.applied or not s.apply_at_end) for s in self.seqs
+        )
+
+    def forget(self, mb: int) -> None:
+        """Drop micro-batch `mb`'s bookkeeping once every op of it was submitted."""
+        self.submitted -= {Op(k, s, mb) for k in (FORWARD, LEARN) for s in range(self.stages)}

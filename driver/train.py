@@ -1,13 +1,12 @@
-"""Single-process training: epochs over a runner, per-epoch validation, test, JSON curves."""
+"""The training loop: epochs over a runner, per-epoch validation, test, JSON curves and stats."""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,43 +16,12 @@ from tqdm import tqdm
 
 from driver.config import Config, config_to_dict
 from driver.data import DatasetSplits, load_dataset, make_loader
-from workers.models import model_plan
-from workers.runner import LocalRunner
-from workers.stage import StageSpec
+from driver.runners import Completed, Runner, base_spec, build_runner
+from driver.stats import StatsBook
+
+__all__ = ["RunLog", "base_spec", "evaluate", "train"]
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            "train.device: cuda asked for but no CUDA device is visible; "
-            'set train.device = "cpu" or "auto"'
-        )
-    return name
-
-
-def base_spec(cfg: Config, splits: DatasetSplits) -> StageSpec:
-    """A spec for one stage owning the whole model; pipelines cut it into stages."""
-    n = len(model_plan(cfg.model, splits.input_shape, splits.num_classes))
-    optim = cfg.optim
-    if optim.total_steps == 0:  # the schedule spans the whole run
-        per_epoch = math.ceil(len(splits.train) / cfg.train.batch_size)  # type: ignore[arg-type]
-        total = cfg.train.epochs * per_epoch
-        optim = replace(optim, total_steps=min(total, cfg.train.max_steps or total))
-    return StageSpec(
-        model=cfg.model,
-        rule=cfg.rule,
-        optim=optim,
-        input_shape=splits.input_shape,
-        num_classes=splits.num_classes,
-        blocks=(0, n),
-        seed=cfg.train.seed,
-        dtype=cfg.train.dtype,
-        device=resolve_device(cfg.train.device),
-    )
 
 
 @dataclass
@@ -62,12 +30,15 @@ class RunLog:
 
     rule: str
     config: dict[str, Any]
+    partition: list[int] = field(default_factory=list)
     epochs: list[dict[str, float]] = field(default_factory=list)
     test_acc: float | None = None
     test_loss: float | None = None
     step_seconds: float = 0.0
+    samples_per_second: float = 0.0
     steps: int = 0
     wall_seconds: float = 0.0
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +48,7 @@ class RunLog:
 
 
 @torch.no_grad()
-def evaluate(runner: LocalRunner, ds: Any, batch_size: int) -> tuple[float, float]:
+def evaluate(runner: Runner, ds: Any, batch_size: int) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of the runner's eval-mode forward over `ds`."""
     correct, loss, n = 0, 0.0, 0
     for x, y in make_loader(ds, max(batch_size, 256), shuffle=False, seed=0):
@@ -86,6 +57,29 @@ def evaluate(runner: LocalRunner, ds: Any, batch_size: int) -> tuple[float, floa
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         n += len(y)
     return correct / max(n, 1), loss / max(n, 1)
+
+
+class _Tally:
+    """Train accuracy and loss from the logits of finished micro-batches."""
+
+    def __init__(self) -> None:
+        self.correct = self.seen = 0
+        self.loss = 0.0
+
+    def add(self, done: Completed) -> None:
+        for logits, y in done:
+            logits = logits.float().cpu()
+            self.correct += int((logits.argmax(1) == y).sum())
+            self.loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            self.seen += len(y)
+
+    @property
+    def acc(self) -> float:
+        return self.correct / max(self.seen, 1)
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / max(self.seen, 1)
 
 
 def train(
@@ -106,10 +100,37 @@ def train(
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)  # augmentation draws from the global generator
     splits = splits or load_dataset(cfg.data)
-    runner = LocalRunner([base_spec(cfg, splits)])
+    runner, part = build_runner(cfg, splits)
     out = Path(out_dir or tc.out_dir) / cfg.rule.name
-    run = RunLog(rule=cfg.rule.name, config=config_to_dict(cfg))
-    step_time = 0.0
+    run = RunLog(rule=cfg.rule.name, config=config_to_dict(cfg), partition=list(part.bounds))
+    book = StatsBook()
+    try:
+        _epochs(
+            cfg, runner, splits, run, book, out, quiet=quiet, track_test=track_test, t_start=t_start
+        )
+        run.test_acc, run.test_loss = evaluate(runner, splits.test, tc.batch_size)
+    finally:
+        runner.close()
+    run.wall_seconds = time.perf_counter() - t_start
+    run.write(out / "metrics.json")
+    log.info("%s: test acc %.4f", cfg.rule.name, run.test_acc)
+    return run
+
+
+def _epochs(
+    cfg: Config,
+    runner: Runner,
+    splits: DatasetSplits,
+    run: RunLog,
+    book: StatsBook,
+    out: Path,
+    *,
+    quiet: bool,
+    track_test: bool,
+    t_start: float,
+) -> None:
+    tc = cfg.train
+    train_time, samples = 0.0, 0
     for epoch in range(tc.epochs):
         loader = make_loader(
             splits.train,
@@ -119,8 +140,7 @@ def train(
             epoch=epoch,
             num_workers=cfg.data.num_workers,
         )
-        correct = seen = 0
-        loss_sum = 0.0
+        tally = _Tally()
         bar = tqdm(
             loader,
             desc=f"{cfg.rule.name} epoch {epoch + 1}/{tc.epochs}",
@@ -128,32 +148,32 @@ def train(
             disable=quiet,
             unit="step",
         )
+        t_epoch = time.perf_counter()
         for x, y in bar:
-            t0 = time.perf_counter()
-            logits = runner.step(x, y, tc.micro_batches).float().cpu()
-            step_time += time.perf_counter() - t0
+            tally.add(runner.step(x, y, cfg.pipeline.micro_batches))
+            book.add(runner.drain_stats())
             run.steps += 1
-            correct += int((logits.argmax(1) == y).sum())
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            seen += len(y)
+            samples += len(y)
             if run.steps % tc.log_every == 0:
                 log.info(
-                    "%s step %d: train acc %.3f loss %.3f, %.1f ms/step",
+                    "%s step %d: train acc %.3f loss %.3f",
                     cfg.rule.name,
                     run.steps,
-                    correct / seen,
-                    loss_sum / seen,
-                    1e3 * step_time / run.steps,
+                    tally.acc,
+                    tally.mean_loss,
                 )
-            bar.set_postfix(acc=f"{correct / seen:.3f}", loss=f"{loss_sum / seen:.3f}")
+            bar.set_postfix(acc=f"{tally.acc:.3f}", loss=f"{tally.mean_loss:.3f}")
             if tc.max_steps and run.steps >= tc.max_steps:
                 break
+        tally.add(runner.flush())
+        book.add(runner.drain_stats(wait=True))
+        train_time += time.perf_counter() - t_epoch
         val_acc, val_loss = evaluate(runner, splits.val, tc.batch_size)
         run.epochs.append(
             {
                 "epoch": epoch + 1,
-                "train_acc": correct / max(seen, 1),
-                "train_loss": loss_sum / max(seen, 1),
+                "train_acc": tally.acc,
+                "train_loss": tally.mean_loss,
                 "val_acc": val_acc,
                 "val_loss": val_loss,
                 "seconds": time.perf_counter() - t_start,
@@ -162,12 +182,9 @@ def train(
         if track_test:
             run.epochs[-1]["test_acc"] = evaluate(runner, splits.test, tc.batch_size)[0]
         log.info("%s epoch %d: val acc %.4f loss %.4f", cfg.rule.name, epoch + 1, val_acc, val_loss)
-        run.step_seconds = step_time / max(run.steps, 1)
+        run.step_seconds = train_time / max(run.steps, 1)
+        run.samples_per_second = samples / max(train_time, 1e-9)
+        run.stages = book.summary()
         run.write(out / "metrics.json")
         if tc.max_steps and run.steps >= tc.max_steps:
             break
-    run.test_acc, run.test_loss = evaluate(runner, splits.test, tc.batch_size)
-    run.wall_seconds = time.perf_counter() - t_start
-    run.write(out / "metrics.json")
-    log.info("%s: test acc %.4f", cfg.rule.name, run.test_acc)
-    return run

@@ -37,7 +37,7 @@ def test_file_then_overrides(tmp_path):
         ("", ["rule.name=sgd"], "rule.name"),
         ("", ["rule.topology=ring"], "rule.topology"),
         ("", ["model.name=vgg"], "model.name"),
-        ("", ["train.micro_batches=64", "train.batch_size=32"], "train.micro_batches"),
+        ("", ["pipeline.micro_batches=64", "train.batch_size=32"], "pipeline.micro_batches"),
         ("", ["beta=1"], "section.key=value"),
         ("", ["optim.lr=-1"], "optim.lr"),
         ("", ["train.compare=['nope']"], "train.compare"),

@@ -36,7 +36,7 @@ def test_rec_lra_topologies_learn(digits, tmp_path):
 
 
 def test_max_steps_and_micro_batches(digits, tmp_path):
-    cfg = load_config(None, ["train.max_steps=7", "train.micro_batches=4", "train.epochs=5"])
+    cfg = load_config(None, ["train.max_steps=7", "pipeline.micro_batches=4", "train.epochs=5"])
     run = train(
         replace(cfg, train=replace(cfg.train, compare=())),
         quiet=True,

@@ -8,7 +8,7 @@ import torch
 
 from workers.models import model_plan
 from workers.rules import ErrorSignal
-from workers.stage import Stage, StageSpec
+from workers.stage import Stage, StageSpec, StageStats
 
 
 def stage_specs(base: StageSpec, bounds: list[int]) -> list[StageSpec]:
@@ -33,8 +33,10 @@ class LocalRunner:
     def __init__(self, specs: list[StageSpec]) -> None:
         self.stages = [Stage(s) for s in specs]
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int = 1) -> torch.Tensor:
-        """One training step; returns the logits of the step's forward (for train accuracy)."""
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor, micro_batches: int = 1
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One training step; returns [(logits, labels)] of its forward (for train accuracy)."""
         logits = []
         for mb, (xs, ys) in enumerate(
             zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=True)
@@ -49,7 +51,17 @@ class LocalRunner:
                 signal = ErrorSignal(output_error=below.output_error, boundary=below.boundary)
         for stage in self.stages:
             stage.apply()
-        return torch.cat(logits)
+        return [(torch.cat(logits), y)]
+
+    def flush(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return []  # every step is complete when it returns
+
+    def drain_stats(self, *, wait: bool = False) -> list[tuple[int, StageStats]]:
+        return [(i, stage.pop_stats()) for i, stage in enumerate(self.stages)]
+
+    def close(self) -> None:
+        for stage in self.stages:
+            stage.drop_cache()
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:

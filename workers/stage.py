@@ -43,6 +43,8 @@ class StageSpec:
     dtype: str = "float32"
     device: str = "cpu"
     max_cached: int = 64  # micro-batches a stage may hold between forward and learn
+    threads: int = 0  # torch threads for this stage's process; 0 leaves the process setting
+    send_to_cpu: bool = False  # return activations and signals on the CPU (between processes)
 
 
 @dataclass
@@ -52,6 +54,10 @@ class StageStats:
     local_loss: dict[str, float] = field(default_factory=dict)
     update_norm: dict[str, float] = field(default_factory=dict)
     micro_batches: int = 0
+    idle_seconds: float = 0.0  # between the end of one call and the start of the next
+    bytes_received: int = 0  # activations and error signals handed to this stage
+    staleness: list[int] = field(default_factory=list)  # applies between a forward and its learn
+    cached: int = 0  # micro-batches held when the stats were taken
 
 
 class Stage:
@@ -80,6 +86,10 @@ class Stage:
         self.is_first, self.is_last = first == 0, last == len(plan)
         self.optimizer = build_optimizer(spec.optim, self._trainable())
         self._noise = torch.Generator().manual_seed(spec.seed * 7919 + 17)
+        if spec.threads > 0:
+            torch.set_num_threads(spec.threads)
+        self._training = False
+        self._last_end: float | None = None
         self._cache: dict[Any, Any] = {}
         self._losses: dict[str, torch.Tensor] = {}
         self._samples = 0  # learned since the last apply
@@ -139,8 +149,10 @@ class Stage:
                 f"stage {self.spec.index}: {len(self._cache)} micro-batches cached without learn; "
                 "raise pipeline.max_in_flight or call learn for each forward"
             )
-        t0 = time.perf_counter()
-        self.blocks.train()
+        t0 = self._begin(x)
+        if not self._training:
+            self.blocks.train()
+            self._training = True
         x = x.to(self.device, self.dtype)
         if self.is_first and self.spec.rule.input_noise > 0:
             noise = torch.randn(x.shape, generator=self._noise, dtype=x.dtype)
@@ -150,7 +162,7 @@ class Stage:
             out = x_in
             for block in self.blocks:
                 out = block(out, self.rule.layer_map)  # type: ignore[attr-defined]
-            self._cache[mb] = (x_in, out)
+            self._cache[mb] = (self.step, (x_in, out))
         else:
             caches: list[BlockCache] = []
             out = x
@@ -158,17 +170,36 @@ class Stage:
                 for block in self.blocks:
                     out, cache = block.forward_local(out)
                     caches.append(cache)
-            self._cache[mb] = caches
-        self.stats.forward_seconds += time.perf_counter() - t0
-        return out.detach()
+            self._cache[mb] = (self.step, caches)
+        self.stats.forward_seconds += self._end() - t0
+        return self._send(out)
 
-    def learn(self, mb: Any, signal: ErrorSignal) -> ErrorSignal:
-        """Learn micro-batch `mb` from its error signal. Updates are summed over samples until
-        apply(), which takes their mean: K micro-batches then one apply equal one big batch."""
+    def _send(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        return t.cpu() if self.spec.send_to_cpu else t
+
+    def _begin(self, *received: torch.Tensor | None) -> float:
         t0 = time.perf_counter()
+        if self._last_end is not None:
+            self.stats.idle_seconds += t0 - self._last_end
+        self.stats.bytes_received += sum(
+            t.numel() * t.element_size() for t in received if t is not None
+        )
+        return t0
+
+    def _end(self) -> float:
+        self._last_end = time.perf_counter()
+        return self._last_end
+
+    def learn(self, mb: Any, signal: ErrorSignal, *, apply: bool = False) -> ErrorSignal:
+        """Learn micro-batch `mb` from its error signal. Updates are summed over samples until
+        apply(), which takes their mean: K micro-batches then one apply equal one big batch.
+        With `apply`, the update is applied at once (the async schedule)."""
+        t0 = self._begin(signal.output_error, signal.boundary)
         if mb not in self._cache:
             raise KeyError(f"stage {self.spec.index}: learn({mb!r}) without a forward for it")
-        cached = self._cache.pop(mb)
+        forward_step, cached = self._cache.pop(mb)
+        self.stats.staleness.append(self.step - forward_step)
         e_out = signal.output_error
         if self.is_last:
             if signal.labels is None:
@@ -200,12 +231,14 @@ class Stage:
                 outs, errs = zip(*pairs, strict=True)
                 torch.autograd.backward(outs, errs)
         self._check_finite("error", e_out)
-        self.stats.learn_seconds += time.perf_counter() - t0
         self.stats.micro_batches += 1
         self._samples += e_out.shape[0]
+        if apply:
+            self.apply()
+        self.stats.learn_seconds += self._end() - t0
         send = boundary if (self.rule.chained and not self.is_first) else None
         return ErrorSignal(
-            output_error=e_out.detach(), boundary=None if send is None else send.detach()
+            output_error=self._send(e_out), boundary=None if send is None else self._send(send)
         )
 
     def _learn_autograd(
@@ -274,13 +307,17 @@ class Stage:
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Eval-mode forward, no caching."""
         self.blocks.eval()
+        self._training = False
         out = x.to(self.device, self.dtype)
         for block in self.blocks:
             out = block(out)
-        return out
+        return self._send(out)
 
     def pop_stats(self) -> StageStats:
+        """The stats since the last call, and a fresh window."""
         stats, self.stats = self.stats, StageStats()
+        stats.cached = len(self._cache)
+        self._last_end = time.perf_counter()
         return stats
 
     def drop_cache(self) -> None:

@@ -1,0 +1,119 @@
+"""Cut a model into stages: explicit block boundaries, or balanced from measured block costs."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, replace
+
+import torch
+
+from workers.models import model_plan
+from workers.rules import ErrorSignal
+from workers.runner import stage_specs
+from workers.stage import Stage, StageSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Partition:
+    bounds: tuple[int, ...]  # [0, b1, ..., n_blocks]
+    stage_costs: tuple[float, ...]  # predicted seconds per micro-batch, per stage
+    block_names: tuple[str, ...]
+
+    @property
+    def balance(self) -> float:
+        """Slowest stage over the mean stage: 1.0 is perfect balance."""
+        mean = sum(self.stage_costs) / len(self.stage_costs)
+        return max(self.stage_costs) / mean if mean > 0 else 1.0
+
+    def describe(self) -> str:
+        parts = []
+        for i, (a, b) in enumerate(zip(self.bounds, self.bounds[1:], strict=False)):
+            names = (
+                f"{self.block_names[a]}..{self.block_names[b - 1]}"
+                if b - a > 1
+                else self.block_names[a]
+            )
+            cost = 1e3 * self.stage_costs[i]
+            parts.append(f"stage {i}: blocks {a}-{b - 1} ({names}) {cost:.2f} ms")
+        return "; ".join(parts) + f"; slowest/mean {self.balance:.2f}"
+
+
+def best_partition(costs: list[float], k: int) -> tuple[int, ...]:
+    """The contiguous cut of `costs` into k non-empty parts minimising the largest part's sum
+    (exact dynamic programme, O(k n^2)); ties go to the earliest cuts."""
+    n = len(costs)
+    if not 1 <= k <= n:
+        raise ValueError(
+            f"pipeline.stages: cannot cut {n} blocks into {k} stages; use at most {n} stages"
+        )
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[j][i]: min over cuts of blocks [0, i) into j parts of the largest part
+    best = [[inf] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for j in range(1, k + 1):
+        for i in range(j, n + 1):
+            for p in range(j - 1, i):
+                v = max(best[j - 1][p], prefix[i] - prefix[p])
+                if v < best[j][i] - 1e-15:
+                    best[j][i], cut[j][i] = v, p
+    bounds = [n]
+    for j in range(k, 0, -1):
+        bounds.append(cut[j][bounds[-1]])
+    return tuple(reversed(bounds))
+
+
+def profile_blocks(base: StageSpec, x: torch.Tensor, y: torch.Tensor, steps: int) -> list[float]:
+    """Seconds of forward + learn per micro-batch for each block, measured in this process
+    (each block as its own stage, so the costs add up the way stages will run them)."""
+    n = len(model_plan(base.model, base.input_shape, base.num_classes))
+    stages = [Stage(replace(s, device=base.device)) for s in stage_specs(base, list(range(n + 1)))]
+    costs = [0.0] * n
+    for rep in range(steps + 1):  # the first pass warms up allocators and is not counted
+        acts, spent = [x], []
+        for st in stages:
+            t0 = time.perf_counter()
+            acts.append(st.forward(rep, acts[-1]))
+            spent.append(time.perf_counter() - t0)
+        signal = ErrorSignal(labels=y)
+        for i in reversed(range(n)):
+            t0 = time.perf_counter()
+            out = stages[i].learn(rep, signal)
+            if rep:
+                costs[i] += spent[i] + time.perf_counter() - t0
+            signal = ErrorSignal(output_error=out.output_error, boundary=out.boundary)
+    return [c / steps for c in costs]
+
+
+def plan_partition(
+    base: StageSpec,
+    k: int,
+    boundaries: tuple[int, ...],
+    sample: tuple[torch.Tensor, torch.Tensor] | None,
+    steps: int,
+) -> Partition:
+    """Explicit `boundaries` if given, else the balanced cut of profiled block costs."""
+    plan = model_plan(base.model, base.input_shape, base.num_classes)
+    names = tuple(name for name, _ in plan)
+    n = len(plan)
+    if boundaries:
+        bounds = (0, *boundaries, n)
+        stage_specs(base, list(bounds))  # validates
+        costs = profile_blocks(base, *sample, steps) if sample else [0.0] * n
+    elif k == 1:
+        bounds, costs = (0, n), [0.0] * n
+    else:
+        if sample is None:
+            raise ValueError("pipeline: balancing needs a sample batch to profile")
+        costs = profile_blocks(base, *sample, steps)
+        bounds = best_partition(costs, k)
+    stage_costs = tuple(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
+    part = Partition(bounds=tuple(bounds), stage_costs=stage_costs, block_names=names)
+    log.info("partition: %s", part.describe())
+    return part

@@ -1,0 +1,258 @@
+"""The Ray pipeline: one actor per stage; activations and errors pass actor to actor as refs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+import ray
+import torch
+
+from cluster.group import ActorGroup
+from driver.schedule import APPLY, FORWARD, LEARN, Op, Stream
+from workers.rules import ErrorSignal, make_rule
+from workers.stage import Stage, StageSpec, StageStats
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("sync", "async")
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    stages: int = 1  # K; 1 trains in this process
+    backend: str = "auto"  # auto: Ray when stages > 1; ray; local (K stages in this process)
+    boundaries: tuple[int, ...] = ()  # explicit cuts (block indices); () balances by profile
+    schedule: str = "sync"
+    micro_batches: int = 1  # the step's batch is split into this many micro-batches
+    max_in_flight: int = 0  # forwards a stage may run ahead of its learns; 0: the stage count
+    cpus_per_stage: float = 1.0
+    gpus_per_stage: float = -1.0  # -1: one GPU per stage when train.device is cuda, else none
+    threads_per_stage: int = 0  # torch threads in each stage; 0: cpus_per_stage (at least 1)
+    strategy: str = "PACK"  # placement-group strategy
+    placement_timeout_s: float = 120.0
+    step_timeout_s: float = 300.0  # deadline of every blocking call to the stages
+    profile_steps: int = 3  # micro-batches timed per block when balancing
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("stages", self.stages >= 1),
+            ("micro_batches", self.micro_batches >= 1),
+            ("max_in_flight", self.max_in_flight >= 0),
+            ("cpus_per_stage", self.cpus_per_stage > 0),
+            ("gpus_per_stage", self.gpus_per_stage >= -1),
+            ("threads_per_stage", self.threads_per_stage >= 0),
+            ("placement_timeout_s", self.placement_timeout_s > 0),
+            ("step_timeout_s", self.step_timeout_s > 0),
+            ("profile_steps", self.profile_steps >= 1),
+        ]
+        for key, ok in checks:
+            if not ok:
+                raise ValueError(f"pipeline.{key}: out of range ({getattr(self, key)!r})")
+        for key, value, allowed in (
+            ("schedule", self.schedule, SCHEDULES),
+            ("strategy", self.strategy, STRATEGIES),
+            ("backend", self.backend, ("auto", "ray", "local")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"pipeline.{key}: {value!r} is not one of {list(allowed)}")
+        if self.boundaries and len(self.boundaries) != self.stages - 1:
+            raise ValueError(
+                f"pipeline.boundaries: {len(self.boundaries)} cuts given for "
+                f"{self.stages} stages; give stages - 1 block indices, or none"
+            )
+
+    @property
+    def window(self) -> int:
+        return self.max_in_flight or self.stages
+
+
+Completed = list[tuple[torch.Tensor, torch.Tensor]]  # (logits, labels) of finished micro-batches
+
+
+class RayPipeline:
+    """K Stage actors trained by a stream of micro-batches (see driver/schedule.py).
+
+    `sync`: a step's micro-batches are learned with the step's starting weights and each stage
+    applies once at the end, so K actors give the same weights as one process. `async`: each
+    learn applies at once and the stream flows on across steps until flush().
+    """
+
+    def __init__(self, specs: list[StageSpec], cfg: PipelineConfig) -> None:
+        self.cfg = cfg
+        self.k = len(specs)
+        self.sync = cfg.schedule == "sync"
+        self.chained = make_rule(specs[0].rule).chained
+        cuda = specs[0].device.startswith("cuda")
+        gpus = cfg.gpus_per_stage if cfg.gpus_per_stage >= 0 else (1.0 if cuda else 0.0)
+        threads = cfg.threads_per_stage or max(1, int(cfg.cpus_per_stage))
+        specs = [
+            replace(
+                s,
+                threads=threads,
+                send_to_cpu=True,
+                max_cached=cfg.window + 1,
+                device="cuda" if cuda else s.device,
+            )
+            for s in specs
+        ]
+        self.group = ActorGroup(
+            Stage,
+            [(s,) for s in specs],
+            cpus=cfg.cpus_per_stage,
+            gpus=gpus,
+            strategy=cfg.strategy,
+            placement_timeout_s=cfg.placement_timeout_s,
+        )
+        try:  # constructors run remotely: surface their errors here, with a deadline
+            self._gather([(i, self.group.call(i, "pop_stats")) for i in range(self.k)], "start")
+        except BaseException:
+            self.group.shutdown()
+            raise
+        self._labels: dict[int, torch.Tensor] = {}
+        self._stats: list[tuple[int, ray.ObjectRef]] = []
+        self._reset_stream()
+
+    # -- the stream ---------------------------------------------------------------------------
+    def _reset_stream(self) -> None:
+        self.stream = Stream(self.k, self.cfg.window, chained=self.chained, sync=self.sync)
+        self._refs: dict[Op, ray.ObjectRef] = {}
+        self._data: dict[int, tuple[Any, torch.Tensor]] = {}
+        self._outputs: list[tuple[int, ray.ObjectRef]] = []  # (mb, logits ref) not yet returned
+        self._learned: list[tuple[int, list[tuple[int, ray.ObjectRef]]]] = []
+
+    def _gather(self, refs: list[tuple[int, ray.ObjectRef]], what: str) -> list[Any]:
+        return self.group.gather(
+            refs, timeout_s=self.cfg.step_timeout_s, key="pipeline.step_timeout_s", what=what
+        )
+
+    def _submit_ready(self) -> None:
+        for op in self.stream.ready():
+            self._refs[op] = self._submit(op)
+            if op.kind == LEARN and all(Op(LEARN, s, op.mb) in self._refs for s in range(self.k)):
+                self._retire(op.mb)
+
+    def _submit(self, op: Op) -> ray.ObjectRef:
+        s, m = op.stage, op.mb
+        if op.kind == APPLY:
+            return self.group.call(s, "apply")
+        if op.kind == FORWARD:
+            x = self._data[m][0] if s == 0 else self._refs[Op(FORWARD, s - 1, m)]
+            ref = self.group.call(s, "forward", m, x)
+            if s == self.k - 1:
+                self._outputs.append((m, ref))
+            return ref
+        if s == self.k - 1:
+            signal: Any = ErrorSignal(labels=self._data[m][1])
+        else:
+            signal = self._refs[Op(LEARN, s + 1 if self.chained else self.k - 1, m)]
+        return self.group.call(s, "learn", m, signal, apply=not self.sync)
+
+    def _retire(self, mb: int) -> None:
+        """Every op of `mb` is submitted: keep only its learn refs (to wait on), drop the rest."""
+        learned = [(s, self._refs.pop(Op(LEARN, s, mb))) for s in range(self.k)]
+        for s in range(self.k):
+            self._refs.pop(Op(FORWARD, s, mb), None)
+        self._learned.append((mb, learned))
+        self._data.pop(mb, None)
+        self.stream.forget(mb)
+
+    def _collect(self, *, wait: bool) -> Completed:
+        """Logits of finished micro-batches (all of them when `wait`)."""
+        if not self._outputs:
+            return []
+        refs = [(self.k - 1, r) for _, r in self._outputs]
+        if not wait:
+            done, _ = ray.wait([r for _, r in refs], num_returns=len(refs), timeout=0)
+            n = next((i for i, (_, r) in enumerate(refs) if r not in set(done)), len(refs))
+            refs = refs[:n]
+        logits = self._gather(refs, "forward")
+        labels = [self._labels.pop(m) for m, _ in self._outputs[: len(refs)]]
+        del self._outputs[: len(refs)]
+        return list(zip(logits, labels, strict=True))
+
+    # -- the runner interface -----------------------------------------------------------------
+    def step(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int) -> Completed:
+        """Feed one step's batch. `sync` returns when the step is applied; `async` returns at
+        once with whatever micro-batches have finished (flush() drains the rest)."""
+        try:
+            return self._step(x, y, micro_batches)
+        except BaseException:
+            self.close()
+            raise
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int) -> Completed:
+        for xs, ys in zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=True):
+            m = self.stream.available
+            self._data[m] = (ray.put(xs), ys)
+            self._labels[m] = ys
+            self.stream.available += 1
+        if self.sync:
+            out = self._drain()
+            self._stats += [(st, self.group.call(st, "pop_stats")) for st in range(self.k)]
+            return out
+        self._submit_ready()
+        self._stats += [(st, self.group.call(st, "pop_stats")) for st in range(self.k)]
+        backlog = len(self._learned) - 2 * (self.cfg.window + self.k)
+        if backlog > 0:  # bound what the stream holds: wait for the oldest micro-batches
+            old = self._learned[:backlog]
+            del self._learned[:backlog]
+            self._gather([r for _, refs in old for r in refs], "learn")
+        return self._collect(wait=False)
+
+    def flush(self) -> Completed:
+        """Finish every micro-batch fed so far (async); the next step starts a new stream."""
+        try:
+            return self._drain()
+        except BaseException:
+            self.close()
+            raise
+
+    def _drain(self) -> Completed:
+        self.stream.closed = True
+        self._submit_ready()
+        assert self.stream.finished(), "schedule did not drain"
+        waits = [r for _, refs in self._learned for r in refs]
+        waits += [(op.stage, ref) for op, ref in self._refs.items() if op.kind == APPLY]
+        self._gather(waits, "learn")
+        out = self._collect(wait=True)
+        self._reset_stream()
+        return out
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        ref: Any = x
+        for s in range(self.k):
+            ref = self.group.call(s, "infer", ref)
+        return self._gather([(self.k - 1, ref)], "infer")[0]
+
+    def drain_stats(self, *, wait: bool = False) -> list[tuple[int, StageStats]]:
+        """(stage, stats) reported since the last call: one per stage per step, in order."""
+        if not self._stats:
+            return []
+        n = len(self._stats)
+        if not wait:
+            done = set(ray.wait([r for _, r in self._stats], num_returns=n, timeout=0)[0])
+            n = next((i for i, (_, r) in enumerate(self._stats) if r not in done), n)
+        taken, self._stats = self._stats[:n], self._stats[n:]
+        return list(zip([s for s, _ in taken], self._gather(taken, "stats"), strict=True))
+
+    def state_dict(self) -> dict[str, Any]:
+        states = self._gather(
+            [(s, self.group.call(s, "state_dict")) for s in range(self.k)], "state_dict"
+        )
+        units: dict[str, Any] = {}
+        for st in states:
+            units.update(st["units"])
+        return {"units": units, "step": states[0]["step"], "noise_rng": states[0]["noise_rng"]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ref = ray.put(state)
+        self._gather(
+            [(s, self.group.call(s, "load_state_dict", ref)) for s in range(self.k)],
+            "load_state_dict",
+        )
+
+    def close(self) -> None:
+        self.group.shutdown()

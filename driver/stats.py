@@ -1,0 +1,63 @@
+"""Aggregate the small stats every stage reports per step (times, bytes, staleness, norms)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from workers.stage import StageStats
+
+
+@dataclass
+class StageTotals:
+    forward_seconds: float = 0.0
+    learn_seconds: float = 0.0
+    idle_seconds: float = 0.0
+    bytes_received: int = 0
+    micro_batches: int = 0
+    staleness_sum: int = 0
+    staleness_max: int = 0
+    cached: int = 0
+    local_loss: dict[str, float] = field(default_factory=dict)
+    update_norm: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def staleness_mean(self) -> float:
+        return self.staleness_sum / self.micro_batches if self.micro_batches else 0.0
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "forward_s": self.forward_seconds,
+            "learn_s": self.learn_seconds,
+            "idle_s": self.idle_seconds,
+            "bytes_received": self.bytes_received,
+            "micro_batches": self.micro_batches,
+            "staleness_mean": self.staleness_mean,
+            "staleness_max": self.staleness_max,
+            "cached": self.cached,
+        }
+
+
+class StatsBook:
+    """Running totals per stage; `add` takes what runners' drain_stats() return."""
+
+    def __init__(self) -> None:
+        self.stages: dict[int, StageTotals] = {}
+        self.latest: dict[int, StageStats] = {}
+
+    def add(self, reports: list[tuple[int, StageStats]]) -> None:
+        for stage, st in reports:
+            t = self.stages.setdefault(stage, StageTotals())
+            t.forward_seconds += st.forward_seconds
+            t.learn_seconds += st.learn_seconds
+            t.idle_seconds += st.idle_seconds
+            t.bytes_received += st.bytes_received
+            t.micro_batches += st.micro_batches
+            t.staleness_sum += sum(st.staleness)
+            t.staleness_max = max([t.staleness_max, *st.staleness])
+            t.cached = st.cached
+            t.local_loss.update(st.local_loss)
+            t.update_norm.update(st.update_norm)
+            self.latest[stage] = st
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {str(s): t.summary() for s, t in sorted(self.stages.items())}
