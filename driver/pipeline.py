@@ -205,10 +205,12 @@ class RayPipeline:
     def flush(self) -> Completed:
         """Finish every micro-batch fed so far (async); the next step starts a new stream."""
         try:
-            return self._drain()
+            out = self._drain()
         except BaseException:
             self.close()
             raise
+        self._stats += [(st, self.group.call(st, "pop_stats")) for st in range(self.k)]
+        return out
 
     def _drain(self) -> Completed:
         self.stream.closed = True

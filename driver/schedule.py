@@ -10,7 +10,7 @@ stage s+1's learn of the same micro-batch.
 `sync` (K = 2, N = M = 4 micro-batches, W = 2, broadcast error), one tick per op:
 
     tick | stage 0 | stage 1
-    -----+---------+--------
+    -----+---------+---------
        0 | F0      |
        1 | F1      | F0
        2 |         | L0
@@ -31,7 +31,7 @@ and the stream runs on across steps; a forward may therefore see weights up to w
 older than those it learns with (its staleness, which stages measure and report):
 
     tick | stage 0 | stage 1
-    -----+---------+--------
+    -----+---------+---------
        0 | F0      |
        1 | F1      | F0
        2 |         | L0+
@@ -61,7 +61,7 @@ class Op:
 
 def warmup(stage: int, window: int, n: int) -> int:
     """Forwards stage `stage` runs before its first learn: at most this many are cached."""
-    return max(1, min(window - stage, n))
+    return min(max(1, window - stage), n)
 
 
 def stage_ops(stage: int, n: int, window: int, *, apply_at_end: bool) -> Iterator[Op]:
@@ -124,8 +124,8 @@ def render(rows: list[list[Op | None]], *, learn_applies: bool = False) -> str:
 
 
 class StageSequence:
-    """One stage's ops, generated as micro-batches arrive: up to `window` forwards in flight,
-    a learn whenever the window is full (or no data is waiting), then drain once closed."""
+    """One stage's ops, generated as micro-batches arrive: forwards until `window` are in
+    flight, then one learn per forward; once the stream is closed, the remaining learns."""
 
     def __init__(self, stage: int, window: int, *, apply_at_end: bool) -> None:
         self.stage, self.window, self.apply_at_end = stage, window, apply_at_end
@@ -134,8 +134,11 @@ class StageSequence:
 
     def peek(self, available: int, closed: bool) -> Op | None:
         in_flight = self.next_f - self.next_l
-        if in_flight < self.window and self.next_f < available:
-            return Op(FORWARD, self.stage, self.next_f)
+        if in_flight < self.window:
+            if self.next_f < available:
+                return Op(FORWARD, self.stage, self.next_f)
+            if not closed:
+                return None  # keep the window full across steps: wait for the next data
         if in_flight > 0:
             return Op(LEARN, self.stage, self.next_l)
         if closed and self.apply_at_end and not self.applied and self.next_f == available:

@@ -21,8 +21,9 @@ from workers.stage import StageSpec
 
 SHAPE, CLASSES, BATCH, STEPS = (2, 8, 8), 5, 8, 4
 RULE = RuleConfig(name="backprop", input_noise=0.0, reproject=0.0)
-ADAMW = OptimConfig(name="adamw", lr=0.02, beta1=0.8, beta2=0.95, weight_decay=0.05,
-                    schedule="constant")
+ADAMW = OptimConfig(
+    name="adamw", lr=0.02, beta1=0.8, beta2=0.95, weight_decay=0.05, schedule="constant"
+)
 SGD = OptimConfig(name="sgd", lr=0.1, momentum=0.7, weight_decay=0.01, schedule="constant")
 RESNET = ModelConfig(name="resnet8", width=4, batchnorm=True)
 ATOL = 1e-9
@@ -43,8 +44,16 @@ class Plain(nn.Module):
 
 def _spec(model: ModelConfig, optim: OptimConfig, shape: tuple[int, ...]) -> StageSpec:
     n = len(model_plan(model, shape, CLASSES))
-    return StageSpec(model=model, rule=RULE, optim=optim, input_shape=shape,
-                     num_classes=CLASSES, blocks=(0, n), dtype="float64", seed=3)
+    return StageSpec(
+        model=model,
+        rule=RULE,
+        optim=optim,
+        input_shape=shape,
+        num_classes=CLASSES,
+        blocks=(0, n),
+        dtype="float64",
+        seed=3,
+    )
 
 
 def _stage_blocks(runner: LocalRunner) -> dict[str, nn.Module]:
@@ -64,20 +73,32 @@ def _plain_twin(model: ModelConfig, shape: tuple[int, ...], runner: LocalRunner)
 
 def _optimizer(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.AdamW(
+        params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
+    )
 
 
 def _batches(shape: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(11)
-    return [(torch.randn(BATCH, *shape, generator=g, dtype=torch.float64),
-             torch.randint(0, CLASSES, (BATCH,), generator=g)) for _ in range(STEPS)]
+    return [
+        (
+            torch.randn(BATCH, *shape, generator=g, dtype=torch.float64),
+            torch.randint(0, CLASSES, (BATCH,), generator=g),
+        )
+        for _ in range(STEPS)
+    ]
 
 
-def _compare(model: ModelConfig, optim: OptimConfig, bounds: list[int] | None,
-             micro_batches: int, shape: tuple[int, ...] = SHAPE) -> None:
+def _compare(
+    model: ModelConfig,
+    optim: OptimConfig,
+    bounds: list[int] | None,
+    micro_batches: int,
+    shape: tuple[int, ...] = SHAPE,
+) -> None:
     base = _spec(model, optim, shape)
     specs = stage_specs(base, bounds) if bounds else [base]
     runner = LocalRunner(specs)
@@ -88,7 +109,7 @@ def _compare(model: ModelConfig, optim: OptimConfig, bounds: list[int] | None,
     initial = [p.detach().clone() for p in params]
 
     for x, y in _batches(shape):
-        (logits_r, _), = runner.step(x, y, micro_batches=micro_batches)
+        ((logits_r, _),) = runner.step(x, y, micro_batches=micro_batches)
         logits_p = plain(x)
         loss = F.cross_entropy(logits_p, y)
         opt.zero_grad()
@@ -96,8 +117,9 @@ def _compare(model: ModelConfig, optim: OptimConfig, bounds: list[int] | None,
         opt.step()
         torch.testing.assert_close(logits_r, logits_p.detach(), rtol=0, atol=ATOL)
 
-    got = {f"{n}.{k}": v for n, b in _stage_blocks(runner).items()
-           for k, v in b.state_dict().items()}
+    got = {
+        f"{n}.{k}": v for n, b in _stage_blocks(runner).items() for k, v in b.state_dict().items()
+    }
     want = {f"{b.name}.{k}": v for b in plain.blocks for k, v in b.state_dict().items()}
     assert got.keys() == want.keys()
     for k, v in want.items():
@@ -107,8 +129,9 @@ def _compare(model: ModelConfig, optim: OptimConfig, bounds: list[int] | None,
         assert not torch.allclose(p, p0, rtol=0, atol=1e-6), f"param {i} never moved"
 
     # optimizer state, parameter by parameter (same model-wide order on both sides)
-    stage_params = [p for stage in runner.stages for p in stage.blocks.parameters()
-                    if p.requires_grad]
+    stage_params = [
+        p for stage in runner.stages for p in stage.blocks.parameters() if p.requires_grad
+    ]
     assert len(stage_params) == len(params)
     stage_state = {id(p): s for stage in runner.stages for p, s in stage.optimizer.state.items()}
     for i, (ps, pp) in enumerate(zip(stage_params, params, strict=True)):
@@ -116,13 +139,15 @@ def _compare(model: ModelConfig, optim: OptimConfig, bounds: list[int] | None,
         mine, theirs = stage_state[id(ps)], opt.state[pp]
         for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
             if key in theirs:
-                torch.testing.assert_close(mine[key], theirs[key], rtol=0, atol=ATOL,
-                                           msg=f"param {i} {key}")
+                torch.testing.assert_close(
+                    mine[key], theirs[key], rtol=0, atol=ATOL, msg=f"param {i} {key}"
+                )
 
 
 @pytest.mark.parametrize("optim", [ADAMW, SGD], ids=["adamw", "sgd"])
-@pytest.mark.parametrize("bounds", [None, [0, 1, 3, 5], [0, 2, 4, 5]],
-                         ids=["1-stage", "3-stages-1-3", "3-stages-2-4"])
+@pytest.mark.parametrize(
+    "bounds", [None, [0, 1, 3, 5], [0, 2, 4, 5]], ids=["1-stage", "3-stages-1-3", "3-stages-2-4"]
+)
 def test_backprop_stages_equal_plain_autograd(bounds, optim):
     _compare(RESNET, optim, bounds, micro_batches=1)
 

@@ -31,35 +31,50 @@ TARGET_RULES = {
     "rec_lra-skip": dict(name="rec_lra", topology="skip"),
     "rec_lra-mirror": dict(name="rec_lra", topology="mirror"),
     "rec_lra-adjacent": dict(name="rec_lra", topology="adjacent"),
-    "rec_lra-skip-local": dict(name="rec_lra", topology="skip", feedback_update="local",
-                               skip_update="local"),
+    "rec_lra-skip-local": dict(
+        name="rec_lra", topology="skip", feedback_update="local", skip_update="local"
+    ),
     "lra_e": dict(name="lra_e"),
     "dfa": dict(name="dfa"),
 }
 MODELS = {
     "resnet8": (ModelConfig(name="resnet8", width=3, batchnorm=True), SHAPE),
-    "resnet8-imagenet": (ModelConfig(name="resnet8", form="imagenet", width=3, batchnorm=True),
-                         (3, 17, 17)),
+    "resnet8-imagenet": (
+        ModelConfig(name="resnet8", form="imagenet", width=3, batchnorm=True),
+        (3, 17, 17),
+    ),
     "mlp-gap1": (ModelConfig(name="mlp", hidden=7, depth=3, gap=1, batchnorm=False), (10,)),
-    "mlp-gap2-res": (ModelConfig(name="mlp", hidden=7, depth=4, gap=2, residual=True,
-                                 batchnorm=True), (10,)),
+    "mlp-gap2-res": (
+        ModelConfig(name="mlp", hidden=7, depth=4, gap=2, residual=True, batchnorm=True),
+        (10,),
+    ),
 }
 
 
 def _stage(model: ModelConfig, shape, rule: dict, blocks=None, seed=0) -> Stage:  # noqa: ANN001
     n = len(model_plan(model, shape, K))
-    return Stage(StageSpec(
-        model=model, rule=RuleConfig(input_noise=0.0, **rule),
-        optim=OptimConfig(name="sgd", lr=0.1), input_shape=shape, num_classes=K,
-        blocks=blocks or (0, n), dtype="float64", seed=seed,
-    ))
+    return Stage(
+        StageSpec(
+            model=model,
+            rule=RuleConfig(input_noise=0.0, **rule),
+            optim=OptimConfig(name="sgd", lr=0.1),
+            input_shape=shape,
+            num_classes=K,
+            blocks=blocks or (0, n),
+            dtype="float64",
+            seed=seed,
+        )
+    )
 
 
 def _data(shape, seed=0):  # noqa: ANN001, ANN202
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(B, *shape, generator=g, dtype=torch.float64)
-    return x, torch.randint(0, K, (B,), generator=g), torch.randn(B, K, generator=g,
-                                                                   dtype=torch.float64)
+    return (
+        x,
+        torch.randint(0, K, (B,), generator=g),
+        torch.randn(B, K, generator=g, dtype=torch.float64),
+    )
 
 
 def _params(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -106,6 +121,7 @@ def _reached_leaves(t: torch.Tensor) -> set[int]:
 
 
 # -- (a) structure ------------------------------------------------------------------------------
+
 
 def _check_local_graphs(stage: Stage, x: torch.Tensor) -> int:
     out, n_checked = x, 0
@@ -177,8 +193,16 @@ def _leaky_forward_local(self: Block, x: torch.Tensor) -> tuple[torch.Tensor, Bl
 
 # -- (b) behaviour at the Block level -----------------------------------------------------------
 
-def _block_level_run(stage: Stage, target: int, x: torch.Tensor, x_t: torch.Tensor,
-                     d_t: torch.Tensor | None, e_out: torch.Tensor, forward_local=None):  # noqa: ANN001, ANN202
+
+def _block_level_run(
+    stage: Stage,
+    target: int,
+    x: torch.Tensor,
+    x_t: torch.Tensor,
+    d_t: torch.Tensor | None,
+    e_out: torch.Tensor,
+    forward_local=None,
+):  # noqa: ANN001, ANN202
     """The whole stage's local forward and top-down sweep, one backward over all pairs (as in
     Stage.learn), except that block `target` gets the held input x_t and held displacement d_t.
     Returns the target block's .grad per parameter and the displacement it sends down."""
@@ -192,8 +216,9 @@ def _block_level_run(stage: Stage, target: int, x: torch.Tensor, x_t: torch.Tens
     boundary, d_sent = None, None
     for i in reversed(range(len(stage.blocks))):
         d_in = d_t if i == target else boundary
-        boundary = sweep_block(stage.blocks[i], caches[i], stage.rule, d_out=d_in, e_out=e_out,
-                               losses={}, pairs=pairs)
+        boundary = sweep_block(
+            stage.blocks[i], caches[i], stage.rule, d_out=d_in, e_out=e_out, losses={}, pairs=pairs
+        )
         if i == target:
             d_sent = None if boundary is None else boundary.detach().clone()
     outs, errs = zip(*pairs, strict=True)
@@ -261,6 +286,7 @@ def test_block_harness_catches_a_leak():
 
 # -- (b) behaviour at the Stage level -----------------------------------------------------------
 
+
 def _stage_grads(stage: Stage, x: torch.Tensor, signal: ErrorSignal):  # noqa: ANN202
     stage.optimizer.zero_grad(set_to_none=True)
     stage.forward("mb", x)
@@ -279,8 +305,10 @@ def test_stage_update_ignores_the_stage_above(rule_key):
     x, y, _ = _data(shape)
     high.forward(0, low.forward(0, x))
     held = high.learn(0, ErrorSignal(labels=y))
-    signal = ErrorSignal(output_error=held.output_error.clone(),
-                         boundary=None if held.boundary is None else held.boundary.clone())
+    signal = ErrorSignal(
+        output_error=held.output_error.clone(),
+        boundary=None if held.boundary is None else held.boundary.clone(),
+    )
     g1, s1 = _stage_grads(low, x, signal)
     _perturb([high.blocks])
     high.forward(1, low.forward("probe", x))
@@ -357,6 +385,7 @@ def test_chained_stage_does_carry_upper_information_through_E(rule_key):
 
 
 # -- (c) contrast: backprop ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("model_key", ["resnet8", "mlp-gap1"])
 def test_backprop_lower_gradient_depends_on_higher_layers(model_key):

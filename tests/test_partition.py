@@ -108,8 +108,14 @@ def test_partition_balance_and_describe():
 def _base(rule: str = "rec_lra") -> StageSpec:
     n = len(model_plan(MODEL, SHAPE, CLASSES))
     assert n == N_BLOCKS
-    return StageSpec(model=MODEL, rule=RuleConfig(name=rule), optim=OptimConfig(),
-                     input_shape=SHAPE, num_classes=CLASSES, blocks=(0, n))
+    return StageSpec(
+        model=MODEL,
+        rule=RuleConfig(name=rule),
+        optim=OptimConfig(),
+        input_shape=SHAPE,
+        num_classes=CLASSES,
+        blocks=(0, n),
+    )
 
 
 def _sample() -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +169,8 @@ def test_plan_partition_balances_the_profiled_costs(monkeypatch):
         part = plan_partition(_base(), k, (), _sample(), 7)
         assert part.bounds == want == best_partition(costs, k)
         assert part.stage_costs == pytest.approx(
-            [sum(costs[a:b]) for a, b in zip(want, want[1:], strict=False)])
+            [sum(costs[a:b]) for a, b in zip(want, want[1:], strict=False)]
+        )
     assert seen[0] == (torch.Size([BATCH, *SHAPE]), torch.Size([BATCH]), 7)
     with pytest.raises(ValueError, match=r"pipeline\.stages"):
         plan_partition(_base(), 6, (), _sample(), 1)
@@ -189,8 +196,14 @@ def test_profile_blocks_one_positive_cost_per_block(rule):
 
 def test_profile_blocks_mlp():
     model = ModelConfig(name="mlp", hidden=16, depth=3)
-    base = StageSpec(model=model, rule=RuleConfig(), optim=OptimConfig(), input_shape=(20,),
-                     num_classes=4, blocks=(0, 4))
+    base = StageSpec(
+        model=model,
+        rule=RuleConfig(),
+        optim=OptimConfig(),
+        input_shape=(20,),
+        num_classes=4,
+        blocks=(0, 4),
+    )
     g = torch.Generator().manual_seed(0)
     costs = profile_blocks(base, torch.randn(6, 20, generator=g), torch.arange(6) % 4, 1)
     assert len(costs) == 4 and all(c > 0 for c in costs)

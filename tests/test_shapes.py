@@ -62,18 +62,18 @@ def _check_adjoint(layer, x: torch.Tensor, seed: int = 1) -> None:  # noqa: ANN0
     tr = layer.transpose(e, layer.weight.detach(), x)
     assert tr.shape == x.shape
     torch.testing.assert_close(tr, gx, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(
-        (out * e).sum(), (x * tr).sum(), rtol=1e-10, atol=1e-10
-    )
+    torch.testing.assert_close((out * e).sum(), (x * tr).sum(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(layer.weight_grad(x, e), gw, rtol=1e-10, atol=1e-10)
     # the source tensor only gives the shape: its values (even NaN) and layout do not matter
     poison = torch.full_like(x, float("nan"))
-    torch.testing.assert_close(layer.transpose(e, layer.weight.detach(), poison), tr,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        layer.transpose(e, layer.weight.detach(), poison), tr, rtol=0, atol=0
+    )
     if x.dim() == 4:
         cl = x.contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(layer.transpose(e, layer.weight.detach(), cl), tr,
-                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            layer.transpose(e, layer.weight.detach(), cl), tr, rtol=1e-12, atol=1e-12
+        )
 
 
 SIZES = [(7, 7), (9, 11), (32, 32), (15, 15), (8, 8), (10, 13)]
@@ -142,14 +142,19 @@ MODEL_CASES = [
 
 
 def _model(name: str, form: str, **kw) -> ModelConfig:  # noqa: ANN003
-    return ModelConfig(name=name, form=form, width=2, hidden=6, depth=4, gap=2, residual=True,
-                       **kw)
+    return ModelConfig(name=name, form=form, width=2, hidden=6, depth=4, gap=2, residual=True, **kw)
 
 
 def _spec(model: ModelConfig, shape: tuple[int, ...], rule: RuleConfig, **kw) -> StageSpec:  # noqa: ANN003
     n = len(model_plan(model, shape, K))
-    base = dict(model=model, rule=rule, optim=OptimConfig(name="sgd", lr=0.01),
-                input_shape=shape, num_classes=K, blocks=(0, n))
+    base = dict(
+        model=model,
+        rule=rule,
+        optim=OptimConfig(name="sgd", lr=0.01),
+        input_shape=shape,
+        num_classes=K,
+        blocks=(0, n),
+    )
     base.update(kw)
     return StageSpec(**base)
 
@@ -204,16 +209,21 @@ def test_model_node_shapes_and_mirror_stage_runs(name, form, shape):
                 assert torch.isfinite(p.grad).all(), f"{uname}.{pname}"
     stage.apply()
     after = stage.blocks.state_dict()
-    changed = [k for k, v in before.items()
-               if k.endswith("weight") and not torch.equal(v, after[k])]
+    changed = [
+        k for k, v in before.items() if k.endswith("weight") and not torch.equal(v, after[k])
+    ]
     assert changed, "apply changed no weight"
 
 
-@pytest.mark.parametrize("name,form,shape", [
-    ("resnet8", "cifar", (3, 13, 13)),
-    ("resnet18", "imagenet", (3, 57, 57)),
-    ("mlp", "cifar", (1, 8, 8)),
-], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "name,form,shape",
+    [
+        ("resnet8", "cifar", (3, 13, 13)),
+        ("resnet18", "imagenet", (3, 57, 57)),
+        ("mlp", "cifar", (1, 8, 8)),
+    ],
+    ids=lambda v: str(v),
+)
 def test_boundary_displacement_has_stage_input_shape(name, form, shape):
     """Cut at every block boundary: each stage's boundary displacement is its input's shape."""
     model = _model(name, form)
@@ -240,14 +250,16 @@ def test_boundary_displacement_has_stage_input_shape(name, form, shape):
 
 # -- skip synapses ------------------------------------------------------------------------------
 
+
 def _pullback_autograd(syn: SkipSynapse, e: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """d<S(e), v>/dS through the synapse's own forward (autograd)."""
     (g,) = torch.autograd.grad(syn(e), syn.weight, v)
     return g
 
 
-def _skip_reference(w: torch.Tensor, e: torch.Tensor, shape: tuple[int, ...],
-                    grid: int, dense: bool) -> torch.Tensor:
+def _skip_reference(
+    w: torch.Tensor, e: torch.Tensor, shape: tuple[int, ...], grid: int, dense: bool
+) -> torch.Tensor:
     """Independent S(e): the dense map to the inner C x g x g grid (g clipped to H and W), then
     nearest upsampling to H x W."""
     v = e @ w.T
@@ -257,19 +269,22 @@ def _skip_reference(w: torch.Tensor, e: torch.Tensor, shape: tuple[int, ...],
     return v.reshape(e.shape[0], *shape)
 
 
-@pytest.mark.parametrize("shape,grid,dense", [
-    ((3, 8, 8), 0, True),
-    ((3, 8, 8), 4, False),
-    ((3, 8, 8), 3, False),  # 3 does not divide 8
-    ((3, 13, 13), 4, False),  # 4 does not divide 13
-    ((3, 13, 13), 3, False),
-    ((3, 8, 8), 8, True),  # a grid as large as the junction is dense
-    ((3, 6, 10), 4, False),  # non-square; grid clipped to H
-    ((3, 2, 2), 4, True),
-    ((2, 29, 29), 4, False),  # the ImageNet stem node at 57 x 57 input
-    ((2, 7, 15), 4, False),
-    ((7,), 4, True),  # MLP junctions are always dense
-])
+@pytest.mark.parametrize(
+    "shape,grid,dense",
+    [
+        ((3, 8, 8), 0, True),
+        ((3, 8, 8), 4, False),
+        ((3, 8, 8), 3, False),  # 3 does not divide 8
+        ((3, 13, 13), 4, False),  # 4 does not divide 13
+        ((3, 13, 13), 3, False),
+        ((3, 8, 8), 8, True),  # a grid as large as the junction is dense
+        ((3, 6, 10), 4, False),  # non-square; grid clipped to H
+        ((3, 2, 2), 4, True),
+        ((2, 29, 29), 4, False),  # the ImageNet stem node at 57 x 57 input
+        ((2, 7, 15), 4, False),
+        ((7,), 4, True),  # MLP junctions are always dense
+    ],
+)
 def test_skip_synapse_shape_and_pullback(shape, grid, dense):
     syn = SkipSynapse(K, shape, grid).to(DT)
     with torch.no_grad():
@@ -289,12 +304,16 @@ def test_skip_synapse_shape_and_pullback(shape, grid, dense):
 
 
 @pytest.mark.parametrize("grid", [0, 4, 3])
-@pytest.mark.parametrize("name,form,shape", [
-    ("resnet8", "cifar", (3, 8, 8)),
-    ("resnet8", "cifar", (3, 13, 13)),
-    ("resnet18", "imagenet", (3, 57, 57)),
-    ("mlp", "cifar", (1, 8, 8)),
-], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "name,form,shape",
+    [
+        ("resnet8", "cifar", (3, 8, 8)),
+        ("resnet8", "cifar", (3, 13, 13)),
+        ("resnet18", "imagenet", (3, 57, 57)),
+        ("mlp", "cifar", (1, 8, 8)),
+    ],
+    ids=lambda v: str(v),
+)
 def test_skip_topology_synapses_match_node_shapes(name, form, shape, grid):
     model = _model(name, form)
     rule = RuleConfig(name="rec_lra", topology="skip", skip_grid=grid, input_noise=0.0)

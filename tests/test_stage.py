@@ -39,18 +39,38 @@ SGD = OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3)
 ADAMW = OptimConfig(name="adamw", lr=0.01, weight_decay=1e-3)
 
 
-def _spec(rule: dict, *, model: ModelConfig | None = None, shape=SHAPE, optim=SGD,  # noqa: ANN001
-          seed: int = 0, **rule_kw) -> StageSpec:  # noqa: ANN003
+def _spec(
+    rule: dict,
+    *,
+    model: ModelConfig | None = None,
+    shape=SHAPE,
+    optim=SGD,  # noqa: ANN001
+    seed: int = 0,
+    **rule_kw,
+) -> StageSpec:  # noqa: ANN003
     model = model or ModelConfig(name="resnet8", width=3, batchnorm=True)
     n = len(model_plan(model, shape, K))
-    return StageSpec(model=model, rule=RuleConfig(**rule, **rule_kw), optim=optim,
-                     input_shape=shape, num_classes=K, blocks=(0, n), dtype="float64", seed=seed)
+    return StageSpec(
+        model=model,
+        rule=RuleConfig(**rule, **rule_kw),
+        optim=optim,
+        input_shape=shape,
+        num_classes=K,
+        blocks=(0, n),
+        dtype="float64",
+        seed=seed,
+    )
 
 
 def _batches(n: int, shape=SHAPE, seed: int = 0, batch: int = B):  # noqa: ANN001, ANN202
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, *shape, generator=g, dtype=torch.float64),
-             torch.randint(0, K, (batch,), generator=g)) for _ in range(n)]
+    return [
+        (
+            torch.randn(batch, *shape, generator=g, dtype=torch.float64),
+            torch.randint(0, K, (batch,), generator=g),
+        )
+        for _ in range(n)
+    ]
 
 
 def _tensors(units: dict) -> dict[str, torch.Tensor]:
@@ -84,6 +104,7 @@ def _train(runner: LocalRunner, batches, micro_batches: int):  # noqa: ANN001, A
 
 # -- (a) partition invariance -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("micro_batches", [1, 3])
 @pytest.mark.parametrize("rule_key", list(RULES))
 def test_k_stages_match_one_stage(rule_key, micro_batches):
@@ -114,6 +135,7 @@ def test_stage_specs_rejects_bad_bounds():
 
 # -- (b) micro-batches ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("rule_key", list(RULES))
 def test_micro_batches_equal_one_full_batch(rule_key):
     """BatchNorm off: with BN, each micro-batch is normalised by its own statistics, so M
@@ -122,8 +144,13 @@ def test_micro_batches_equal_one_full_batch(rule_key):
     depends on the exact scale of the averaged update; uneven chunks (3, 3, 1) catch a mean of
     micro-batch means in place of the sample mean."""
     model = ModelConfig(name="resnet8", width=3, batchnorm=False)
-    spec = _spec(RULES[rule_key], model=model, optim=replace(SGD, momentum=0.5), input_noise=0.0,
-                 reproject=0.0)
+    spec = _spec(
+        RULES[rule_key],
+        model=model,
+        optim=replace(SGD, momentum=0.5),
+        input_noise=0.0,
+        reproject=0.0,
+    )
     full, split = Stage(spec), Stage(spec)
     for step, (x, y) in enumerate(_batches(2, batch=7)):
         full.forward(step, x)
@@ -154,6 +181,7 @@ def test_micro_batches_differ_with_batchnorm_by_design():
 
 
 # -- (c) state ------------------------------------------------------------------------------------
+
 
 def _run_steps(stage: Stage, batches) -> None:  # noqa: ANN001
     for i, (x, y) in enumerate(batches):
@@ -274,6 +302,7 @@ def _assert_close_states_flat(a: dict, b: dict) -> None:
 
 # -- (d) non-finite updates -----------------------------------------------------------------
 
+
 def test_apply_refuses_non_finite_update():
     """A NaN in the input of a lower stage: its learn gets a finite e_L from above, so the NaN
     shows up only in the updates, and apply must refuse them, naming stage, layer and step."""
@@ -311,6 +340,7 @@ def test_learn_refuses_non_finite_output_error():
 
 # -- (e) the cache ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("rule_key", ["rec_lra-skip", "backprop"])
 def test_max_cached_and_learn_without_forward(rule_key):
     stage = Stage(replace(_spec(RULES[rule_key]), max_cached=2))
@@ -332,6 +362,7 @@ def test_max_cached_and_learn_without_forward(rule_key):
 
 
 # -- (f) labels ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("rule_key", ["rec_lra-skip", "lra_e", "backprop"])
 def test_last_stage_needs_labels(rule_key):

@@ -92,3 +92,29 @@ def test_cli_errors_are_one_line(tmp_path, args, needle):
         p.stderr
     )
     assert not (tmp_path / "runs").exists()  # nothing written on a refused run
+
+
+@pytest.mark.ray
+def test_train_on_a_two_stage_ray_pipeline(digits, tmp_path):
+    """pipeline.stages = 2 trains through Ray actors end to end, balancing the cut by profile."""
+    cfg = load_config(
+        None,
+        [
+            "pipeline.stages=2",
+            "pipeline.micro_batches=4",
+            "train.epochs=2",
+            "train.compare=[]",
+            "cluster.num_cpus=2",
+        ],
+    )
+    run = train(cfg, quiet=True, out_dir=tmp_path, splits=digits)
+    assert run.test_acc > 0.6
+    assert (
+        len(run.partition) == 3 and run.partition[0] == 0 and run.partition[-1] == 5
+    )  # stem, 3 blocks, head
+    assert set(run.stages) == {"0", "1"}
+    assert all(s["micro_batches"] == 2 * 38 * 4 for s in run.stages.values())
+    assert all(s["bytes_received"] > 0 and s["forward_s"] > 0 for s in run.stages.values())
+    import ray
+
+    assert not ray.is_initialized()  # the run shut down the local Ray it started

@@ -72,7 +72,8 @@ def load_stage_state(
         for pname, p in unit.named_parameters():
             if pname in entry["optim"]:
                 stage.optimizer.state[p] = {
-                    k: (v.to(p.device, p.dtype) if torch.is_tensor(v) and v.shape == p.shape
-                        else v)  # moments follow the parameter; scalars such as `step` stay
+                    k: (
+                        v.to(p.device, p.dtype) if torch.is_tensor(v) and v.shape == p.shape else v
+                    )  # moments follow the parameter; scalars such as `step` stay
                     for k, v in entry["optim"][pname].items()
                 }

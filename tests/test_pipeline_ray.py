@@ -1,0 +1,219 @@
+"""The Ray pipeline on a real local cluster: parity with one process, schedules, failures."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from cluster.errors import PlacementError, StageDied, StageError, StageTimeout
+from cluster.group import ActorGroup
+from driver.pipeline import PipelineConfig, RayPipeline
+from driver.stats import StatsBook
+from workers.models import ModelConfig, model_plan
+from workers.optim import OptimConfig
+from workers.rules import RuleConfig
+from workers.runner import LocalRunner, stage_specs
+from workers.stage import StageSpec
+
+pytestmark = pytest.mark.ray
+
+MODEL = ModelConfig(name="resnet8", width=4)
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    here = Path(__file__).resolve().parent  # workers import this module's helper actors
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        namespace="reclra-tests",
+        runtime_env={"env_vars": {"PYTHONPATH": f"{here}:{here.parent}"}},
+    )
+    yield
+    ray.shutdown()
+
+
+def _base(rule: RuleConfig, dtype: str = "float64") -> StageSpec:
+    n = len(model_plan(MODEL, SHAPE, 10))
+    return StageSpec(
+        model=MODEL,
+        rule=rule,
+        optim=OptimConfig(),
+        input_shape=SHAPE,
+        num_classes=10,
+        blocks=(0, n),
+        dtype=dtype,
+    )
+
+
+def _batches(n: int, size: int = 12):
+    g = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(size, *SHAPE, generator=g), torch.randint(0, 10, (size,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def _assert_same_units(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in b:
+        for key, t in b[name]["tensors"].items():
+            torch.testing.assert_close(
+                a[name]["tensors"][key], t, rtol=1e-12, atol=1e-12, msg=f"{name}.{key}"
+            )
+
+
+PARITY = [
+    ("rec_lra-skip", RuleConfig(name="rec_lra", topology="skip", input_noise=0.0), [0, 2, 5]),
+    (
+        "rec_lra-mirror",
+        RuleConfig(name="rec_lra", topology="mirror", input_noise=0.0),
+        [0, 1, 3, 5],
+    ),
+    ("backprop", RuleConfig(name="backprop", input_noise=0.0), [0, 3, 5]),
+    ("backprop-k3", RuleConfig(name="backprop", input_noise=0.0), [0, 1, 2, 5]),
+    ("rec_lra-skip-k3", RuleConfig(name="rec_lra", topology="skip", input_noise=0.0), [0, 1, 4, 5]),
+]
+
+
+@pytest.mark.parametrize("name, rule, bounds", PARITY, ids=[p[0] for p in PARITY])
+def test_sync_pipeline_matches_one_process(cluster, name, rule, bounds):
+    """K Ray actors in `sync` give the weights of one in-process stage, to 1e-12 in float64."""
+    base = _base(rule)
+    local = LocalRunner([base])
+    pipe = RayPipeline(
+        stage_specs(base, bounds), PipelineConfig(stages=len(bounds) - 1, micro_batches=3)
+    )
+    try:
+        for x, y in _batches(3):
+            done = pipe.step(x, y, 3)
+            ref = local.step(x, y, 3)
+            assert len(done) == 3  # one (logits, labels) per micro-batch
+            torch.testing.assert_close(
+                torch.cat([lg for lg, _ in done]), ref[0][0], rtol=1e-12, atol=1e-12
+            )
+        _assert_same_units(pipe.state_dict()["units"], local.state_dict()["units"])
+        torch.testing.assert_close(
+            pipe.infer(_batches(1)[0][0]), local.infer(_batches(1)[0][0]), rtol=1e-12, atol=1e-12
+        )
+        stats = pipe.drain_stats(wait=True)
+        assert {s for s, _ in stats} == set(range(len(bounds) - 1))
+        assert all(st.micro_batches == 3 and st.bytes_received > 0 for _, st in stats)
+        assert all(st.cached == 0 and max(st.staleness) == 0 for _, st in stats)  # sync
+    finally:
+        pipe.close()
+
+
+def test_async_pipeline_applies_per_micro_batch_and_reports_staleness(cluster):
+    base = _base(RuleConfig(name="rec_lra", input_noise=0.0), dtype="float32")
+    cfg = PipelineConfig(stages=2, micro_batches=4, schedule="async", max_in_flight=3)
+    pipe = RayPipeline(stage_specs(base, [0, 2, 5]), cfg)
+    try:
+        seen = 0
+        for x, y in _batches(4):
+            seen += sum(len(lbl) for _, lbl in pipe.step(x, y, 4))
+        seen += sum(len(lbl) for _, lbl in pipe.flush())
+        assert seen == 4 * 12  # every micro-batch came back exactly once
+        book = StatsBook()
+        book.add(pipe.drain_stats(wait=True))
+        assert [book.stages[s].micro_batches for s in (0, 1)] == [16, 16]
+        assert book.stages[0].staleness_max >= 1, "stage 0 runs ahead: some forwards are stale"
+        for stage in (0, 1):  # stage s runs at most window - s forwards ahead of its learns
+            assert book.stages[stage].staleness_max <= cfg.window - stage - 1
+        assert pipe.state_dict()["step"] == 16  # one apply per micro-batch
+    finally:
+        pipe.close()
+
+
+def _dead(actor) -> bool:  # noqa: ANN001
+    try:
+        ray.get(actor.pop_stats.remote(), timeout=30)
+    except RayActorError:
+        return True
+    return False
+
+
+def test_a_failing_stage_fails_the_step_naming_it_and_nothing_is_left_running(cluster):
+    base = _base(RuleConfig(name="rec_lra", input_noise=0.0), dtype="float32")
+    pipe = RayPipeline(stage_specs(base, [0, 2, 5]), PipelineConfig(stages=2, micro_batches=2))
+    x, y = _batches(1)[0]
+    x[0, 0, 0, 0] = float("nan")  # non-finite activations: stage 0 refuses its update
+    actors = list(pipe.group.actors)
+    with pytest.raises(StageError) as info:
+        pipe.step(x, y, 2)
+    assert info.value.stage in (0, 1) and "non-finite" in str(info.value)
+    assert f"stage {info.value.stage}" in str(info.value)
+    assert all(_dead(a) for a in actors)
+
+
+def test_a_stage_past_its_deadline_times_out_naming_it_and_the_key(cluster):
+    base = _base(RuleConfig(name="rec_lra"), dtype="float32")
+    pipe = RayPipeline(stage_specs(base, [0, 2, 5]), PipelineConfig(stages=2))
+    pipe.cfg = PipelineConfig(stages=2, step_timeout_s=1e-4)  # no step can finish in 0.1 ms
+    actors = list(pipe.group.actors)
+    x, y = _batches(1, size=256)[0]
+    with pytest.raises(StageTimeout) as info:
+        pipe.step(x, y, 1)
+    assert "pipeline.step_timeout_s" in str(info.value) and info.value.stage in (0, 1)
+    assert all(_dead(a) for a in actors)
+
+
+class Sleeper:
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def work(self) -> float:
+        time.sleep(self.seconds)
+        return self.seconds
+
+    def ping(self) -> bool:
+        return True
+
+    def boom(self) -> None:
+        raise ValueError("boom")
+
+
+def test_group_deadline_names_the_hung_actor(cluster):
+    with ActorGroup(Sleeper, [(0.0,), (60.0,)], cpus=1, gpus=0) as group:
+        group.gather([(i, group.call(i, "ping")) for i in range(2)], timeout_s=60, key="k")
+        refs = [(i, group.call(i, "work")) for i in range(2)]
+        t0 = time.monotonic()
+        with pytest.raises(StageTimeout) as info:
+            group.gather(refs, timeout_s=2.0, key="pipeline.step_timeout_s", what="work")
+        assert time.monotonic() - t0 < 10
+        assert info.value.stage == 1 and "pipeline.step_timeout_s" in str(info.value)
+    assert _dead_sleeper(group)
+
+
+def _dead_sleeper(group: ActorGroup) -> bool:
+    try:
+        ray.get(group.actors[0].work.remote(), timeout=30)
+    except RayActorError:
+        return True
+    return False
+
+
+def test_group_errors_keep_index_and_cause(cluster):
+    with ActorGroup(Sleeper, [(0.0,), (0.0,)], cpus=1, gpus=0) as group:
+        with pytest.raises(StageError) as info:
+            group.gather(
+                [(0, group.call(0, "work")), (1, group.call(1, "boom"))], timeout_s=30, key="k"
+            )
+        assert info.value.stage == 1 and "ValueError: boom" in str(info.value)
+        ray.kill(group.actors[0])
+        with pytest.raises(StageDied) as died:
+            group.gather([(0, group.call(0, "work"))], timeout_s=30, key="k")
+        assert died.value.stage == 0
+
+
+def test_placement_that_cannot_fit_fails_within_its_deadline(cluster):
+    t0 = time.monotonic()
+    with pytest.raises(PlacementError, match="pipeline.placement_timeout_s"):
+        ActorGroup(Sleeper, [(0.0,)] * 3, cpus=3, gpus=0, placement_timeout_s=2.0)
+    assert time.monotonic() - t0 < 15
