@@ -60,8 +60,12 @@ class ActorGroup:
     def __len__(self) -> int:
         return len(self.actors)
 
-    def call(self, i: int, method: str, *args: Any, **kwargs: Any) -> ray.ObjectRef:
-        return getattr(self.actors[i], method).remote(*args, **kwargs)
+    def call(self, i: int, method: str, *args: Any, num_returns: int = 1, **kwargs: Any) -> Any:
+        """Submit actor i's `method`; one ObjectRef, or a list of `num_returns` of them."""
+        fn = getattr(self.actors[i], method)
+        if num_returns != 1:
+            fn = fn.options(num_returns=num_returns)
+        return fn.remote(*args, **kwargs)
 
     def gather(
         self,

@@ -75,16 +75,19 @@ def profile_blocks(base: StageSpec, x: torch.Tensor, y: torch.Tensor, steps: int
     n = len(model_plan(base.model, base.input_shape, base.num_classes))
     stages = [Stage(replace(s, device=base.device)) for s in stage_specs(base, list(range(n + 1)))]
     costs = [0.0] * n
+    sync = torch.cuda.synchronize if base.device.startswith("cuda") else (lambda: None)
     for rep in range(steps + 1):  # the first pass warms up allocators and is not counted
         acts, spent = [x], []
         for st in stages:
             t0 = time.perf_counter()
             acts.append(st.forward(rep, acts[-1]))
+            sync()
             spent.append(time.perf_counter() - t0)
         signal = ErrorSignal(labels=y)
         for i in reversed(range(n)):
             t0 = time.perf_counter()
             out = stages[i].learn(rep, signal)
+            sync()
             if rep:
                 costs[i] += spent[i] + time.perf_counter() - t0
             signal = ErrorSignal(output_error=out.output_error, boundary=out.boundary)

@@ -122,6 +122,7 @@ class RayPipeline:
         self._data: dict[int, tuple[Any, torch.Tensor]] = {}
         self._outputs: list[tuple[int, ray.ObjectRef]] = []  # (mb, logits ref) not yet returned
         self._learned: list[tuple[int, list[tuple[int, ray.ObjectRef]]]] = []
+        self._last_learn: dict[int, ray.ObjectRef] = {}
 
     def _gather(self, refs: list[tuple[int, ray.ObjectRef]], what: str) -> list[Any]:
         return self.group.gather(
@@ -140,14 +141,18 @@ class RayPipeline:
             return self.group.call(s, "apply")
         if op.kind == FORWARD:
             x = self._data[m][0] if s == 0 else self._refs[Op(FORWARD, s - 1, m)]
-            ref = self.group.call(s, "forward", m, x)
-            if s == self.k - 1:
-                self._outputs.append((m, ref))
+            if s < self.k - 1:
+                return self.group.call(s, "forward", m, x)
+            # the last stage learns right after its forward (window 1): one call for both
+            labels = ErrorSignal(labels=self._data[m][1])
+            ref, self._last_learn[m] = self.group.call(
+                s, "forward_learn", m, x, labels, apply=not self.sync, num_returns=2
+            )
+            self._outputs.append((m, ref))
             return ref
         if s == self.k - 1:
-            signal: Any = ErrorSignal(labels=self._data[m][1])
-        else:
-            signal = self._refs[Op(LEARN, s + 1 if self.chained else self.k - 1, m)]
+            return self._last_learn.pop(m)
+        signal = self._refs[Op(LEARN, s + 1 if self.chained else self.k - 1, m)]
         return self.group.call(s, "learn", m, signal, apply=not self.sync)
 
     def _retire(self, mb: int) -> None:

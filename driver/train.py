@@ -177,6 +177,7 @@ def _epochs(
                 "val_acc": val_acc,
                 "val_loss": val_loss,
                 "seconds": time.perf_counter() - t_start,
+                "train_seconds": train_time,
             }
         )
         if track_test:

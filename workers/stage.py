@@ -174,6 +174,14 @@ class Stage:
         self.stats.forward_seconds += self._end() - t0
         return self._send(out)
 
+    def forward_learn(
+        self, mb: Any, x: torch.Tensor, signal: ErrorSignal, *, apply: bool = False
+    ) -> tuple[torch.Tensor, ErrorSignal]:
+        """forward then learn of the same micro-batch in one call (the last stage, which holds
+        the labels, needs nothing else in between)."""
+        out = self.forward(mb, x)
+        return out, self.learn(mb, signal, apply=apply)
+
     def _send(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
         return t.cpu() if self.spec.send_to_cpu else t

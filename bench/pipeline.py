@@ -1,0 +1,240 @@
+"""Benchmark: layer-parallel throughput, one process vs K = 2 Ray stages, side by side.
+
+    python -m bench.pipeline --json results.json [--steps 8 --rounds 2]
+
+For each model (a ResNet-18 on 32x32 inputs, and the digits ResNet) and rule (rec_lra,
+backprop): samples/s in one process with 1 and 2 torch threads, and on K = 2 stages (one core
+and one thread each) with the sync and async schedules; configurations are interleaved round by
+round so machine noise hits them alike. Then the per-hop transport time of the stage-0 output
+for actor calls and Compiled Graphs, as a fraction of a stage's compute; and, on digits, the
+training time rec-LRA on K = 2 async needs to reach a fixed test accuracy, against backprop in
+one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import ray
+import torch
+
+from bench.transport import measure
+from driver.config import Config, load_config, with_rule
+from driver.data import load_dataset, make_loader
+from driver.partition import plan_partition
+from driver.pipeline import RayPipeline
+from driver.runners import base_spec
+from driver.train import train
+from workers.runner import LocalRunner, stage_specs
+
+MODELS = {
+    "resnet18_32": [
+        "model.name=resnet18",
+        "model.width=64",
+        "data.name=synthetic",
+        "data.synthetic_shape=[3, 32, 32]",
+        "train.batch_size=32",
+        "pipeline.micro_batches=4",
+    ],
+    "digits_resnet": ["pipeline.micro_batches=4"],
+}
+
+
+def _configs(cfg: Config, rule: str, device: str) -> dict[str, Config]:
+    c = replace(with_rule(cfg, rule), train=replace(cfg.train, device=device))
+    pipe = replace(
+        c.pipeline,
+        stages=2,
+        cpus_per_stage=1.0,
+        threads_per_stage=1,
+        gpus_per_stage=0.25 if device == "cuda" else 0.0,
+    )  # 4 actors share it
+    return {
+        "single_1t": c,
+        "single_2t": c,
+        "k2_sync": replace(c, pipeline=replace(pipe, schedule="sync")),
+        "k2_async": replace(c, pipeline=replace(pipe, schedule="async")),
+    }
+
+
+def throughput(
+    cfg: Config, rules: list[str], steps: int, rounds: int, device: str
+) -> tuple[dict, dict]:
+    splits = load_dataset(cfg.data)
+    batches = list(make_loader(splits.train, cfg.train.batch_size, shuffle=True, seed=0))
+    batches = (batches * (steps // max(len(batches), 1) + 1))[:steps]
+    m = cfg.pipeline.micro_batches
+    results: dict[str, dict[str, list[float]]] = {}
+    info: dict = {}
+    for rule in rules:
+        confs = _configs(cfg, rule, device)
+        base = base_spec(confs["single_1t"], splits)
+        x0, y0 = batches[0]
+        part = plan_partition(
+            replace(base, device=device), 2, (), (x0[: len(y0) // m], y0[: len(y0) // m]), 3
+        )
+        info[rule] = {
+            "partition": list(part.bounds),
+            "stage_ms": [1e3 * c for c in part.stage_costs],
+            "balance": part.balance,
+        }
+        runners = {"single_1t": LocalRunner([base]), "single_2t": LocalRunner([base])}
+        for name in ("k2_sync", "k2_async"):
+            specs = stage_specs(base_spec(confs[name], splits), list(part.bounds))
+            runners[name] = RayPipeline(specs, confs[name].pipeline)
+        results[rule] = {name: [] for name in runners}
+        try:
+            for _ in range(rounds):
+                for name, runner in runners.items():
+                    torch.set_num_threads(2 if name == "single_2t" else 1)
+                    runner.step(*batches[0], m)  # warm up, not timed
+                    runner.flush()
+                    t0 = time.perf_counter()
+                    for x, y in batches:
+                        runner.step(x, y, m)
+                    runner.flush()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    results[rule][name].append(
+                        len(batches) * len(batches[0][1]) / (time.perf_counter() - t0)
+                    )
+                    print(
+                        f"  {rule:<9} {name:<10} {results[rule][name][-1]:8.1f} samples/s",
+                        flush=True,
+                    )
+        finally:
+            for runner in runners.values():
+                runner.close()
+    return {r: {n: statistics.median(v) for n, v in d.items()} for r, d in results.items()}, info
+
+
+def transport(cfg: Config, info: dict, iters: int) -> dict:
+    """Hop time of stage 0's output for one micro-batch, as a fraction of a stage's compute."""
+    splits = load_dataset(cfg.data)
+    base = base_spec(cfg, splits)
+    from workers.stage import Stage
+
+    cut = info["rec_lra"]["partition"][1]
+    stage0 = Stage(replace(base, blocks=(0, cut)))
+    mb = cfg.train.batch_size // cfg.pipeline.micro_batches
+    shape = tuple(stage0.forward(0, torch.zeros(mb, *splits.input_shape)).shape)
+    compute = max(info["rec_lra"]["stage_ms"]) / 1e3
+    hops = measure(shape, iters)
+    frac = {
+        k.removesuffix("_s"): (None if hops.get(k) is None else hops[k] / compute)
+        for k in ("actor_calls_s", "compiled_graph_s")
+    }
+    return {"activation_shape": list(shape), "stage_compute_s": compute, **hops, **frac}
+
+
+def time_to_accuracy(target: float, epochs: int) -> dict:
+    """Digits: training seconds until test accuracy >= target, per configuration."""
+    base = load_config(
+        None,
+        [
+            "pipeline.micro_batches=4",
+            f"train.epochs={epochs}",
+            "train.compare=[]",
+            'train.out_dir="/tmp/reclra-bench-tta"',
+        ],
+    )
+    runs = {
+        "rec_lra_k2_async": replace(
+            base, pipeline=replace(base.pipeline, stages=2, schedule="async")
+        ),
+        "rec_lra_single_1t": base,
+        "backprop_single_1t": with_rule(base, "backprop"),
+        "backprop_single_2t": replace(
+            with_rule(base, "backprop"), train=replace(base.train, threads=2)
+        ),
+    }
+    out = {}
+    for name, cfg in runs.items():
+        torch.set_num_threads(cfg.train.threads or 1)
+        run = train(cfg, quiet=True, track_test=True)
+        hit = next((e for e in run.epochs if e["test_acc"] >= target), None)
+        out[name] = {
+            "seconds": hit["train_seconds"] if hit else None,
+            "epoch": hit["epoch"] if hit else None,
+            "final_test_acc": run.test_acc,
+        }
+        print(f"  {name:<20} reached {target:.2f}: {out[name]}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", required=True)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--rules", default="rec_lra,backprop")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (stages share the GPU)")
+    p.add_argument("--target", type=float, default=0.95, help="digits test accuracy to reach")
+    p.add_argument("--skip-time-to-accuracy", action="store_true")
+    args = p.parse_args(argv)
+    # two K = 2 pipelines stay up side by side (only one runs at a time): four CPU slots
+    ray.init(num_cpus=4, include_dashboard=False)
+    result: dict = {"device": args.device, "cores": torch.get_num_threads(), "models": {}}
+    try:
+        for model in args.models.split(","):
+            cfg = load_config(None, MODELS[model] + ["train.compare=[]"])
+            print(f"{model}:", flush=True)
+            tp, info = throughput(cfg, args.rules.split(","), args.steps, args.rounds, args.device)
+            entry = {**tp, "partition": info}
+            if "rec_lra" in info:
+                entry["transport_fraction"] = transport(cfg, info, iters=50)
+            result["models"][model] = entry
+        if not args.skip_time_to_accuracy:
+            result["time_to_accuracy"] = {
+                "target": args.target,
+                **time_to_accuracy(args.target, epochs=10),
+            }
+    finally:
+        ray.shutdown()
+    print(format_table(result))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = []
+    for model, entry in result["models"].items():
+        lines.append(f"{model} (samples/s)      single_1t  single_2t    k2_sync   k2_async")
+        for rule in ("rec_lra", "backprop"):
+            if rule in entry:
+                r = entry[rule]
+                lines.append(
+                    f"  {rule:<20} "
+                    + " ".join(
+                        f"{r[k]:10.1f}" for k in ("single_1t", "single_2t", "k2_sync", "k2_async")
+                    )
+                )
+        if "rec_lra" in entry:
+            r = entry["rec_lra"]
+            best = max(r["single_1t"], r["single_2t"])
+            lines.append(f"  rec_lra k2_async / best single: {r['k2_async'] / best:.2f}x")
+            if "backprop" in entry:
+                lines.append(
+                    f"  rec_lra k2_async / backprop k2_async: "
+                    f"{r['k2_async'] / entry['backprop']['k2_async']:.2f}x"
+                )
+        tf = entry.get("transport_fraction")
+        if tf:
+            cg = tf["compiled_graph"]
+            lines.append(
+                f"  transport per hop / stage compute: actor calls "
+                f"{tf['actor_calls']:.3f}, compiled graph "
+                f"{'n/a' if cg is None else f'{cg:.3f}'}"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

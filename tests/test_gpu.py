@@ -1,0 +1,85 @@
+"""GPU checks (skipped without CUDA): stages on the GPU match the CPU; a Ray pipeline shares it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.models import ModelConfig, model_plan
+from workers.optim import OptimConfig
+from workers.rules import RuleConfig
+from workers.runner import LocalRunner, stage_specs
+from workers.stage import StageSpec
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+MODEL = ModelConfig(name="resnet18", width=8)
+SHAPE = (3, 16, 16)
+
+
+def _base(rule: str, device: str) -> StageSpec:
+    n = len(model_plan(MODEL, SHAPE, 10))
+    return StageSpec(
+        model=MODEL,
+        rule=RuleConfig(name=rule, input_noise=0.0),
+        optim=OptimConfig(),
+        input_shape=SHAPE,
+        num_classes=10,
+        blocks=(0, n),
+        dtype="float64",
+        device=device,
+    )
+
+
+def _batches():
+    g = torch.Generator().manual_seed(0)
+    return [
+        (torch.randn(8, *SHAPE, generator=g), torch.randint(0, 10, (8,), generator=g))
+        for _ in range(3)
+    ]
+
+
+@pytest.mark.parametrize("rule", ["rec_lra", "backprop", "dfa"])
+def test_gpu_stage_matches_cpu(rule):
+    cpu, gpu = LocalRunner([_base(rule, "cpu")]), LocalRunner([_base(rule, "cuda")])
+    for x, y in _batches():
+        cpu.step(x, y, 2)
+        gpu.step(x, y, 2)
+    a, b = cpu.state_dict()["units"], gpu.state_dict()["units"]
+    for name in a:
+        for key, t in a[name]["tensors"].items():
+            torch.testing.assert_close(
+                b[name]["tensors"][key], t, rtol=1e-7, atol=1e-9, msg=f"{name}.{key}"
+            )
+
+
+def test_ray_pipeline_on_a_shared_gpu_matches_one_gpu_process():
+    import ray
+
+    from driver.pipeline import PipelineConfig, RayPipeline
+
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False)
+    try:
+        base = _base("rec_lra", "cuda")
+        local = LocalRunner([base])
+        pipe = RayPipeline(
+            stage_specs(base, [0, 4, 10]),
+            PipelineConfig(stages=2, micro_batches=2, gpus_per_stage=0.5),
+        )
+        try:
+            for x, y in _batches():
+                pipe.step(x, y, 2)
+                local.step(x, y, 2)
+            a, b = local.state_dict()["units"], pipe.state_dict()["units"]
+            for name in a:
+                for key, t in a[name]["tensors"].items():
+                    torch.testing.assert_close(
+                        b[name]["tensors"][key], t, rtol=1e-7, atol=1e-9, msg=f"{name}.{key}"
+                    )
+        finally:
+            pipe.close()
+    finally:
+        ray.shutdown()
