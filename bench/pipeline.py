@@ -113,7 +113,7 @@ def throughput(
     return {r: {n: statistics.median(v) for n, v in d.items()} for r, d in results.items()}, info
 
 
-def transport(cfg: Config, info: dict, iters: int) -> dict:
+def transport(cfg: Config, info: dict, iters: int, timeout_s: float) -> dict:
     """Hop time of stage 0's output for one micro-batch, as a fraction of a stage's compute."""
     splits = load_dataset(cfg.data)
     base = base_spec(cfg, splits)
@@ -124,7 +124,7 @@ def transport(cfg: Config, info: dict, iters: int) -> dict:
     mb = cfg.train.batch_size // cfg.pipeline.micro_batches
     shape = tuple(stage0.forward(0, torch.zeros(mb, *splits.input_shape)).shape)
     compute = max(info["rec_lra"]["stage_ms"]) / 1e3
-    hops = measure(shape, iters)
+    hops = measure(shape, iters, timeout_s)
     frac = {
         k.removesuffix("_s"): (None if hops.get(k) is None else hops[k] / compute)
         for k in ("actor_calls_s", "compiled_graph_s")
@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu", help="cpu, or cuda (stages share the GPU)")
     p.add_argument("--target", type=float, default=0.95, help="digits test accuracy to reach")
     p.add_argument("--skip-time-to-accuracy", action="store_true")
+    p.add_argument("--transport-timeout", type=float, default=120.0,
+                   help="seconds each transport measurement may take before it counts as stalled")
     args = p.parse_args(argv)
     # two K = 2 pipelines stay up side by side (only one runs at a time): four CPU slots
     ray.init(num_cpus=4, include_dashboard=False)
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
             tp, info = throughput(cfg, args.rules.split(","), args.steps, args.rounds, args.device)
             entry = {**tp, "partition": info}
             if "rec_lra" in info:
-                entry["transport_fraction"] = transport(cfg, info, iters=50)
+                entry["transport_fraction"] = transport(cfg, info, 20, args.transport_timeout)
             result["models"][model] = entry
         if not args.skip_time_to_accuracy:
             result["time_to_accuracy"] = {

@@ -320,48 +320,13 @@ def gradients(
     return {key: reproject_tensor(g, reproject) for key, g in grads.items()}
 
 
-def step(
-    params,
-    x,
-    y,
-    *,
-    depth,
-    gap,
-    act,
-    residual,
-    rule,
-    topology,
-    beta,
-    gamma,
-    mix_skip,
-    mix_adjacent,
-    feedback_update,
-    skip_update,
-    reproject,
-    lr,
-):
+def step(params, x, y, *, lr, **settings):
     """One plain SGD step (param -= lr * G). Returns new params; the input dict is untouched.
 
-    reproject: the ball radius c; None or 0 turns re-projection off.
+    `settings` are gradients()'s keyword arguments (reproject: the ball radius c; None or 0
+    turns re-projection off).
     """
-    grads = gradients(
-        params,
-        x,
-        y,
-        depth=depth,
-        gap=gap,
-        act=act,
-        residual=residual,
-        rule=rule,
-        topology=topology,
-        beta=beta,
-        gamma=gamma,
-        mix_skip=mix_skip,
-        mix_adjacent=mix_adjacent,
-        feedback_update=feedback_update,
-        skip_update=skip_update,
-        reproject=reproject,
-    )
+    grads = gradients(params, x, y, **settings)
     new_params = {}
     for key, value in params.items():
         if key in grads:

@@ -42,18 +42,21 @@ def _batches():
     ]
 
 
+def _assert_same_weights(got: dict, expect: dict) -> None:
+    for name in expect:
+        for key, t in expect[name]["tensors"].items():
+            torch.testing.assert_close(
+                got[name]["tensors"][key], t, rtol=1e-7, atol=1e-9, msg=f"{name}.{key}"
+            )
+
+
 @pytest.mark.parametrize("rule", ["rec_lra", "backprop", "dfa"])
 def test_gpu_stage_matches_cpu(rule):
     cpu, gpu = LocalRunner([_base(rule, "cpu")]), LocalRunner([_base(rule, "cuda")])
     for x, y in _batches():
         cpu.step(x, y, 2)
         gpu.step(x, y, 2)
-    a, b = cpu.state_dict()["units"], gpu.state_dict()["units"]
-    for name in a:
-        for key, t in a[name]["tensors"].items():
-            torch.testing.assert_close(
-                b[name]["tensors"][key], t, rtol=1e-7, atol=1e-9, msg=f"{name}.{key}"
-            )
+    _assert_same_weights(gpu.state_dict()["units"], cpu.state_dict()["units"])
 
 
 def test_ray_pipeline_on_a_shared_gpu_matches_one_gpu_process():
@@ -73,12 +76,7 @@ def test_ray_pipeline_on_a_shared_gpu_matches_one_gpu_process():
             for x, y in _batches():
                 pipe.step(x, y, 2)
                 local.step(x, y, 2)
-            a, b = local.state_dict()["units"], pipe.state_dict()["units"]
-            for name in a:
-                for key, t in a[name]["tensors"].items():
-                    torch.testing.assert_close(
-                        b[name]["tensors"][key], t, rtol=1e-7, atol=1e-9, msg=f"{name}.{key}"
-                    )
+            _assert_same_weights(pipe.state_dict()["units"], local.state_dict()["units"])
         finally:
             pipe.close()
     finally:
