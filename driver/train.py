@@ -31,6 +31,7 @@ class RunLog:
     rule: str
     config: dict[str, Any]
     partition: list[int] = field(default_factory=list)
+    predicted_stage_seconds: list[float] = field(default_factory=list)  # per micro-batch
     epochs: list[dict[str, float]] = field(default_factory=list)
     test_acc: float | None = None
     test_loss: float | None = None
@@ -102,7 +103,8 @@ def train(
     splits = splits or load_dataset(cfg.data)
     runner, part = build_runner(cfg, splits)
     out = Path(out_dir or tc.out_dir) / cfg.rule.name
-    run = RunLog(rule=cfg.rule.name, config=config_to_dict(cfg), partition=list(part.bounds))
+    run = RunLog(rule=cfg.rule.name, config=config_to_dict(cfg), partition=list(part.bounds),
+                 predicted_stage_seconds=list(part.stage_costs))
     book = StatsBook()
     try:
         _epochs(
