@@ -46,7 +46,9 @@ class ActorGroup:
                 f"{placement_timeout_s:g}s (cluster has {ray.available_resources()}); lower "
                 f"the per-stage resources or the stage count, or raise {timeout_key}"
             ) from None
-        remote = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0)(cls)
+        remote: Any = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0)(
+            cls
+        )
         self.actors = [
             remote.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -112,7 +114,7 @@ class ActorGroup:
         self._alive = False
         for actor in self.actors:
             try:
-                ray.kill(actor, no_restart=True)
+                ray.kill(actor, no_restart=True)  # type: ignore[arg-type]
             except Exception as exc:  # noqa: BLE001 - best effort on a dying cluster
                 log.debug("kill failed: %s", exc)
         try:

@@ -59,7 +59,7 @@ def connect(cfg: ClusterConfig) -> bool:
         if remote:
             ray.init(address=address, **kwargs)
         else:
-            local = {"num_cpus": cfg.num_cpus or None, "include_dashboard": False}
+            local: dict[str, Any] = {"num_cpus": cfg.num_cpus or None, "include_dashboard": False}
             if cfg.num_gpus >= 0:
                 local["num_gpus"] = cfg.num_gpus
             ray.init(**local, **kwargs)

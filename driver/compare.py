@@ -12,7 +12,7 @@ from driver.train import RunLog, train
 
 def epochs_to(run: RunLog, target: float) -> int | None:
     """The first epoch whose validation accuracy reaches `target`."""
-    return next((e["epoch"] for e in run.epochs if e["val_acc"] >= target), None)
+    return next((int(e["epoch"]) for e in run.epochs if e["val_acc"] >= target), None)
 
 
 def compare_rules(cfg: Config, *, quiet: bool = False) -> list[RunLog]:

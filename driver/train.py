@@ -103,8 +103,12 @@ def train(
     splits = splits or load_dataset(cfg.data)
     runner, part = build_runner(cfg, splits)
     out = Path(out_dir or tc.out_dir) / cfg.rule.name
-    run = RunLog(rule=cfg.rule.name, config=config_to_dict(cfg), partition=list(part.bounds),
-                 predicted_stage_seconds=list(part.stage_costs))
+    run = RunLog(
+        rule=cfg.rule.name,
+        config=config_to_dict(cfg),
+        partition=list(part.bounds),
+        predicted_stage_seconds=list(part.stage_costs),
+    )
     book = StatsBook()
     try:
         _epochs(

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.layers import Layer
+from workers.synapses import SkipSynapse
 
 ACTS = {"relu": torch.relu, "tanh": torch.tanh, "identity": lambda h: h}
 
@@ -70,6 +71,15 @@ class Block(nn.Module):
         self.wires_into = [[w for w in wires if w.tgt == n] for n in range(len(acts))]
         self.identity_into = [[s for s, t in self.identity if t == n] for n in range(len(acts))]
 
+    def layer(self, name: str) -> Layer:
+        return self.layers[name]  # type: ignore[return-value]
+
+    def layer_items(self) -> list[tuple[str, Layer]]:
+        return list(self.layers.items())  # type: ignore[arg-type]
+
+    def skip(self, node: int) -> SkipSynapse:
+        return self.skips[str(node)]  # type: ignore[return-value]
+
     @property
     def out_node(self) -> int:
         return len(self.acts) - 1
@@ -99,7 +109,7 @@ class Block(nn.Module):
             h: torch.Tensor | None = None
             for w in self.wires_into[n]:
                 z = x if w.src < 0 else zs[w.src]
-                layer = self.layers[w.layer]
+                layer = self.layer(w.layer)
                 out = layer_map(layer, z) if layer_map else layer(z)
                 h = out if h is None else h + out
             zs.append(activate(act, self._add_identity(n, h, x, zs)))

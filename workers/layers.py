@@ -150,7 +150,7 @@ class Conv(Layer):
         )[0]
 
     def weight_grad(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        return torch.nn.grad.conv2d_weight(
+        return torch.nn.grad.conv2d_weight(  # type: ignore[attr-defined]
             z, self.weight.shape, e, stride=self.stride, padding=self.padding
         )
 

@@ -61,7 +61,7 @@ def _mlp(cfg: ModelConfig, input_shape: tuple[int, ...], k: int) -> list[tuple[s
         shape_in = input_shape if b == 0 else (cfg.hidden,)
 
         def make(b: int = b, dims: list[int] = dims, shape_in: tuple[int, ...] = shape_in) -> Block:
-            layers = {
+            layers: dict[str, Layer] = {
                 f"fc{i}": Dense(dims[i], dims[i + 1], batchnorm=cfg.batchnorm)
                 for i in range(cfg.gap)
             }
@@ -138,7 +138,12 @@ def _resnet(
             name = f"layer{s + 1}.{b}"
             plan.append((name, _basic_block_factory(name, shape, out_shape, st, cfg)))
             shape = out_shape
-    plan.append(("head", lambda c=shape[0], sh=shape: _head(c, sh, k)))
+    last = shape
+
+    def head() -> Block:
+        return _head(last[0], last, k)
+
+    plan.append(("head", head))
     return plan
 
 

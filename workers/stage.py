@@ -83,6 +83,7 @@ class Stage:
             self._equip(block, torch.Generator().manual_seed(spec.seed * 1_000_003 + i), i == 0)
             self.blocks.append(block)
         self.blocks.to(device=self.device, dtype=self.dtype)
+        self.block_list: list[Block] = list(self.blocks)  # type: ignore[arg-type]
         self.is_first, self.is_last = first == 0, last == len(plan)
         self.optimizer = build_optimizer(spec.optim, self._trainable())
         self._noise = torch.Generator().manual_seed(spec.seed * 7919 + 17)
@@ -100,8 +101,8 @@ class Stage:
         ]
         self._kp = [
             (layer.feedback, layer.weight)
-            for block in self.blocks
-            for layer in block.layers.values()
+            for block in self.block_list
+            for _, layer in block.layer_items()
             if layer.feedback_mode == "kp"
         ]
         self.step = 0
@@ -111,7 +112,7 @@ class Stage:
     def _equip(self, block: Block, gen: torch.Generator, model_input: bool) -> None:
         cfg = self.spec.rule
         for wire in block.wires:
-            layer = block.layers[wire.layer]
+            layer = block.layer(wire.layer)
             init_weight_(layer.weight, cfg.init, cfg.init_std, gen)
             mode = self.rule.feedback_mode(block, wire)
             if wire.src < 0 and model_input:
@@ -119,6 +120,7 @@ class Stage:
             layer.feedback_mode = mode
             if mode is not None:
                 layer.add_feedback(trainable=mode != "fixed")
+                assert layer.feedback is not None
                 init_weight_(layer.feedback, cfg.feedback_init, cfg.init_std, gen)
         for n, shape in enumerate(block.node_shapes):
             mode = self.rule.skip_mode(block, n)
@@ -131,8 +133,8 @@ class Stage:
     def units(self) -> dict[str, nn.Module]:
         """Every learnable unit by its model-wide name: layers and skip synapses."""
         out: dict[str, nn.Module] = {}
-        for block in self.blocks:
-            for lname, layer in block.layers.items():
+        for block in self.block_list:
+            for lname, layer in block.layer_items():
                 out[f"{block.name}.{lname}"] = layer
             for n, syn in block.skips.items():
                 out[f"{block.name}.skip{n}"] = syn
@@ -160,14 +162,14 @@ class Stage:
         if self.rule.autograd:
             x_in = x.detach().requires_grad_(not self.is_first)
             out = x_in
-            for block in self.blocks:
+            for block in self.block_list:
                 out = block(out, self.rule.layer_map)  # type: ignore[attr-defined]
             self._cache[mb] = (self.step, (x_in, out))
         else:
             caches: list[BlockCache] = []
             out = x
             with torch.enable_grad():  # each layer's own graph, even if called under no_grad
-                for block in self.blocks:
+                for block in self.block_list:
                     out, cache = block.forward_local(out)
                     caches.append(cache)
             self._cache[mb] = (self.step, caches)
@@ -225,7 +227,7 @@ class Stage:
             boundary = self._learn_autograd(cached, labels if self.is_last else None, boundary)
         else:
             pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-            for block, cache in zip(reversed(self.blocks), reversed(cached), strict=True):
+            for block, cache in zip(reversed(self.block_list), reversed(cached), strict=True):
                 boundary = sweep_block(
                     block,
                     cache,
@@ -266,7 +268,7 @@ class Stage:
     def apply(self) -> dict[str, float]:
         """Re-project, check and apply the accumulated updates; one optimizer step."""
         for feedback, weight in self._kp:  # KP: E moves by gamma times its layer's update
-            if weight.grad is not None:
+            if weight.grad is not None and feedback is not None:
                 feedback.grad = weight.grad * self.spec.rule.gamma
         owners = [o for o, p in self._named_params if p.grad is not None]
         grads = [p.grad for _, p in self._named_params if p.grad is not None]
@@ -317,7 +319,7 @@ class Stage:
         self.blocks.eval()
         self._training = False
         out = x.to(self.device, self.dtype)
-        for block in self.blocks:
+        for block in self.block_list:
             out = block(out)
         return self._send(out)
 

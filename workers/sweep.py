@@ -55,7 +55,7 @@ def sweep_block(
             0.5 / e.shape[0]
         )
         for wire in block.wires_into[n]:
-            layer = block.layers[wire.layer]
+            layer = block.layer(wire.layer)
             out = cache.layer_out[wire.layer]
             if out.requires_grad:  # a frozen layer has nothing to learn
                 pairs.append((out, e))
@@ -65,6 +65,7 @@ def sweep_block(
             src = cache.input if wire.src < 0 else cache.z[wire.src]
             carried = layer.carry(e, src)
             if mode == "local":
+                assert layer.feedback is not None
                 accumulate(layer.feedback, layer.weight_grad(carried, e).mul_(-rule.cfg.gamma))
             if wire.src < 0:
                 d_in = _add(d_in, carried)
@@ -90,7 +91,7 @@ def _node_displacement(
     mode = rule.skip_mode(block, n)
     if mode is None:
         return torch.zeros_like(cache.z[n]) if d_adjacent is None else d_adjacent
-    synapse = block.skips[str(n)]
+    synapse = block.skip(n)
     d_n = synapse(e_out)
     if mode == "kp":  # direct KP: for the last junction, exactly KP on the head
         accumulate(synapse.weight, synapse.pullback(e_out, cache.z[n]).mul_(rule.cfg.gamma))
