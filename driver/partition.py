@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -73,7 +73,18 @@ def profile_blocks(base: StageSpec, x: torch.Tensor, y: torch.Tensor, steps: int
     """Seconds of forward + learn per micro-batch for each block, measured in this process
     (each block as its own stage, so the costs add up the way stages will run them)."""
     n = len(model_plan(base.model, base.input_shape, base.num_classes))
-    stages = [Stage(replace(s, device=base.device)) for s in stage_specs(base, list(range(n + 1)))]
+    saved = torch.get_num_threads()  # time blocks with the threads a stage will have
+    stages = [Stage(s) for s in stage_specs(base, list(range(n + 1)))]
+    try:
+        return _time_blocks(stages, base, x, y, steps)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _time_blocks(
+    stages: list[Stage], base: StageSpec, x: torch.Tensor, y: torch.Tensor, steps: int
+) -> list[float]:
+    n = len(stages)
     costs = [0.0] * n
     sync = torch.cuda.synchronize if base.device.startswith("cuda") else (lambda: None)
     for rep in range(steps + 1):  # the first pass warms up allocators and is not counted

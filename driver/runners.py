@@ -93,6 +93,10 @@ def build_runner(cfg: Config, splits: DatasetSplits) -> tuple[Runner, Partition]
         mb = max(1, len(y) // pc.micro_batches)
         sample = (x[:mb], y[:mb])
         driver_side = base if torch.cuda.is_available() else replace(base, device="cpu")
+        if pc.stages > 1 and pc.backend != "local":  # profile with a stage's thread count
+            driver_side = replace(
+                driver_side, threads=pc.threads_per_stage or max(1, int(pc.cpus_per_stage))
+            )
         part = plan_partition(driver_side, pc.stages, pc.boundaries, sample, pc.profile_steps)
     else:
         part = plan_partition(base, pc.stages, pc.boundaries, None, pc.profile_steps)
