@@ -26,6 +26,12 @@ def _parser() -> argparse.ArgumentParser:
         help="override one key, e.g. --set rule.beta=0.2 (repeatable)",
     )
     t.add_argument("--quiet", action="store_true", help="no progress bars (for jobs and logs)")
+    t.add_argument(
+        "--resume",
+        metavar="PATH",
+        help="continue from a checkpoint file, or a run's checkpoint directory "
+        "(its newest checkpoint); trains cfg.rule only",
+    )
     return p
 
 
@@ -37,7 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.command == "train":
+        if args.command == "train" and args.resume:
+            from driver.train import train
+
+            run = train(cfg, quiet=args.quiet, resume=args.resume)
+            print(
+                f"{run.rule}: test acc {run.test_acc:.4f} after {run.steps} steps; "
+                f"curves: {cfg.train.out_dir}/{run.rule}/metrics.json"
+            )
+        elif args.command == "train":
             from driver.compare import compare_rules, format_table
 
             runs = compare_rules(cfg, quiet=args.quiet)

@@ -34,12 +34,14 @@ class TrainConfig:
     log_every: int = 50  # steps between log summaries
     max_steps: int = 0  # stop after this many steps (0: run all epochs)
     compare: tuple[str, ...] = ("backprop",)  # rules trained afterwards for the closing table
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end of the run)
+    keep_checkpoints: int = 3  # newest checkpoints kept (0: all)
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("threads", "max_steps"):
+        for key in ("threads", "max_steps", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
         if self.dtype not in ("float32", "float64"):

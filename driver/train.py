@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from driver import checkpoint
 from driver.config import Config, config_to_dict
 from driver.data import DatasetSplits, load_dataset, make_loader
 from driver.runners import Completed, Runner, base_spec, build_runner
@@ -83,6 +84,14 @@ class _Tally:
         return self.loss / max(self.seen, 1)
 
 
+@dataclass
+class Position:
+    """Where training stands: the next batch to train is batch `batch` of epoch `epoch`."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
 def train(
     cfg: Config,
     *,
@@ -90,37 +99,79 @@ def train(
     out_dir: Path | None = None,
     splits: DatasetSplits | None = None,
     track_test: bool = False,
+    resume: str | Path | None = None,
 ) -> RunLog:
     """Train `cfg.rule` on `cfg.model` and `cfg.data`; return (and write) its curves.
 
     `track_test` also records test accuracy after every epoch (benchmarks measure convergence
-    with it; model selection only ever looks at validation)."""
+    with it; model selection only ever looks at validation). `resume` continues from a
+    checkpoint file (or a run's checkpoint directory) at its exact step and data position."""
     t_start = time.perf_counter()
     tc = cfg.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)  # augmentation draws from the global generator
+    config = config_to_dict(cfg)
+    state = None
+    if resume is not None:
+        state = checkpoint.load(resume)
+        checkpoint.check_compatible(state, config, resume)
     splits = splits or load_dataset(cfg.data)
     runner, part = build_runner(cfg, splits)
     out = Path(out_dir or tc.out_dir) / cfg.rule.name
     run = RunLog(
         rule=cfg.rule.name,
-        config=config_to_dict(cfg),
+        config=config,
         partition=list(part.bounds),
         predicted_stage_seconds=list(part.stage_costs),
     )
-    book = StatsBook()
+    pos = Position()
     try:
+        if state is not None:
+            runner.load_state_dict(state["runner"])
+            pos = Position(**state["position"])
+            run.epochs, run.steps = list(state["runlog"]["epochs"]), state["runlog"]["steps"]
+            log.info(
+                "resumed from %s at step %d (epoch %d, batch %d)",
+                resume,
+                run.steps,
+                pos.epoch + 1,
+                pos.batch,
+            )
         _epochs(
-            cfg, runner, splits, run, book, out, quiet=quiet, track_test=track_test, t_start=t_start
+            cfg,
+            runner,
+            splits,
+            run,
+            StatsBook(),
+            out,
+            pos,
+            quiet=quiet,
+            track_test=track_test,
+            t_start=t_start,
+            rng=None if state is None else state["torch_rng"],
         )
         run.test_acc, run.test_loss = evaluate(runner, splits.test, tc.batch_size)
+        _checkpoint(runner, out, run, pos, config, tc.keep_checkpoints)
     finally:
         runner.close()
     run.wall_seconds = time.perf_counter() - t_start
     run.write(out / "metrics.json")
     log.info("%s: test acc %.4f", cfg.rule.name, run.test_acc)
     return run
+
+
+def _checkpoint(
+    runner: Runner, out: Path, run: RunLog, pos: Position, config: dict[str, Any], keep: int
+) -> Path:
+    state = {
+        "config": config,
+        "runner": runner.state_dict(),
+        "position": {"epoch": pos.epoch, "batch": pos.batch},
+        "runlog": {"epochs": run.epochs, "steps": run.steps},
+        "torch_rng": torch.get_rng_state(),
+    }
+    return checkpoint.save(out / "checkpoints", run.steps, state, keep=keep)
 
 
 def _epochs(
@@ -130,14 +181,17 @@ def _epochs(
     run: RunLog,
     book: StatsBook,
     out: Path,
+    pos: Position,
     *,
     quiet: bool,
     track_test: bool,
     t_start: float,
+    rng: torch.Tensor | None,
 ) -> None:
     tc = cfg.train
     train_time, samples = 0.0, 0
-    for epoch in range(tc.epochs):
+    while pos.epoch < tc.epochs:
+        epoch = pos.epoch
         loader = make_loader(
             splits.train,
             tc.batch_size,
@@ -146,19 +200,29 @@ def _epochs(
             epoch=epoch,
             num_workers=cfg.data.num_workers,
         )
+        batches = iter(loader)
+        for _ in range(pos.batch):  # a resumed epoch: the same order, minus what was trained
+            next(batches)
+        if rng is not None:  # restore after skipping: augmentation draws continue exactly
+            torch.set_rng_state(rng)
+            rng = None
         tally = _Tally()
         bar = tqdm(
-            loader,
+            batches,
             desc=f"{cfg.rule.name} epoch {epoch + 1}/{tc.epochs}",
             leave=False,
             disable=quiet,
             unit="step",
+            initial=pos.batch,
+            total=len(loader),
         )
         t_epoch = time.perf_counter()
+        stop = False
         for x, y in bar:
             tally.add(runner.step(x, y, cfg.pipeline.micro_batches))
             book.add(runner.drain_stats())
             run.steps += 1
+            pos.batch += 1
             samples += len(y)
             if run.steps % tc.log_every == 0:
                 log.info(
@@ -169,7 +233,11 @@ def _epochs(
                     tally.mean_loss,
                 )
             bar.set_postfix(acc=f"{tally.acc:.3f}", loss=f"{tally.mean_loss:.3f}")
+            if tc.checkpoint_every and run.steps % tc.checkpoint_every == 0:
+                tally.add(runner.flush())
+                _checkpoint(runner, out, run, pos, run.config, tc.keep_checkpoints)
             if tc.max_steps and run.steps >= tc.max_steps:
+                stop = True
                 break
         tally.add(runner.flush())
         book.add(runner.drain_stats(wait=True))
@@ -193,5 +261,6 @@ def _epochs(
         run.samples_per_second = samples / max(train_time, 1e-9)
         run.stages = book.summary()
         run.write(out / "metrics.json")
-        if tc.max_steps and run.steps >= tc.max_steps:
+        if stop:  # max_steps: the position stays mid-epoch, where a resume continues
             break
+        pos.epoch, pos.batch = epoch + 1, 0
