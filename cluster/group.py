@@ -105,7 +105,9 @@ class ActorGroup:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
             if isinstance(cause, StageError):
                 raise cause from None
-            raise StageError(i, f"{what} failed", f"{type(cause).__name__}: {cause}") from None
+            raise StageError(
+                i, f"{what} failed", f"{type(cause).__name__}: {cause}", type(cause).__name__
+            ) from None
 
     def shutdown(self) -> None:
         """Kill every actor and free the placement group (idempotent)."""

@@ -36,12 +36,21 @@ class TrainConfig:
     compare: tuple[str, ...] = ("backprop",)  # rules trained afterwards for the closing table
     checkpoint_every: int = 0  # steps between checkpoints (0: only at the end of the run)
     keep_checkpoints: int = 3  # newest checkpoints kept (0: all)
+    max_restarts: int = 2  # times a run rebuilds lost stages from its last checkpoint
+    eval_every_steps: int = 0  # extra validation every N steps (0: once per epoch only)
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("threads", "max_steps", "checkpoint_every", "keep_checkpoints"):
+        for key in (
+            "threads",
+            "max_steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "max_restarts",
+            "eval_every_steps",
+        ):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
         if self.dtype not in ("float32", "float64"):

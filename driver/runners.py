@@ -82,11 +82,16 @@ class RayRunner(RayPipeline):
         self._stop_ray()
 
 
-def build_runner(cfg: Config, splits: DatasetSplits) -> tuple[Runner, Partition]:
+def build_runner(
+    cfg: Config, splits: DatasetSplits, bounds: tuple[int, ...] | None = None
+) -> tuple[Runner, Partition]:
+    """The runner for `cfg`; `bounds` reuses a partition already chosen (no profiling)."""
     base = base_spec(cfg, splits)
     pc = cfg.pipeline
     sample = None
-    if pc.stages > 1 and not pc.boundaries:
+    if bounds is not None:
+        part = plan_partition(base, pc.stages, tuple(bounds[1:-1]), None, pc.profile_steps)
+    elif pc.stages > 1 and not pc.boundaries:
         x, y = next(
             iter(make_loader(splits.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed))
         )

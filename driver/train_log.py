@@ -1,0 +1,77 @@
+"""What a run records: its curves and stats (RunLog), evaluation, and train accuracy tallies."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from driver.data import make_loader
+from driver.runners import Completed, Runner
+
+
+@dataclass
+class RunLog:
+    """The curves of one run, written as JSON after every epoch."""
+
+    rule: str
+    config: dict[str, Any]
+    partition: list[int] = field(default_factory=list)
+    predicted_stage_seconds: list[float] = field(default_factory=list)  # per micro-batch
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    test_acc: float | None = None
+    test_loss: float | None = None
+    step_seconds: float = 0.0
+    samples_per_second: float = 0.0
+    steps: int = 0
+    wall_seconds: float = 0.0
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    evals: list[dict[str, float]] = field(default_factory=list)  # extra validations by step
+    restarts: int = 0
+    error: str | None = None
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=1))
+        os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate(runner: Runner, ds: Any, batch_size: int) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of the runner's eval-mode forward over `ds`."""
+    correct, loss, n = 0, 0.0, 0
+    for x, y in make_loader(ds, max(batch_size, 256), shuffle=False, seed=0):
+        logits = runner.infer(x).float().cpu()
+        correct += int((logits.argmax(1) == y).sum())
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        n += len(y)
+    return correct / max(n, 1), loss / max(n, 1)
+
+
+class Tally:
+    """Train accuracy and loss from the logits of finished micro-batches."""
+
+    def __init__(self) -> None:
+        self.correct = self.seen = 0
+        self.loss = 0.0
+
+    def add(self, done: Completed) -> None:
+        for logits, y in done:
+            logits = logits.float().cpu()
+            self.correct += int((logits.argmax(1) == y).sum())
+            self.loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            self.seen += len(y)
+
+    @property
+    def acc(self) -> float:
+        return self.correct / max(self.seen, 1)
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / max(self.seen, 1)

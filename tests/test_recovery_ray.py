@@ -1,0 +1,102 @@
+"""Fault tolerance on a real local Ray cluster: a stage's worker process is killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from driver import checkpoint
+from driver.config import load_config
+from driver.controller import Controller, RunFailed, RunState
+from driver.data import load_dataset
+from driver.train import train
+
+pytestmark = pytest.mark.ray
+
+BASE = [
+    "model.width=4",
+    "train.epochs=1",
+    "train.batch_size=64",
+    "train.compare=[]",
+    'train.dtype="float64"',
+    "train.checkpoint_every=5",
+    "train.keep_checkpoints=0",
+    "pipeline.micro_batches=2",
+]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=4, include_dashboard=False, namespace="reclra-recovery")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset(load_config().data)
+
+
+def _kill_worker(actor) -> int:  # noqa: ANN001
+    """SIGKILL the process behind a Ray actor (what a lost node or the OOM killer does)."""
+    pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def _final_units(out: Path) -> dict:
+    return checkpoint.load(out / "rec_lra" / "checkpoints")["runner"]["units"]
+
+
+@pytest.mark.parametrize("stages, bounds, victim", [(2, "[2]", 1), (3, "[1, 3]", 0)])
+def test_killed_stage_is_recreated_and_the_run_ends_as_if_nothing_happened(
+    cluster, digits, tmp_path, stages, bounds, victim
+):
+    cfg = load_config(None, [*BASE, f"pipeline.stages={stages}", f"pipeline.boundaries={bounds}"])
+    ref = train(cfg, quiet=True, out_dir=tmp_path / "ref", splits=digits)
+
+    ctl = Controller(cfg, out_dir=tmp_path / "hit", splits=digits)
+    seen: list[RunState] = []
+    killed = False
+    while not ctl.done:
+        seen.append(ctl.step())
+        if not killed and ctl.run.steps == 8 and ctl.state is RunState.RUNNING:
+            _kill_worker(ctl.runner.group.actors[victim])  # type: ignore[union-attr]
+            killed = True
+    assert killed and ctl.state is RunState.SUCCEEDED, ctl.error
+    assert ctl.restarts == 1 and RunState.RECOVERING in seen
+    assert ctl.run.steps == ref.steps == 19  # the full number of steps
+    assert ctl.run.restarts == 1
+    # recovery went back to step 5 and replayed the same data: the same final weights
+    a, b = _final_units(tmp_path / "ref"), _final_units(tmp_path / "hit")
+    for name in a:
+        for key, t in a[name]["tensors"].items():
+            torch.testing.assert_close(b[name]["tensors"][key], t, rtol=1e-12, atol=1e-12)
+
+
+def test_without_restarts_a_lost_stage_fails_the_run_naming_it(cluster, digits, tmp_path):
+    cfg = load_config(
+        None, [*BASE, "pipeline.stages=2", "pipeline.boundaries=[2]", "train.max_restarts=0"]
+    )
+    ctl = Controller(cfg, out_dir=tmp_path, splits=digits)
+    while not ctl.done:
+        ctl.step()
+        if ctl.run.steps == 3 and ctl.state is RunState.RUNNING and ctl.runner is not None:
+            _kill_worker(ctl.runner.group.actors[1])  # type: ignore[attr-defined]
+    assert ctl.state is RunState.FAILED
+    assert "stage 1" in ctl.error and "train.max_restarts" in ctl.error  # type: ignore[operator]
+
+
+def test_non_finite_update_fails_the_run_and_keeps_the_last_good_checkpoint(digits, tmp_path):
+    cfg = load_config(None, [*BASE, "optim.lr=1e30", "rule.reproject=0.0", 'optim.name="sgd"'])
+    with pytest.raises(RunFailed, match=r"stage 0: non-finite .* at step \d+") as info:
+        train(cfg, quiet=True, out_dir=tmp_path, splits=digits)
+    assert "\n" not in str(info.value)
+    good = checkpoint.checkpoints(tmp_path / "rec_lra" / "checkpoints")
+    assert good, "the last good checkpoint is kept"
+    checkpoint.load(good[-1])  # and it verifies
