@@ -12,6 +12,7 @@ from typing import Any
 
 from cluster.runtime import ClusterConfig
 from driver.data import DataConfig
+from driver.metrics import MetricsConfig
 from driver.pipeline import PipelineConfig
 from workers.models import ModelConfig
 from workers.optim import OptimConfig
@@ -73,6 +74,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
         if self.pipeline.micro_batches > self.train.batch_size:

@@ -25,6 +25,7 @@ from cluster.errors import PlacementError, StageDied, StageError, StageTimeout
 from driver import checkpoint
 from driver.config import Config, config_to_dict
 from driver.data import DatasetSplits, load_dataset, make_loader
+from driver.metrics import Metrics
 from driver.runners import Runner, build_runner
 from driver.stats import StatsBook
 from driver.train_log import RunLog, Tally, evaluate
@@ -69,8 +70,14 @@ class Controller:
         resume: str | Path | None = None,
         track_test: bool = False,
         on_transition: Callable[[Controller], None] | None = None,
+        metrics: Metrics | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.cfg, self.quiet, self.track_test = cfg, quiet, track_test
+        self.metrics = metrics
+        self.run_id = run_id or cfg.rule.name
+        if metrics:
+            metrics.register_run(self.run_id)
         self.state = RunState.PENDING
         self.splits = splits
         self.resume = resume
@@ -134,6 +141,8 @@ class Controller:
         if new in TERMINAL:
             self._close()
         self.state = new
+        if self.metrics:
+            self.metrics.set_state(self.run_id, new.value)
         if self.on_transition:
             self.on_transition(self)
         return new
@@ -189,6 +198,8 @@ class Controller:
             self.run.test_acc, self.run.test_loss = evaluate(
                 runner, self.splits.test, tc.batch_size
             )
+            if self.metrics:
+                self.metrics.test_acc.labels(self.run_id).set(self.run.test_acc)
             self._after_checkpoint = RunState.SUCCEEDED
             return RunState.CHECKPOINTING
         if self._batches is None:
@@ -201,8 +212,11 @@ class Controller:
         t0 = time.perf_counter()
         x, y = batch
         self._tally.add(runner.step(x, y, self.cfg.pipeline.micro_batches))
-        self.book.add(runner.drain_stats())
-        self._train_time += time.perf_counter() - t0
+        self._record(runner.drain_stats())
+        dt = time.perf_counter() - t0
+        self._train_time += dt
+        if self.metrics:
+            self.metrics.step(self.run_id, dt, len(y))
         self.run.steps += 1
         self.pos.batch += 1
         self._samples += len(y)
@@ -258,9 +272,11 @@ class Controller:
         self._bar.close()
         t0 = time.perf_counter()
         self._tally.add(runner.flush())
-        self.book.add(runner.drain_stats(wait=True))
+        self._record(runner.drain_stats(wait=True))
         self._train_time += time.perf_counter() - t0
         val_acc, val_loss = evaluate(runner, self.splits.val, tc.batch_size)
+        if self.metrics:
+            self.metrics.val_acc.labels(self.run_id).set(val_acc)
         entry = {
             "epoch": self.pos.epoch + 1,
             "train_acc": self._tally.acc,
@@ -305,6 +321,8 @@ class Controller:
         self._restore(state)
         self.restarts += 1
         self.run.restarts = self.restarts
+        if self.metrics:
+            self.metrics.restarts.labels(self.run_id).inc()
         return RunState.STARTING
 
     # -- helpers ------------------------------------------------------------------------------
@@ -325,7 +343,14 @@ class Controller:
             self.ckpt_dir, self.run.steps, state, keep=self.cfg.train.keep_checkpoints
         )
         self.checkpoints_written += 1
+        if self.metrics:
+            self.metrics.checkpoint(self.run_id)
         return path
+
+    def _record(self, reports: list) -> None:
+        self.book.add(reports)
+        if self.metrics:
+            self.metrics.stages(self.run_id, reports)
 
     def _on_lost_stage(self, exc: Exception) -> RunState:
         self.error = str(exc)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from driver.config import Config
 from driver.controller import Controller
 from driver.data import DatasetSplits
+from driver.metrics import Metrics, MetricsServer
 from driver.runners import base_spec
 from driver.train_log import RunLog, evaluate
 
 __all__ = ["RunLog", "base_spec", "evaluate", "train"]
+
+log = logging.getLogger(__name__)
 
 
 def train(
@@ -28,7 +32,22 @@ def train(
     with it; model selection only ever looks at validation). `resume` continues from a
     checkpoint file (or a run's checkpoint directory) at its exact step and data position.
     Raises RunFailed when the run ends failed."""
+    metrics = server = None
+    if cfg.metrics.enabled:
+        metrics = Metrics()
+        server = MetricsServer(metrics, cfg.metrics.addr, cfg.metrics.port)
+        log.info("metrics at %s", server.url)
     ctl = Controller(
-        cfg, quiet=quiet, out_dir=out_dir, splits=splits, resume=resume, track_test=track_test
+        cfg,
+        quiet=quiet,
+        out_dir=out_dir,
+        splits=splits,
+        resume=resume,
+        track_test=track_test,
+        metrics=metrics,
     )
-    return ctl.run_to_end()
+    try:
+        return ctl.run_to_end()
+    finally:
+        if server is not None:
+            server.close()
