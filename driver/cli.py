@@ -6,7 +6,9 @@ import argparse
 import logging
 import sys
 
-from driver.config import ConfigError, load_config
+from cluster.errors import ClusterError
+from driver.config import Config, ConfigError, load_config
+from driver.controller import RunFailed
 from driver.data import DataError
 
 
@@ -32,7 +34,33 @@ def _parser() -> argparse.ArgumentParser:
         help="continue from a checkpoint file, or a run's checkpoint directory "
         "(its newest checkpoint); trains cfg.rule only",
     )
+    v = sub.add_parser("serve", help="run the training service: gRPC control API + /metrics")
+    v.add_argument("--config", help="TOML config with [service] and [metrics] sections")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--quiet", action="store_true", help="log warnings only")
     return p
+
+
+def _serve(cfg: Config) -> None:
+    import signal
+    import threading
+
+    from driver.metrics import Metrics, MetricsServer
+    from driver.service import Service
+
+    metrics = Metrics()
+    endpoint = MetricsServer(metrics, cfg.metrics.addr, cfg.metrics.port)
+    service = Service(cfg.service, metrics)
+    print(
+        f"reclra: serving gRPC on {cfg.service.addr}:{service.port}, metrics at {endpoint.url}",
+        flush=True,
+    )
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    service.stop()
+    endpoint.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{run.rule}: test acc {run.test_acc:.4f} after {run.steps} steps; "
                 f"curves: {cfg.train.out_dir}/{run.rule}/metrics.json"
             )
+        elif args.command == "serve":
+            _serve(cfg)
         elif args.command == "train":
             from driver.compare import compare_rules, format_table
 
@@ -60,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ValueError) as exc:
         print(f"reclra: error: {exc}", file=sys.stderr)
         return 2
+    except (RunFailed, ClusterError) as exc:  # the run started and failed: say why, in a line
+        print(f"reclra: run failed: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -14,6 +14,7 @@ from cluster.runtime import ClusterConfig
 from driver.data import DataConfig
 from driver.metrics import MetricsConfig
 from driver.pipeline import PipelineConfig
+from driver.service_config import ServiceConfig
 from workers.models import ModelConfig
 from workers.optim import OptimConfig
 from workers.rules import RULES, RuleConfig
@@ -75,6 +76,7 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
 
     def __post_init__(self) -> None:
         if self.pipeline.micro_batches > self.train.batch_size:
@@ -89,23 +91,31 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)} 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the TOML file, then each `section.key=value` override, validated."""
+    if path is None:
+        return parse_config("", overrides)
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: no file at {p}; pass an existing TOML file to --config")
+    return parse_config(p.read_text(), overrides, source=str(p))
+
+
+def parse_config(
+    text: str, overrides: list[str] | None = None, *, source: str = "the config"
+) -> Config:
+    """Like load_config, from TOML text (`source` names it in errors)."""
     raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config: no file at {p}; pass an existing TOML file to --config")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config: {p} is not valid TOML ({exc}); fix the file") from None
-        for section, body in data.items():
-            if section not in SECTIONS:
-                raise ConfigError(
-                    f"config: unknown section [{section}] in {p}; known: {', '.join(SECTIONS)}"
-                )
-            if not isinstance(body, dict):
-                raise ConfigError(f"config: [{section}] must be a table in {p}")
-            raw[section].update(body)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {source} is not valid TOML ({exc}); fix the file") from None
+    for section, body in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"config: unknown section [{section}] in {source}; known: {', '.join(SECTIONS)}"
+            )
+        if not isinstance(body, dict):
+            raise ConfigError(f"config: [{section}] must be a table in {source}")
+        raw[section].update(body)
     for item in overrides or []:
         key, sep, text = item.partition("=")
         section, dot, name = key.strip().partition(".")
