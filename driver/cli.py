@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         help="continue from a checkpoint file, or a run's checkpoint directory "
         "(its newest checkpoint); trains cfg.rule only",
     )
+    r = sub.add_parser("report", help="plots and a markdown summary of a finished run")
+    r.add_argument("run_dir", help="the run's train.out_dir (holding <rule>/metrics.json)")
+    r.add_argument("--out", help="where to write (default: the run directory)")
     v = sub.add_parser("serve", help="run the training service: gRPC control API + /metrics")
     v.add_argument("--config", help="TOML config with [service] and [metrics] sections")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -66,9 +69,18 @@ def _serve(cfg: Config) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command == "report":
+        from driver.report import ReportError, report
+
+        try:
+            print(f"report: {report(args.run_dir, args.out)}")
+        except ReportError as exc:
+            print(f"reclra: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "train" and args.resume:
