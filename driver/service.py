@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
+import time
 import uuid
 from concurrent import futures
 from dataclasses import replace
@@ -23,6 +24,7 @@ from driver.service_config import ServiceConfig
 
 log = logging.getLogger(__name__)
 SERVICE = "reclra.v1.Training"
+TERMINAL_STATES = {s.value for s in (RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED)}
 pb: Any = _pb  # generated messages carry no static types
 
 
@@ -105,8 +107,8 @@ class Runs:
 
 
 class Servicer(pb_grpc.TrainingServicer):
-    def __init__(self, runs: Runs) -> None:
-        self.runs = runs
+    def __init__(self, runs: Runs, interval: float) -> None:
+        self.runs, self.interval = runs, interval
 
     def StartRun(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         try:
@@ -141,10 +143,9 @@ class Servicer(pb_grpc.TrainingServicer):
             seen = version
             snap = handle.snapshot()
             yield pb.RunEvent(run=snap)
-            if snap.state in {
-                s.value for s in (RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED)
-            }:
+            if snap.state in TERMINAL_STATES:
                 return
+            time.sleep(self.interval)  # coalesce: many watchers must not slow the run
 
 
 class _BearerAuth(grpc.ServerInterceptor):
@@ -181,7 +182,9 @@ class Service:
             futures.ThreadPoolExecutor(max_workers=cfg.max_workers),
             interceptors=[_BearerAuth(token)],
         )
-        pb_grpc.add_TrainingServicer_to_server(Servicer(self.runs), self.server)
+        pb_grpc.add_TrainingServicer_to_server(
+            Servicer(self.runs, cfg.watch_interval_s), self.server
+        )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(f"{cfg.addr}:{cfg.port}")

@@ -18,10 +18,13 @@ class ServiceConfig:
     token_env: str = "RECLRA_TOKEN"
     max_workers: int = 256  # gRPC threads: every WatchRun holds one while it streams
     runs_dir: str = "runs/service"
+    watch_interval_s: float = 0.25  # WatchRun sends at most one progress event per interval
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"service.port: {self.port} is not a TCP port (0-65535)")
+        if self.watch_interval_s < 0:
+            raise ValueError(f"service.watch_interval_s: must be >= 0, got {self.watch_interval_s}")
         if self.max_workers < 2:
             raise ValueError(f"service.max_workers: must be >= 2, got {self.max_workers}")
 
