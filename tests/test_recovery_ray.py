@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from prometheus_client import generate_latest
 
 from driver import checkpoint
 from driver.config import load_config
 from driver.controller import Controller, RunFailed, RunState
 from driver.data import load_dataset
+from driver.metrics import Metrics
 from driver.train import train
 
 pytestmark = pytest.mark.ray
@@ -60,7 +62,8 @@ def test_killed_stage_is_recreated_and_the_run_ends_as_if_nothing_happened(
     cfg = load_config(None, [*BASE, f"pipeline.stages={stages}", f"pipeline.boundaries={bounds}"])
     ref = train(cfg, quiet=True, out_dir=tmp_path / "ref", splits=digits)
 
-    ctl = Controller(cfg, out_dir=tmp_path / "hit", splits=digits)
+    metrics = Metrics()
+    ctl = Controller(cfg, out_dir=tmp_path / "hit", splits=digits, metrics=metrics, run_id="hit")
     seen: list[RunState] = []
     killed = False
     while not ctl.done:
@@ -72,6 +75,8 @@ def test_killed_stage_is_recreated_and_the_run_ends_as_if_nothing_happened(
     assert ctl.restarts == 1 and RunState.RECOVERING in seen
     assert ctl.run.steps == ref.steps == 19  # the full number of steps
     assert ctl.run.restarts == 1
+    exported = generate_latest(metrics.registry).decode()
+    assert 'reclra_restarts_total{run="hit"} 1.0' in exported  # counted in the metrics
     # recovery went back to step 5 and replayed the same data: the same final weights
     a, b = _final_units(tmp_path / "ref"), _final_units(tmp_path / "hit")
     for name in a:
