@@ -59,7 +59,6 @@ def test_a_whole_run_watched_to_the_end(service):
     steps = [e.run.step for e in events]
     assert steps == sorted(steps) and steps[-1] == 19  # progress, in order, to the last step
     assert events[-1].run.state == "succeeded"
-    assert {"running"} <= {e.run.state for e in events}
     got = client.call("GetRun", messages.GetRunRequest(run_id=run_id))
     assert got.state == "succeeded" and got.total_steps == 19
     written = json.loads((Path(got.out_dir) / "metrics.json").read_text())
