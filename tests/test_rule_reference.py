@@ -71,37 +71,14 @@ CASES = [
 def test_three_steps_match_reference(case):
     name, topology, fb, sk, depth, gap, residual, act, (mix_s, mix_a) = case
     lr, beta, gamma, radius = 0.05, 0.2, 0.7, 0.8
-    rule = RuleConfig(
-        name=name,
-        topology=topology,
-        feedback_update=fb,
-        skip_update=sk,
-        beta=beta,
-        gamma=gamma,
-        mix_skip=mix_s,
-        mix_adjacent=mix_a,
-        reproject=radius,
-        input_noise=0.0,
-    )
+    shared = dict(topology=topology, feedback_update=fb, skip_update=sk, beta=beta,
+                  gamma=gamma, mix_skip=mix_s, mix_adjacent=mix_a, reproject=radius)
+    rule = RuleConfig(name=name, input_noise=0.0, **shared)
     stage = _stage(depth, gap, residual, act, rule, lr)
     params = ref.init_params(D0, H, depth, K, gap, seed=3)
     binding = _bind(stage, params, depth, gap)
     gen = torch.Generator().manual_seed(0)
-    kw = dict(
-        depth=depth,
-        gap=gap,
-        act=act,
-        residual=residual,
-        rule=name,
-        topology=topology,
-        beta=beta,
-        gamma=gamma,
-        mix_skip=mix_s,
-        mix_adjacent=mix_a,
-        feedback_update=fb,
-        skip_update=sk,
-        reproject=radius,
-    )
+    kw = dict(depth=depth, gap=gap, act=act, residual=residual, rule=name, **shared)
     for _ in range(3):
         x = torch.randn(B, D0, generator=gen, dtype=torch.float64)
         y = torch.randint(0, K, (B,), generator=gen)
