@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` (install + train) and `make test` (install + tests).
 PYTHON ?= python3
+PIP_ARGS ?=
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e '.[dev]'
 	$(BIN)/python -m driver.protogen
 	touch $(STAMP)
 
