@@ -46,9 +46,15 @@ class ActorGroup:
                 f"{placement_timeout_s:g}s (cluster has {ray.available_resources()}); lower "
                 f"the per-stage resources or the stage count, or raise {timeout_key}"
             ) from None
-        remote: Any = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0)(
-            cls
-        )
+        # A "control" concurrency group answers probes while the default group (which keeps
+        # every call in submission order) is busy or hung.
+        remote: Any = ray.remote(  # type: ignore[call-overload]
+            num_cpus=cpus,
+            num_gpus=gpus,
+            max_restarts=0,
+            max_task_retries=0,
+            concurrency_groups={"control": 1},
+        )(cls)
         self.actors = [
             remote.options(
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -86,7 +92,8 @@ class ActorGroup:
             left = deadline - time.monotonic()
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(left, 0.0))
             if not ready:
-                stage = min(pending.values())
+                stuck = self.unresponsive(sorted(set(pending.values())))
+                stage = stuck[0] if stuck else min(pending.values())
                 raise StageTimeout(
                     stage,
                     f"{what} still running after {timeout_s:g}s; raise {key} if that is expected",
@@ -94,6 +101,19 @@ class ActorGroup:
             ref = ready[0]
             self._check(pending.pop(ref), ref, what)
         return [ray.get(ref) for _, ref in refs]
+
+    def unresponsive(self, indices: Sequence[int], timeout_s: float = 3.0) -> list[int]:
+        """Actors among `indices` that do not answer a probe: hung, not merely waiting for an
+        upstream stage (a waiting or computing actor still answers on its control thread)."""
+        probes = {
+            i: self.actors[i]
+            .__ray_call__.options(concurrency_group="control")
+            .remote(lambda actor: True)
+            for i in indices
+        }
+        ready, _ = ray.wait(list(probes.values()), num_returns=len(probes), timeout=timeout_s)
+        answered = set(ready)
+        return [i for i, ref in probes.items() if ref not in answered]
 
     @staticmethod
     def _check(i: int, ref: ray.ObjectRef, what: str) -> None:

@@ -10,14 +10,23 @@ from driver.config import load_config
 from workers.models import model_plan
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "deploy" / "configs").glob("*.toml"))
-SHAPES = {"digits": ((1, 8, 8), 10), "cifar10": ((3, 32, 32), 10),
-          "imagenet": ((3, 224, 224), 1000), "synthetic": ((3, 32, 32), 10)}
+SHAPES = {
+    "digits": ((1, 8, 8), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "imagenet": ((3, 224, 224), 1000),
+    "synthetic": ((3, 32, 32), 10),
+}
 
 
 def test_there_are_example_configs():
     names = {p.stem for p in CONFIGS}
-    assert {"digits", "cifar10_resnet18", "imagenet_resnet18", "imagenet_resnet34",
-            "service"} <= names
+    assert {
+        "digits",
+        "cifar10_resnet18",
+        "imagenet_resnet18",
+        "imagenet_resnet34",
+        "service",
+    } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])

@@ -13,12 +13,18 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 SCHEMAS = ROOT.parent / "shared" / "schemas"
-CRDS = {("ray.io", "RayCluster"): "kuberay/ray.io_rayclusters.yaml",
-        ("ray.io", "RayJob"): "kuberay/ray.io_rayjobs.yaml",
-        ("monitoring.coreos.com", "PodMonitor"):
-            "prometheus-operator/monitoring.coreos.com_podmonitors.yaml",
-        ("monitoring.coreos.com", "ServiceMonitor"):
-            "prometheus-operator/monitoring.coreos.com_servicemonitors.yaml"}
+CRDS = {
+    ("ray.io", "RayCluster"): "kuberay/ray.io_rayclusters.yaml",
+    ("ray.io", "RayJob"): "kuberay/ray.io_rayjobs.yaml",
+    (
+        "monitoring.coreos.com",
+        "PodMonitor",
+    ): "prometheus-operator/monitoring.coreos.com_podmonitors.yaml",
+    (
+        "monitoring.coreos.com",
+        "ServiceMonitor",
+    ): "prometheus-operator/monitoring.coreos.com_servicemonitors.yaml",
+}
 K8S_VERSION = "1.30"
 
 
@@ -45,8 +51,10 @@ def _crd_schema(doc: dict) -> dict:
     group, version = doc["apiVersion"].split("/")
     path = SCHEMAS / CRDS[(group, doc["kind"])]
     if not path.is_file():
-        pytest.skip(f"CRD schemas not found at {path} (they live beside the project in "
-                    "../shared/schemas, absent on a user's clone)")
+        pytest.skip(
+            f"CRD schemas not found at {path} (they live beside the project in "
+            "../shared/schemas, absent on a user's clone)"
+        )
     crd = yaml.safe_load(path.read_text())
     served = {v["name"]: v for v in crd["spec"]["versions"] if v.get("served")}
     assert version in served, f"{doc['kind']} {version} is not served by the CRD ({list(served)})"
@@ -58,7 +66,8 @@ def test_custom_resources_validate_against_their_crd(name, doc):
     schema = _crd_schema(doc)
     errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=str)
     assert not errors, f"{name}: " + "; ".join(
-        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5])
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5]
+    )
 
 
 def test_the_crd_validation_catches_a_broken_manifest():
@@ -73,12 +82,19 @@ def _configmap() -> dict:
     kust = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
     gen = kust["configMapGenerator"][0]
     data = {Path(f).name: (DEPLOY / f).read_text() for f in gen["files"]}
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]},
-            "data": data}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": gen["name"]},
+        "data": data,
+    }
 
 
-@pytest.mark.parametrize("name, doc", [*CORE, ("kustomize ConfigMap", _configmap())],
-                         ids=[n for n, _ in CORE] + ["configmap"])
+@pytest.mark.parametrize(
+    "name, doc",
+    [*CORE, ("kustomize ConfigMap", _configmap())],
+    ids=[n for n, _ in CORE] + ["configmap"],
+)
 def test_core_objects_validate_against_kubernetes(name, doc):
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -105,3 +106,27 @@ def test_non_finite_update_fails_the_run_and_keeps_the_last_good_checkpoint(digi
     good = checkpoint.checkpoints(tmp_path / "rec_lra" / "checkpoints")
     assert good, "the last good checkpoint is kept"
     checkpoint.load(good[-1])  # and it verifies
+
+
+def test_a_hung_stage_times_out_and_is_recreated(cluster, digits, tmp_path):
+    """SIGSTOP a stage's worker (it hangs, it does not die): the step's deadline fires, the run
+    names the stage, recreates the stages from the last checkpoint, and finishes."""
+    cfg = load_config(
+        None, [*BASE, "pipeline.stages=2", "pipeline.boundaries=[2]", "pipeline.step_timeout_s=8"]
+    )
+    ctl = Controller(cfg, out_dir=tmp_path, splits=digits)
+    stopped = None
+    try:
+        while not ctl.done:
+            ctl.step()
+            if stopped is None and ctl.run.steps == 6 and ctl.state is RunState.RUNNING:
+                actor = ctl.runner.group.actors[1]  # type: ignore[union-attr]
+                stopped = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+                os.kill(stopped, signal.SIGSTOP)
+    finally:
+        if stopped is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGCONT)  # let a leftover process die normally
+    assert ctl.state is RunState.SUCCEEDED, ctl.error
+    assert ctl.restarts == 1 and ctl.run.steps == 19
+    assert "stage 1" in (ctl.error or "") and "pipeline.step_timeout_s" in (ctl.error or "")

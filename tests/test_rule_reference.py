@@ -71,8 +71,16 @@ CASES = [
 def test_three_steps_match_reference(case):
     name, topology, fb, sk, depth, gap, residual, act, (mix_s, mix_a) = case
     lr, beta, gamma, radius = 0.05, 0.2, 0.7, 0.8
-    shared = dict(topology=topology, feedback_update=fb, skip_update=sk, beta=beta,
-                  gamma=gamma, mix_skip=mix_s, mix_adjacent=mix_a, reproject=radius)
+    shared = dict(
+        topology=topology,
+        feedback_update=fb,
+        skip_update=sk,
+        beta=beta,
+        gamma=gamma,
+        mix_skip=mix_s,
+        mix_adjacent=mix_a,
+        reproject=radius,
+    )
     rule = RuleConfig(name=name, input_noise=0.0, **shared)
     stage = _stage(depth, gap, residual, act, rule, lr)
     params = ref.init_params(D0, H, depth, K, gap, seed=3)
