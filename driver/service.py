@@ -16,7 +16,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from driver import reclra_pb2 as _pb
-from driver import reclra_pb2_grpc as pb_grpc
 from driver.config import ConfigError, parse_config
 from driver.controller import Controller, RunState
 from driver.metrics import Metrics
@@ -24,6 +23,14 @@ from driver.service_config import ServiceConfig
 
 log = logging.getLogger(__name__)
 SERVICE = "reclra.v1.Training"
+# rpc name -> (request message, response message, server-streaming); mirrors reclra.proto
+METHODS = {
+    "StartRun": ("StartRunRequest", "Run", False),
+    "GetRun": ("GetRunRequest", "Run", False),
+    "ListRuns": ("ListRunsRequest", "ListRunsResponse", False),
+    "StopRun": ("StopRunRequest", "Run", False),
+    "WatchRun": ("WatchRunRequest", "RunEvent", True),
+}
 TERMINAL_STATES = {s.value for s in (RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED)}
 pb: Any = _pb  # generated messages carry no static types
 
@@ -106,7 +113,7 @@ class Runs:
         return handle  # type: ignore[return-value]
 
 
-class Servicer(pb_grpc.TrainingServicer):
+class Servicer:
     def __init__(self, runs: Runs, interval: float) -> None:
         self.runs, self.interval = runs, interval
 
@@ -148,6 +155,21 @@ class Servicer(pb_grpc.TrainingServicer):
             time.sleep(self.interval)  # coalesce: many watchers must not slow the run
 
 
+def _handlers(servicer: Servicer) -> grpc.GenericRpcHandler:
+    """The service's method handlers, built from METHODS (only the messages are generated)."""
+    handlers = {}
+    for name, (req, resp, stream) in METHODS.items():
+        make = (
+            grpc.unary_stream_rpc_method_handler if stream else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[name] = make(
+            getattr(servicer, name),
+            request_deserializer=getattr(pb, req).FromString,
+            response_serializer=getattr(pb, resp).SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
 class _BearerAuth(grpc.ServerInterceptor):
     """Every call but the health check must carry `authorization: Bearer <token>`."""
 
@@ -182,8 +204,8 @@ class Service:
             futures.ThreadPoolExecutor(max_workers=cfg.max_workers),
             interceptors=[_BearerAuth(token)],
         )
-        pb_grpc.add_TrainingServicer_to_server(
-            Servicer(self.runs, cfg.watch_interval_s), self.server
+        self.server.add_generic_rpc_handlers(
+            (_handlers(Servicer(self.runs, cfg.watch_interval_s)),)
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -215,14 +237,21 @@ class Client:
 
     def __init__(self, target: str, token: str) -> None:
         self.channel = grpc.insecure_channel(target)
-        self.stub = pb_grpc.TrainingStub(self.channel)
+        self.rpcs = {
+            name: (self.channel.unary_stream if stream else self.channel.unary_unary)(
+                f"/{SERVICE}/{name}",
+                request_serializer=getattr(pb, req).SerializeToString,
+                response_deserializer=getattr(pb, resp).FromString,
+            )
+            for name, (req, resp, stream) in METHODS.items()
+        }
         self.metadata = (("authorization", f"Bearer {token}"),)
 
     def call(self, method: str, request: Any, timeout: float = 30.0) -> Any:
-        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
+        return self.rpcs[method](request, metadata=self.metadata, timeout=timeout)
 
     def watch(self, run_id: str, timeout: float = 600.0) -> Any:
-        return self.stub.WatchRun(
+        return self.rpcs["WatchRun"](
             pb.WatchRunRequest(run_id=run_id), metadata=self.metadata, timeout=timeout
         )
 
