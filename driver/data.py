@@ -1,4 +1,4 @@
-"""Datasets (digits, CIFAR-10, ImageNet folder, synthetic) and deterministic batch loaders."""
+"""Datasets (digits, CIFAR-10, (Fashion-)MNIST, ImageNet folder, synthetic) and batch loaders."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ __all__ = ["DATASETS", "DataConfig", "DataError", "DatasetSplits", "load_dataset
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("digits", "cifar10", "imagenet", "synthetic")
+DATASETS = ("digits", "cifar10", "fashion_mnist", "mnist", "imagenet", "synthetic")
+HELD_OUT = ("cifar10", "fashion_mnist", "mnist")  # val = the last data.val_size of the train file
 DIGITS_HELD = 300  # digits: images in each of val and test (train keeps the other 1,197)
 SYNTHETIC_CLASSES = 10
 SYNTHETIC_SNR = 1.0  # class-mean amplitude per coarse cell vs unit noise: linear ~75-90% test
@@ -24,11 +25,12 @@ SYNTHETIC_SNR = 1.0  # class-mean amplitude per coarse cell vs unit noise: linea
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    name: str = "digits"  # digits | cifar10 | imagenet | synthetic
-    root: str = "data"  # where cifar10 / imagenet live on disk
-    download: bool = False  # cifar10 only: download when asked (never by default)
-    val_size: int = 5000  # cifar10: images held out from train for validation (paper: 5000)
-    augment: bool = False  # random crop + horizontal flip, train split only (cifar10, imagenet)
+    name: str = "digits"  # digits | cifar10 | fashion_mnist | mnist | imagenet | synthetic
+    root: str = "data"  # holds cifar-10-batches-py, FashionMNIST/raw, MNIST/raw or imagenet
+    download: bool = False  # cifar10, (fashion_)mnist: download when asked (never by default)
+    val_size: int = 5000  # cifar10, (fashion_)mnist: the last images of train held out for val
+    train_size: int = 0  # cifar10, (fashion_)mnist: class-balanced seeded subset of train (0: all)
+    augment: bool = False  # random crop + flip (mnist: no flip), train split only; not digits/synth
     whiten: bool = False  # cifar10: GCN + ZCA whitening, fitted on the train split only
     image_size: int = 224  # imagenet: train/eval crop size
     synthetic_size: int = 512  # synthetic: train samples (val and test get a quarter each)
@@ -44,7 +46,8 @@ class DataConfig:
                 raise ValueError(f"data.{key}: must be true or false, got {getattr(self, key)!r}")
         if not isinstance(self.root, str) or not self.root:
             raise ValueError(f"data.root: must be a non-empty path, got {self.root!r}")
-        minimum = {"val_size": 0, "image_size": 8, "synthetic_size": 4, "num_workers": 0, "seed": 0}
+        minimum = {"val_size": 0, "train_size": 0, "image_size": 8, "synthetic_size": 4}
+        minimum |= {"num_workers": 0, "seed": 0}
         for key, low in minimum.items():
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -60,14 +63,15 @@ class DataConfig:
             )
         object.__setattr__(self, "synthetic_shape", tuple(shape))  # TOML gives a list
         only = {
-            "download": ("cifar10",),
+            "download": HELD_OUT,
+            "train_size": HELD_OUT,
             "whiten": ("cifar10",),
-            "augment": ("cifar10", "imagenet"),
+            "augment": (*HELD_OUT, "imagenet"),
         }
         for key, names in only.items():
             if getattr(self, key) and self.name not in names:
                 raise ValueError(
-                    f"data.{key}: only applies to {' and '.join(names)}, not {self.name!r}"
+                    f"data.{key}: only applies to {', '.join(names)}, not {self.name!r}"
                 )
 
 
@@ -81,6 +85,10 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
         from driver.datasets_cifar import load_cifar10
 
         return load_cifar10(cfg)
+    if cfg.name in ("fashion_mnist", "mnist"):
+        from driver.datasets_mnist import load_mnist
+
+        return load_mnist(cfg)
     from driver.datasets_imagenet import load_imagenet
 
     return load_imagenet(cfg)
@@ -110,6 +118,58 @@ def make_loader(
         num_workers=num_workers,
         persistent_workers=False,
     )
+
+
+def split_train(labels: np.ndarray, cfg: DataConfig, where: str) -> tuple[int, np.ndarray | None]:
+    """``(n_train, keep)`` for a train file of ``len(labels)`` items, or DataError naming the key.
+
+    Validation is the last ``cfg.val_size`` items, train the ``n_train`` before them; when
+    ``cfg.train_size`` is set, ``keep`` is the sorted indices of the training images kept (see
+    :func:`balanced_subset`), else None. ``where`` names the file(s) in error messages.
+    """
+    n_train = len(labels) - cfg.val_size
+    if n_train < 1:
+        raise DataError(
+            f"{cfg.name}: data.val_size = {cfg.val_size} leaves no training images "
+            f"({len(labels)} in {where}); lower data.val_size"
+        )
+    if cfg.train_size > n_train:
+        raise DataError(
+            f"{cfg.name}: data.train_size = {cfg.train_size} exceeds the {n_train} training images "
+            f"left after data.val_size = {cfg.val_size} ({len(labels)} in {where}); "
+            "lower data.train_size (0 keeps them all)"
+        )
+    if not cfg.train_size:
+        return n_train, None
+    return n_train, balanced_subset(labels[:n_train], cfg.train_size, cfg.seed)
+
+
+def balanced_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted indices of ``size`` items spread as evenly over the classes as their counts allow.
+
+    Classes too small for an even share give all they have and the rest is shared out among the
+    others; which classes get one more, and which items each class gives, depend only on ``seed``.
+    """
+    if not 0 <= size <= len(labels):
+        raise ValueError(f"size {size} is not in 0..{len(labels)}")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = np.zeros_like(counts)
+    left = size
+    while left > 0:
+        spare = np.flatnonzero(quota < counts)
+        share = left // len(spare)
+        if share == 0:  # fewer left than classes with room: one more each for a seeded few
+            quota[rng.choice(spare, size=left, replace=False)] += 1
+            break
+        add = np.minimum(counts[spare] - quota[spare], share)
+        quota[spare] += add
+        left -= int(add.sum())
+    picks = [
+        rng.choice(np.flatnonzero(labels == c), size=int(k), replace=False)
+        for c, k in zip(classes, quota, strict=True)
+    ]
+    return np.sort(np.concatenate([np.zeros(0, dtype=np.int64), *picks]).astype(np.int64))
 
 
 def _load_digits() -> DatasetSplits:

@@ -144,16 +144,19 @@ class Normalise:
 
 
 def load_cifar10(cfg: DataConfig) -> DatasetSplits:
-    """Train: data_batch_1..5 less the last ``val_size`` images (val); test: test_batch."""
+    """Train: data_batch_1..5 less the last ``val_size`` images (val); test: test_batch.
+
+    A ``train_size`` keeps a class-balanced, seeded subset of the training images (0: all).
+    """
+    from driver.data import split_train
+
     x, y = _read(cfg.root, train=True, download=cfg.download)
     x_test, y_test = _read(cfg.root, train=False, download=False)
-    n_train = len(x) - cfg.val_size
-    if n_train < 1:
-        raise DataError(
-            f"cifar10: data.val_size = {cfg.val_size} leaves no training images "
-            f"(the batches under {Path(cfg.root) / CIFAR10.base_folder} hold {len(x)})"
-        )
+    where = f"the batches under {Path(cfg.root) / CIFAR10.base_folder}"
+    n_train, keep = split_train(y.numpy(), cfg, where)
     parts = {"train": (x[:n_train], y[:n_train]), "val": (x[n_train:], y[n_train:])}
+    if keep is not None:
+        parts["train"] = (x[torch.from_numpy(keep)], y[torch.from_numpy(keep)])
     parts["test"] = (x_test, y_test)
     aug = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()])
     if cfg.whiten:
@@ -166,5 +169,5 @@ def load_cifar10(cfg: DataConfig) -> DatasetSplits:
         out = {k: TensorImages(a, b, norm) for k, (a, b) in parts.items()}
         if cfg.augment:
             out["train"].transform = v2.Compose([aug, norm])
-    log.info("cifar10: train %d, val %d, test %d", n_train, cfg.val_size, len(x_test))
+    log.info("cifar10: train %d, val %d, test %d", len(out["train"]), cfg.val_size, len(x_test))
     return DatasetSplits(**out, input_shape=(3, 32, 32), num_classes=10)

@@ -1,8 +1,10 @@
-"""Writers of tiny datasets in real on-disk formats: CIFAR-10 python batches, ImageNet folders."""
+"""Writers of tiny datasets in real on-disk formats: CIFAR-10 batches, MNIST IDX, ImageNet."""
 
 from __future__ import annotations
 
+import gzip
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,59 @@ def write_cifar10(root: Path, per_batch: int = 8, n_test: int = 6, seed: int = 0
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump(meta, f, protocol=2)
     return folder
+
+
+MNIST_FILES = {  # torchvision's names: split -> (images, labels)
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+MNIST_TEST_START = 1000  # test images are numbered from here
+
+
+def mnist_marker(g: int) -> tuple[int, int]:
+    """(row, column) of the one bright pixel of MNIST fixture image number ``g``."""
+    return (5 * g) % 28, (11 * g + 3) % 28
+
+
+def mnist_label(g: int) -> int:
+    """The label of MNIST fixture image ``g``: class 9 is about four times as common as the rest,
+    so that a class-balanced subset differs from a plain one."""
+    return min(g % 13, 9)
+
+
+def mnist_images(start: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` uint8 28x28 images from number ``start`` (noise 20..99, 255 at the marker), labels."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(20, 100, size=(n, 28, 28), dtype=np.uint8)
+    for i in range(n):
+        images[i][mnist_marker(start + i)] = 255
+    return images, np.array([mnist_label(start + i) for i in range(n)], dtype=np.uint8)
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """``array`` (uint8, 1 or 3 dims) as an IDX file: magic 0x0800 + ndim, big-endian dims, data."""
+    magic = 0x0800 + array.ndim  # 2049 for labels, 2051 for images
+    return struct.pack(f">{1 + array.ndim}I", magic, *array.shape) + array.tobytes()
+
+
+def write_idx_mnist(
+    root: Path, folder_name: str, n_train: int, n_test: int, gz: bool = True, seed: int = 0
+) -> Path:
+    """``root/<folder_name>/raw`` with the four IDX files, gzipped (as downloaded) or extracted.
+
+    Train images are numbered 0.., test images MNIST_TEST_START..; see :func:`mnist_images`.
+    """
+    raw = root / folder_name / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, start, n in (("train", 0, n_train), ("test", MNIST_TEST_START, n_test)):
+        images, labels = mnist_images(start, n, seed + start)
+        for name, array in zip(MNIST_FILES[split], (images, labels), strict=True):
+            blob = idx_bytes(array)
+            if gz:
+                (raw / f"{name}.gz").write_bytes(gzip.compress(blob, mtime=0))
+            else:
+                (raw / name).write_bytes(blob)
+    return raw
 
 
 IMAGENET_COLOURS = {"n01440764": (230, 20, 20), "n01443537": (20, 230, 20)}

@@ -54,7 +54,7 @@ def one_line_error(exc: pytest.ExceptionInfo[DataError], *parts: str) -> str:
 @pytest.mark.parametrize(
     ("kw", "key"),
     [
-        ({"name": "mnist"}, "data.name"),
+        ({"name": "svhn"}, "data.name"),
         ({"val_size": -1}, "data.val_size"),
         ({"image_size": 0}, "data.image_size"),
         ({"synthetic_size": 2}, "data.synthetic_size"),
@@ -75,8 +75,10 @@ def test_config_rejects_bad_values_naming_the_key(kw: dict, key: str) -> None:
 
 
 def test_config_names_the_choices_and_is_frozen_keyword_only() -> None:
-    with pytest.raises(ValueError, match=r"digits.*cifar10.*imagenet.*synthetic"):
-        DataConfig(name="mnist")
+    with pytest.raises(
+        ValueError, match=r"digits.*cifar10.*fashion_mnist.*mnist.*imagenet.*synthetic"
+    ):
+        DataConfig(name="svhn")
     cfg = DataConfig(name="synthetic", synthetic_shape=[1, 8, 8])  # as TOML delivers it
     assert cfg.synthetic_shape == (1, 8, 8)
     with pytest.raises(dataclasses.FrozenInstanceError):
