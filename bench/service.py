@@ -125,7 +125,8 @@ def checkpoint_speed(out: Path) -> dict:
     from workers.models import ModelConfig, model_plan
     from workers.optim import OptimConfig
     from workers.rules import ErrorSignal, RuleConfig
-    from workers.stage import Stage, StageSpec
+    from workers.spec import StageSpec
+    from workers.stage import Stage
 
     model = ModelConfig(name="resnet18", width=64)
     n = len(model_plan(model, (3, 32, 32), 10))

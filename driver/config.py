@@ -18,6 +18,7 @@ from driver.service_config import ServiceConfig
 from workers.models import ModelConfig
 from workers.optim import OptimConfig
 from workers.rules import RULES, RuleConfig
+from workers.rules.recipes import recipe
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept (0: all)
     max_restarts: int = 2  # times a run rebuilds lost stages from its last checkpoint
     eval_every_steps: int = 0  # extra validation every N steps (0: once per epoch only)
+    diagnose_every: int = 0  # compare each layer's update with backprop's every N steps (0: off)
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "log_every"):
@@ -52,6 +54,7 @@ class TrainConfig:
             "keep_checkpoints",
             "max_restarts",
             "eval_every_steps",
+            "diagnose_every",
         ):
             if getattr(self, key) < 0:
                 raise ValueError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
@@ -126,6 +129,9 @@ def parse_config(
                 f"--set {item!r}: unknown section {section!r}; known: {', '.join(SECTIONS)}"
             )
         raw[section][name] = _parse_value(text.strip())
+    rule = raw["rule"].get("name", RuleConfig.name)
+    for section in ("rule", "optim"):  # the rule's own recipe, under what the config sets
+        raw[section] = {**recipe(str(rule), section), **raw[section]}
     built = {name: _build(name, cls, raw[name]) for name, cls in SECTIONS.items()}
     try:
         return Config(**built)
@@ -182,5 +188,10 @@ def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 
 
 def with_rule(cfg: Config, name: str) -> Config:
-    """The same run with another learning rule (for side-by-side comparisons)."""
-    return replace(cfg, rule=replace(cfg.rule, name=name))
+    """The same run (model, data, epochs, pipeline) with another learning rule trained by its
+    own recipe (workers/rules/recipes.py), as side-by-side comparisons need."""
+    return replace(
+        cfg,
+        rule=RuleConfig(name=name, **recipe(name, "rule")),
+        optim=replace(cfg.optim, **recipe(name, "optim")),
+    )

@@ -29,7 +29,7 @@ from driver.metrics import Metrics
 from driver.runners import Runner, build_runner
 from driver.stats import StatsBook
 from driver.train_log import RunLog, Tally, evaluate
-from workers.stage import NonFiniteError
+from workers.spec import NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ class Controller:
         self._t_start = time.perf_counter()
         self._train_time = 0.0
         self._samples = 0
+        self._per_epoch = 1  # batches in an epoch, set when one opens
 
     # -- driving ------------------------------------------------------------------------------
     @property
@@ -212,13 +213,13 @@ class Controller:
         t0 = time.perf_counter()
         x, y = batch
         self._tally.add(runner.step(x, y, self.cfg.pipeline.micro_batches))
+        self.run.steps += 1
+        self.pos.batch += 1
         self._record(runner.drain_stats())
         dt = time.perf_counter() - t0
         self._train_time += dt
         if self.metrics:
             self.metrics.step(self.run_id, dt, len(y))
-        self.run.steps += 1
-        self.pos.batch += 1
         self._samples += len(y)
         self._bar.update(1)
         self._bar.set_postfix(acc=f"{self._tally.acc:.3f}", loss=f"{self._tally.mean_loss:.3f}")
@@ -256,6 +257,7 @@ class Controller:
             torch.set_rng_state(self._rng)
             self._rng = None
         self._batches = batches
+        self._per_epoch = len(loader)
         self._tally = Tally()
         self._bar = tqdm(
             total=len(loader),
@@ -272,7 +274,7 @@ class Controller:
         self._bar.close()
         t0 = time.perf_counter()
         self._tally.add(runner.flush())
-        self._record(runner.drain_stats(wait=True))
+        self._record(runner.drain_stats(wait=True), epoch_end=True)
         self._train_time += time.perf_counter() - t0
         val_acc, val_loss = evaluate(runner, self.splits.val, tc.batch_size)
         if self.metrics:
@@ -347,10 +349,13 @@ class Controller:
             self.metrics.checkpoint(self.run_id)
         return path
 
-    def _record(self, reports: list) -> None:
+    def _record(self, reports: list, *, epoch_end: bool = False) -> None:
         self.book.add(reports)
         if self.metrics:
             self.metrics.stages(self.run_id, reports)
+        if epoch_end or self.run.steps % self.cfg.train.log_every == 0:
+            epoch = self.pos.epoch + self.pos.batch / max(self._per_epoch, 1)
+            self.run.note_alignment(self.book, self.run.steps, epoch)
 
     def _on_lost_stage(self, exc: Exception) -> RunState:
         self.error = str(exc)

@@ -16,7 +16,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from workers.stage import StageStats
+from workers.spec import StageStats
 
 # reclra_run_state's values, in lifecycle order (a gauge: labels stay run / stage / layer).
 STATE_CODES = {
@@ -114,6 +114,20 @@ class Metrics:
             ["run", "stage", "layer"],
             registry=r,
         )
+        self.synapse_angle = Gauge(
+            "reclra_layer_synapse_angle_degrees",
+            "Angle between a layer's error synapse E and its forward weight W: 0 is exact "
+            "transport (E = W^T), 90 no alignment",
+            ["run", "stage", "layer"],
+            registry=r,
+        )
+        self.backprop_cosine = Gauge(
+            "reclra_layer_backprop_cosine",
+            "Cosine between a layer's local update and backprop's gradient of the same "
+            "micro-batches, at the last probe (train.diagnose_every)",
+            ["run", "stage", "layer"],
+            registry=r,
+        )
         self.val_acc = Gauge(
             "reclra_validation_accuracy_ratio", "Validation accuracy", ["run"], registry=r
         )
@@ -157,6 +171,10 @@ class Metrics:
                 self.local_loss.labels(run, s, layer).set(v)
             for layer, v in st.update_norm.items():
                 self.update_norm.labels(run, s, layer).set(v)
+            for layer, v in st.synapse_angle.items():
+                self.synapse_angle.labels(run, s, layer).set(v)
+            for layer, v in st.backprop_cosine.items():  # {} between probes: keeps the last
+                self.backprop_cosine.labels(run, s, layer).set(v)
 
     def checkpoint(self, run: str) -> None:
         self.checkpoints.labels(run).inc()

@@ -11,7 +11,8 @@ import torch
 from workers.models import model_plan
 from workers.rules import ErrorSignal
 from workers.runner import stage_specs
-from workers.stage import Stage, StageSpec
+from workers.spec import StageSpec
+from workers.stage import Stage
 
 log = logging.getLogger(__name__)
 

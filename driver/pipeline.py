@@ -12,7 +12,8 @@ import torch
 from cluster.group import ActorGroup
 from driver.schedule import APPLY, FORWARD, LEARN, Op, Stream
 from workers.rules import ErrorSignal, make_rule
-from workers.stage import Stage, StageSpec, StageStats
+from workers.spec import StageSpec, StageStats
+from workers.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,9 @@ class RayPipeline:
         self.cfg = cfg
         self.k = len(specs)
         self.sync = cfg.schedule == "sync"
-        self.chained = make_rule(specs[0].rule).chained
+        # diagnostics chain the error path too: backprop's true gradient (ErrorSignal.true_grad)
+        # reaches stage s only from stage s + 1, even when the rule broadcasts e_L
+        self.chained = make_rule(specs[0].rule).chained or specs[0].diagnose_every > 0
         cuda = specs[0].device.startswith("cuda")
         gpus = cfg.gpus_per_stage if cfg.gpus_per_stage >= 0 else (1.0 if cuda else 0.0)
         threads = cfg.threads_per_stage or max(1, int(cfg.cpus_per_stage))

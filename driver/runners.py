@@ -17,7 +17,7 @@ from driver.partition import Partition, plan_partition
 from driver.pipeline import RayPipeline
 from workers.models import model_plan
 from workers.runner import LocalRunner, stage_specs
-from workers.stage import StageSpec, StageStats
+from workers.spec import StageSpec, StageStats
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ def base_spec(cfg: Config, splits: DatasetSplits) -> StageSpec:
         seed=cfg.train.seed,
         dtype=cfg.train.dtype,
         device=resolve_device(cfg.train.device),
+        diagnose_every=cfg.train.diagnose_every,
     )
 
 
@@ -98,6 +99,7 @@ def build_runner(
         mb = max(1, len(y) // pc.micro_batches)
         sample = (x[:mb], y[:mb])
         driver_side = base if torch.cuda.is_available() else replace(base, device="cpu")
+        driver_side = replace(driver_side, diagnose_every=0)  # time the training, not the probe
         if pc.stages > 1 and pc.backend != "local":  # profile with a stage's thread count
             driver_side = replace(
                 driver_side, threads=pc.threads_per_stage or max(1, int(pc.cpus_per_stage))

@@ -1,10 +1,11 @@
-"""Aggregate the small stats every stage reports per step (times, bytes, staleness, norms)."""
+"""Aggregate the small stats every stage reports per step (times, bytes, staleness, norms,
+alignment)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from workers.stage import StageStats
+from workers.spec import StageStats
 
 
 @dataclass
@@ -19,6 +20,8 @@ class StageTotals:
     cached: int = 0
     local_loss: dict[str, float] = field(default_factory=dict)
     update_norm: dict[str, float] = field(default_factory=dict)
+    synapse_angle: dict[str, float] = field(default_factory=dict)  # latest, per layer
+    backprop_cosine: dict[str, float] = field(default_factory=dict)  # latest probed, per layer
 
     @property
     def staleness_mean(self) -> float:
@@ -57,7 +60,19 @@ class StatsBook:
             t.cached = st.cached
             t.local_loss.update(st.local_loss)
             t.update_norm.update(st.update_norm)
+            t.synapse_angle.update(st.synapse_angle)
+            t.backprop_cosine.update(st.backprop_cosine)  # {} between probes: keeps the last
             self.latest[stage] = st
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {str(s): t.summary() for s, t in sorted(self.stages.items())}
+
+    def alignment(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(synapse angle in degrees, backprop cosine) per layer over every stage: the latest of
+        each (layer names are model-wide, so stages never collide)."""
+        angles: dict[str, float] = {}
+        cosines: dict[str, float] = {}
+        for _, t in sorted(self.stages.items()):
+            angles.update(t.synapse_angle)
+            cosines.update(t.backprop_cosine)
+        return angles, cosines

@@ -157,7 +157,20 @@ def forward(params, x, *, depth, gap, act, residual):
 
 
 def compute_errors(
-    params, x, y, *, depth, gap, act, residual, rule, topology, beta, mix_skip, mix_adjacent
+    params,
+    x,
+    y,
+    *,
+    depth,
+    gap,
+    act,
+    residual,
+    rule,
+    topology,
+    beta,
+    mix_skip,
+    mix_adjacent,
+    rescale_error=False,
 ):
     """The forward pass plus one top-down sweep of targets and errors.
 
@@ -169,6 +182,9 @@ def compute_errors(
       err:     [e_i] error of each hidden layer
       used:    {synapse key: (source error, displacement that synapse produced)} for every
                synapse the topology used ("E{i}", "Ehead", "M{k}")
+
+    With ``rescale_error`` the L2 part of each hidden error is divided by beta:
+    e_i = a (z_i - y_i) / beta + (1 - a) sign(z_i - y_i).
     """
     check_shape(depth, gap)
     if rule not in RULES:
@@ -219,6 +235,8 @@ def compute_errors(
 
         y_i = phi(h - beta * d)
         diff = z - y_i
+        if rescale_error:
+            diff = diff / beta
         disp[i] = d
         target[i] = y_i
         err[i] = a * diff + (1.0 - a) * torch.sign(diff)
@@ -266,10 +284,12 @@ def gradients(
     feedback_update,
     skip_update,
     reproject,
+    rescale_error=False,
 ):
     """The update tensors ("gradients", to be descended), each re-projected separately.
 
-    Only parameters that receive an update appear in the returned dict.
+    Only parameters that receive an update appear in the returned dict. gamma is not applied
+    here: it is the error synapses' own learning rate, applied by ``step`` after re-projection.
     """
     if feedback_update not in FEEDBACK_UPDATES:
         raise ValueError(f"unknown feedback_update {feedback_update!r}")
@@ -288,6 +308,7 @@ def gradients(
         beta=beta,
         mix_skip=mix_skip,
         mix_adjacent=mix_adjacent,
+        rescale_error=rescale_error,
     )
     batch = x.shape[0]
     layers = info["layers"]
@@ -307,21 +328,22 @@ def gradients(
         if key.startswith("E"):
             weight_key = "W" + key[1:]  # E3 -> W3, Ehead -> Whead
             if feedback_update == "kp":
-                grads[key] = gamma * grads[weight_key]
+                grads[key] = grads[weight_key]
             elif feedback_update == "local":
-                grads[key] = -gamma * (e_src.T @ d) / batch
+                grads[key] = -(e_src.T @ d) / batch
         else:  # skip synapse M{k}
             z_junction = layers[junction_of_block(int(key[1:]), gap)][1]
             if skip_update == "kp":  # direct KP: M moves like a readout of the junction would
-                grads[key] = gamma * (e_out.T @ z_junction) / batch
+                grads[key] = (e_out.T @ z_junction) / batch
             elif skip_update == "local":
-                grads[key] = -gamma * (e_out.T @ d) / batch
+                grads[key] = -(e_out.T @ d) / batch
 
     return {key: reproject_tensor(g, reproject) for key, g in grads.items()}
 
 
 def step(params, x, y, *, lr, **settings):
-    """One plain SGD step (param -= lr * G). Returns new params; the input dict is untouched.
+    """One plain SGD step: param -= lr * G, and E/M -= gamma * lr * G (gamma is the error
+    synapses' learning-rate factor). Returns new params; the input dict is untouched.
 
     `settings` are gradients()'s keyword arguments (reproject: the ball radius c; None or 0
     turns re-projection off).
@@ -330,7 +352,8 @@ def step(params, x, y, *, lr, **settings):
     new_params = {}
     for key, value in params.items():
         if key in grads:
-            new_params[key] = value - lr * grads[key]
+            rate = lr * settings["gamma"] if key[0] in "EM" else lr
+            new_params[key] = value - rate * grads[key]
         else:
             new_params[key] = value.clone()
     return new_params

@@ -17,7 +17,7 @@ from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
 from workers.rules import RuleConfig
 from workers.runner import LocalRunner, stage_specs
-from workers.stage import StageSpec
+from workers.spec import StageSpec
 
 SHAPE, CLASSES, BATCH, STEPS = (2, 8, 8), 5, 8, 4
 RULE = RuleConfig(name="backprop", input_noise=0.0, reproject=0.0)
@@ -72,13 +72,14 @@ def _plain_twin(model: ModelConfig, shape: tuple[int, ...], runner: LocalRunner)
 
 
 def _optimizer(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    # nanoGPT's grouping: matrices and kernels decay, biases and norm affines do not
+    groups = [
+        {"params": [p for p in params if p.dim() > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+    ]
     if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    return torch.optim.AdamW(
-        params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
-    )
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
 def _batches(shape: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -22,20 +22,24 @@ from workers.blocks import Block, BlockCache, activate
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
 from workers.rules import ErrorSignal, RuleConfig
-from workers.stage import Stage, StageSpec
+from workers.spec import StageSpec
+from workers.stage import Stage
 from workers.sweep import sweep_block
 
 K, B = 4, 6
 SHAPE = (3, 8, 8)
+# Random synapses everywhere (the default recipe starts KP synapses at zero, which would carry
+# nothing at the first step and make the leak tests below vacuous).
+RANDOM = dict(kp_init="kaiming", head_init="kaiming")
 TARGET_RULES = {
-    "rec_lra-skip": dict(name="rec_lra", topology="skip"),
-    "rec_lra-mirror": dict(name="rec_lra", topology="mirror"),
-    "rec_lra-adjacent": dict(name="rec_lra", topology="adjacent"),
+    "rec_lra-skip": dict(name="rec_lra", topology="skip", **RANDOM),
+    "rec_lra-mirror": dict(name="rec_lra", topology="mirror", **RANDOM),
+    "rec_lra-adjacent": dict(name="rec_lra", topology="adjacent", **RANDOM),
     "rec_lra-skip-local": dict(
-        name="rec_lra", topology="skip", feedback_update="local", skip_update="local"
+        name="rec_lra", topology="skip", feedback_update="local", skip_update="local", **RANDOM
     ),
-    "lra_e": dict(name="lra_e"),
-    "dfa": dict(name="dfa"),
+    "lra_e": dict(name="lra_e", **RANDOM),
+    "dfa": dict(name="dfa", **RANDOM),
 }
 MODELS = {
     "resnet8": (ModelConfig(name="resnet8", width=3, batchnorm=True), SHAPE),

@@ -9,7 +9,7 @@ from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
 from workers.rules import RuleConfig
 from workers.runner import LocalRunner, stage_specs
-from workers.stage import StageSpec
+from workers.spec import StageSpec
 
 pytestmark = [
     pytest.mark.gpu,

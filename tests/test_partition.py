@@ -20,7 +20,7 @@ from driver.partition import Partition, best_partition, plan_partition, profile_
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
 from workers.rules import RuleConfig
-from workers.stage import StageSpec
+from workers.spec import StageSpec
 
 SHAPE, CLASSES, BATCH = (1, 8, 8), 10, 8
 MODEL = ModelConfig(name="resnet8", width=4)

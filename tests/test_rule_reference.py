@@ -9,7 +9,8 @@ import torch
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
 from workers.rules import ErrorSignal, RuleConfig
-from workers.stage import Stage, StageSpec
+from workers.spec import StageSpec
+from workers.stage import Stage
 
 D0, H, K, B = 12, 10, 4, 16
 
@@ -67,8 +68,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("rescale", [False, True], ids=["raw", "rescaled"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:5])))
-def test_three_steps_match_reference(case):
+def test_three_steps_match_reference(case, rescale):
     name, topology, fb, sk, depth, gap, residual, act, (mix_s, mix_a) = case
     lr, beta, gamma, radius = 0.05, 0.2, 0.7, 0.8
     shared = dict(
@@ -80,7 +82,9 @@ def test_three_steps_match_reference(case):
         mix_skip=mix_s,
         mix_adjacent=mix_a,
         reproject=radius,
+        rescale_error=rescale,
     )
+    # the synapses' values are copied in from the reference: the init schemes do not matter
     rule = RuleConfig(name=name, input_noise=0.0, **shared)
     stage = _stage(depth, gap, residual, act, rule, lr)
     params = ref.init_params(D0, H, depth, K, gap, seed=3)
@@ -104,7 +108,7 @@ def test_three_steps_match_reference(case):
     err_kw = {
         k: v
         for k, v in kw.items()
-        if k not in ("gamma", "feedback_update", "skip_update", "reproject")
+        if k not in ("gamma", "feedback_update", "skip_update", "reproject", "rescale_error")
     }
     used = set(ref.compute_errors(params, x, y, **err_kw)["used"])
     for key in binding:

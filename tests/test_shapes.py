@@ -20,7 +20,8 @@ from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
 from workers.rules import ErrorSignal, RuleConfig
 from workers.runner import stage_specs
-from workers.stage import Stage, StageSpec
+from workers.spec import StageSpec
+from workers.stage import Stage
 from workers.synapses import SkipSynapse
 
 DT = torch.float64

@@ -23,14 +23,17 @@ from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
 from workers.rules import ErrorSignal, RuleConfig
 from workers.runner import LocalRunner, stage_specs
-from workers.stage import NonFiniteError, Stage, StageSpec, StageStateError
+from workers.spec import NonFiniteError, StageSpec, StageStateError
+from workers.stage import Stage
 
 K, B = 4, 6
 SHAPE = (3, 8, 8)
+RANDOM = dict(kp_init="kaiming", head_init="kaiming")  # every synapse moves from step one
 RULES = {
-    "rec_lra-skip": dict(name="rec_lra", topology="skip"),
-    "rec_lra-mirror": dict(name="rec_lra", topology="mirror"),
-    "lra_e": dict(name="lra_e"),
+    "rec_lra": dict(name="rec_lra"),  # the default recipe
+    "rec_lra-skip": dict(name="rec_lra", topology="skip", **RANDOM),
+    "rec_lra-mirror": dict(name="rec_lra", topology="mirror", **RANDOM),
+    "lra_e": dict(name="lra_e", **RANDOM),
     "dfa": dict(name="dfa"),
     "fa": dict(name="fa"),
     "backprop": dict(name="backprop"),

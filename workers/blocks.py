@@ -34,6 +34,7 @@ class BlockCache:
     h: list[torch.Tensor] = field(default_factory=list)
     z: list[torch.Tensor] = field(default_factory=list)
     layer_out: dict[str, torch.Tensor] = field(default_factory=dict)
+    layer_lin: dict[str, torch.Tensor] = field(default_factory=dict)  # W z before BN (BN layers)
     pool_index: torch.Tensor | None = None
 
 
@@ -125,7 +126,11 @@ class Block(nn.Module):
         for n, act in enumerate(self.acts):
             h: torch.Tensor | None = None
             for w in self.wires_into[n]:
-                out = self.layers[w.layer]((x if w.src < 0 else zs[w.src]).detach())
+                layer = self.layer(w.layer)
+                lin = layer.linear((x if w.src < 0 else zs[w.src]).detach(), layer.weight)
+                out = layer.post(lin)
+                if layer.bn is not None:
+                    cache.layer_lin[w.layer] = lin
                 cache.layer_out[w.layer] = out
                 out = out.detach()
                 h = out if h is None else h + out

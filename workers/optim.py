@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -15,8 +16,8 @@ SCHEDULES = ("constant", "cosine")
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     name: str = "adamw"
-    lr: float = 1e-2
-    weight_decay: float = 1e-4
+    lr: float = 3e-3
+    weight_decay: float = 1.0
     momentum: float = 0.9
     beta1: float = 0.9
     beta2: float = 0.999
@@ -40,20 +41,39 @@ class OptimConfig:
 
 
 def build_optimizer(
-    cfg: OptimConfig, params: Iterable[torch.nn.Parameter]
+    cfg: OptimConfig,
+    params: Iterable[torch.nn.Parameter],
+    feedback: Iterable[torch.nn.Parameter] = (),
+    *,
+    feedback_rate: float = 1.0,
 ) -> torch.optim.Optimizer:
-    params = list(params)
-    if cfg.name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True
+    """The optimizer over a stage's parameters, in three groups.
+
+    Forward weights (matrices and kernels) decay by `weight_decay`; 1-d parameters (biases,
+    BatchNorm's affine) never decay. Error synapses (`feedback`) get their own group whose
+    learning rate is `feedback_rate` times the forward one (rule.gamma), so the rate acts under
+    every optimizer, also under Adam's per-tensor normalisation; their weight decay is scaled so
+    that they shrink by the same fraction per step as the forward weights (Kolen-Pollack: E and
+    gamma*W then converge).
+    """
+    params, feedback = list(params), list(feedback)
+    decay = [p for p in params if p.dim() > 1]
+    flat = [p for p in params if p.dim() <= 1]
+    wd_feedback = cfg.weight_decay / feedback_rate if feedback_rate > 0 else 0.0
+    groups: list[dict[str, Any]] = [
+        {"params": ps, "lr": cfg.lr * scale, "lr_scale": scale, "weight_decay": wd}
+        for ps, scale, wd in (
+            (decay, 1.0, cfg.weight_decay),
+            (flat, 1.0, 0.0),
+            (feedback, feedback_rate, wd_feedback),
         )
-    return torch.optim.AdamW(
-        params,
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        weight_decay=cfg.weight_decay,
-        fused=True,
-    )
+        if ps
+    ]
+    if not groups:  # a stage with nothing to learn still steps its (empty) optimizer
+        groups = [{"params": [], "lr": cfg.lr, "lr_scale": 1.0, "weight_decay": 0.0}]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def lr_factor(cfg: OptimConfig, step: int) -> float:
@@ -65,8 +85,9 @@ def lr_factor(cfg: OptimConfig, step: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int) -> None:
+    factor = cfg.lr * lr_factor(cfg, step)
     for group in optimizer.param_groups:
-        group["lr"] = cfg.lr * lr_factor(cfg, step)
+        group["lr"] = factor * group.get("lr_scale", 1.0)
 
 
 def reproject_(grads: list[torch.Tensor], radius: float) -> torch.Tensor:

@@ -8,7 +8,8 @@ import torch
 
 from workers.models import model_plan
 from workers.rules import ErrorSignal
-from workers.stage import Stage, StageSpec, StageStats
+from workers.spec import StageSpec, StageStats
+from workers.stage import Stage
 
 
 def stage_specs(base: StageSpec, bounds: list[int]) -> list[StageSpec]:
@@ -48,7 +49,7 @@ class LocalRunner:
             signal = ErrorSignal(labels=ys)
             for stage in reversed(self.stages):
                 below = stage.learn(mb, signal)
-                signal = ErrorSignal(output_error=below.output_error, boundary=below.boundary)
+                signal = replace(below, labels=None)
         for stage in self.stages:
             stage.apply()
         return [(torch.cat(logits), y)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -11,53 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.blocks import Block, BlockCache
+from workers.diagnostics import BackpropProbe, synapse_angles
 from workers.layers import init_weight_
-from workers.models import ModelConfig, model_plan
-from workers.optim import OptimConfig, build_optimizer, reproject_, set_lr
-from workers.rules import ErrorSignal, RuleConfig, make_rule
+from workers.models import model_plan
+from workers.optim import build_optimizer, reproject_, set_lr
+from workers.rules import ErrorSignal, make_rule
+from workers.spec import DTYPES, NonFiniteError, StageSpec, StageStats
 from workers.state import load_stage_state, stage_state
 from workers.sweep import sweep_block
 from workers.synapses import SkipSynapse
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-class NonFiniteError(FloatingPointError):
-    """A non-finite error or update; names the stage, layer and step so the run can stop cleanly."""
-
-
-class StageStateError(ValueError):
-    """A state dict that does not fit this stage (missing or unexpected layers, wrong shapes)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class StageSpec:
-    model: ModelConfig
-    rule: RuleConfig
-    optim: OptimConfig
-    input_shape: tuple[int, ...]
-    num_classes: int
-    blocks: tuple[int, int]  # [first, last) block indices of the model this stage owns
-    index: int = 0
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "cpu"
-    max_cached: int = 64  # micro-batches a stage may hold between forward and learn
-    threads: int = 0  # torch threads for this stage's process; 0 leaves the process setting
-    send_to_cpu: bool = False  # return activations and signals on the CPU (between processes)
-
-
-@dataclass
-class StageStats:
-    forward_seconds: float = 0.0
-    learn_seconds: float = 0.0
-    local_loss: dict[str, float] = field(default_factory=dict)
-    update_norm: dict[str, float] = field(default_factory=dict)
-    micro_batches: int = 0
-    idle_seconds: float = 0.0  # between the end of one call and the start of the next
-    bytes_received: int = 0  # activations and error signals handed to this stage
-    staleness: list[int] = field(default_factory=list)  # applies between a forward and its learn
-    cached: int = 0  # micro-batches held when the stats were taken
 
 
 class Stage:
@@ -85,7 +46,10 @@ class Stage:
         self.blocks.to(device=self.device, dtype=self.dtype)
         self.block_list: list[Block] = list(self.blocks)  # type: ignore[arg-type]
         self.is_first, self.is_last = first == 0, last == len(plan)
-        self.optimizer = build_optimizer(spec.optim, self._trainable())
+        forward, feedback = self._trainable()
+        self.optimizer = build_optimizer(
+            spec.optim, forward, feedback, feedback_rate=spec.rule.gamma
+        )
         self._noise = torch.Generator().manual_seed(spec.seed * 7919 + 17)
         if spec.threads > 0:
             torch.set_num_threads(spec.threads)
@@ -107,13 +71,14 @@ class Stage:
         ]
         self.step = 0
         self.stats = StageStats()
+        self._probe = BackpropProbe(self.block_list) if spec.diagnose_every > 0 else None
 
     # -- construction -------------------------------------------------------------------------
     def _equip(self, block: Block, gen: torch.Generator, model_input: bool) -> None:
         cfg = self.spec.rule
         for wire in block.wires:
             layer = block.layer(wire.layer)
-            init_weight_(layer.weight, cfg.init, cfg.init_std, gen)
+            init_weight_(layer.weight, cfg.head_init if block.head else cfg.init, cfg.init_std, gen)
             mode = self.rule.feedback_mode(block, wire)
             if wire.src < 0 and model_input:
                 mode = None  # would carry an error to the data itself
@@ -121,12 +86,16 @@ class Stage:
             if mode is not None:
                 layer.add_feedback(trainable=mode != "fixed")
                 assert layer.feedback is not None
-                init_weight_(layer.feedback, cfg.feedback_init, cfg.init_std, gen)
+                scheme = cfg.kp_init if mode == "kp" else cfg.feedback_init
+                if block.head and mode == "kp" and cfg.head_init == "zeros":
+                    scheme = "zeros"  # with W_head at zero too, E_head = gamma * W_head always
+                init_weight_(layer.feedback, scheme, cfg.init_std, gen)
         for n, shape in enumerate(block.node_shapes):
             mode = self.rule.skip_mode(block, n)
             if mode is not None:
                 syn = SkipSynapse(self.spec.num_classes, shape, cfg.skip_grid)
-                init_weight_(syn.weight, cfg.feedback_init, cfg.init_std, gen)
+                scheme = cfg.kp_init if mode == "kp" else cfg.feedback_init
+                init_weight_(syn.weight, scheme, cfg.init_std, gen)
                 syn.weight.requires_grad_(mode != "fixed")
                 block.skips[str(n)] = syn
 
@@ -140,8 +109,16 @@ class Stage:
                 out[f"{block.name}.skip{n}"] = syn
         return out
 
-    def _trainable(self) -> list[nn.Parameter]:
-        return [p for p in self.blocks.parameters() if p.requires_grad]
+    def _trainable(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(forward parameters, error synapses) that learn."""
+        feedback: list[nn.Parameter] = []
+        for block in self.block_list:
+            feedback += [ly.feedback for _, ly in block.layer_items() if ly.feedback is not None]
+            feedback += [block.skip(int(n)).weight for n in block.skips]
+        feedback = [p for p in feedback if p.requires_grad]
+        ids = {id(p) for p in feedback}
+        forward = [p for p in self.blocks.parameters() if p.requires_grad and id(p) not in ids]
+        return forward, feedback
 
     # -- the three verbs ------------------------------------------------------------------------
     def forward(self, mb: Any, x: torch.Tensor) -> torch.Tensor:
@@ -241,6 +218,7 @@ class Stage:
                 outs, errs = zip(*pairs, strict=True)
                 torch.autograd.backward(outs, errs)
         self._check_finite("error", e_out)
+        true_grad = self._diagnose(cached, signal)
         self.stats.micro_batches += 1
         self._samples += e_out.shape[0]
         if apply:
@@ -248,7 +226,27 @@ class Stage:
         self.stats.learn_seconds += self._end() - t0
         send = boundary if (self.rule.chained and not self.is_first) else None
         return ErrorSignal(
-            output_error=self._send(e_out), boundary=None if send is None else self._send(send)
+            output_error=self._send(e_out),
+            boundary=None if send is None else self._send(send),
+            true_grad=None if true_grad is None else self._send(true_grad),
+        )
+
+    def _diagnose(self, cached: Any, signal: ErrorSignal) -> torch.Tensor | None:
+        """The side backprop pass of diagnostics: the last stage starts it every
+        `diagnose_every` steps; a stage below follows whenever the gradient arrives."""
+        if self._probe is None:
+            return None
+        if self.is_last:
+            if self.step % self.spec.diagnose_every:
+                return None
+        elif signal.true_grad is None:
+            return None
+        x = cached[0] if self.rule.autograd else cached[0].input
+        return self._probe.run(
+            x,
+            labels=signal.labels.to(self.device) if self.is_last else None,  # type: ignore[union-attr]
+            grad_out=signal.true_grad,
+            needs_input_grad=not self.is_first,
         )
 
     def _learn_autograd(
@@ -267,14 +265,16 @@ class Stage:
 
     def apply(self) -> dict[str, float]:
         """Re-project, check and apply the accumulated updates; one optimizer step."""
-        for feedback, weight in self._kp:  # KP: E moves by gamma times its layer's update
+        for feedback, weight in self._kp:  # KP: E gets its layer's update (its lr holds gamma)
             if weight.grad is not None and feedback is not None:
-                feedback.grad = weight.grad * self.spec.rule.gamma
+                feedback.grad = weight.grad.clone()
         owners = [o for o, p in self._named_params if p.grad is not None]
         grads = [p.grad for _, p in self._named_params if p.grad is not None]
         if grads and self._samples:
             torch._foreach_mul_(grads, 1.0 / self._samples)  # sums over samples -> means
         self._samples = 0
+        if self._probe is not None and self._probe.grads:
+            self.stats.backprop_cosine = self._probe.cosines()
         norms = reproject_(grads, self.spec.rule.reproject)
         if not torch.isfinite(norms).all():
             bad = next(o for o, g in zip(owners, grads, strict=True) if not torch.isfinite(g).all())
@@ -327,6 +327,7 @@ class Stage:
         """The stats since the last call, and a fresh window."""
         stats, self.stats = self.stats, StageStats()
         stats.cached = len(self._cache)
+        stats.synapse_angle = synapse_angles(self.block_list)
         self._last_end = time.perf_counter()
         return stats
 

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from workers.spec import StageStateError
+
 if TYPE_CHECKING:
     from workers.stage import Stage
 
@@ -39,8 +41,6 @@ def load_stage_state(
 
     Everything is checked before anything is loaded: a refused state leaves the stage as it was.
     """
-    from workers.stage import StageStateError
-
     units = stage.units()
     missing = [n for n in units if n not in state]
     if missing and strict:

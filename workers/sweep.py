@@ -36,9 +36,9 @@ def sweep_block(
     the correlation of its own input with its node's error: the pair (layer output, error) is
     appended to `pairs`, and the caller runs one backward over all pairs (each layer's graph
     starts at its detached input, so nothing crosses layers). Skip synapses and `local` error
-    synapses accumulate in .grad directly; `kp` error synapses copy gamma times their layer's
-    update at apply time. Every tensor used here is this block's own cache, e_L, or the
-    displacement handed to it.
+    synapses accumulate in .grad directly; `kp` error synapses copy their layer's update at
+    apply time; gamma is the error synapses' own learning rate (their optimizer group). Every
+    tensor used here is this block's own cache, e_L, or the displacement handed to it.
     """
     n_nodes = len(block.acts)
     d: list[torch.Tensor | None] = [None] * n_nodes
@@ -63,10 +63,15 @@ def sweep_block(
             if mode is None:
                 continue
             src = cache.input if wire.src < 0 else cache.z[wire.src]
-            carried = layer.carry(e, src)
+            e_lin = e
+            lin = cache.layer_lin.get(wire.layer)
+            if rule.cfg.carry_bn and lin is not None:
+                # the error at W z: e through the layer's own BatchNorm Jacobian (local to it)
+                e_lin = torch.autograd.grad(out, lin, e, retain_graph=True)[0]
+            carried = layer.carry(e_lin, src)
             if mode == "local":
                 assert layer.feedback is not None
-                accumulate(layer.feedback, layer.weight_grad(carried, e).mul_(-rule.cfg.gamma))
+                accumulate(layer.feedback, layer.weight_grad(carried, e_lin).neg_())
             if wire.src < 0:
                 d_in = _add(d_in, carried)
             else:
@@ -94,7 +99,7 @@ def _node_displacement(
     synapse = block.skip(n)
     d_n = synapse(e_out)
     if mode == "kp":  # direct KP: for the last junction, exactly KP on the head
-        accumulate(synapse.weight, synapse.pullback(e_out, cache.z[n]).mul_(rule.cfg.gamma))
+        accumulate(synapse.weight, synapse.pullback(e_out, cache.z[n]))
     elif mode == "local":
-        accumulate(synapse.weight, synapse.pullback(e_out, d_n).mul_(-rule.cfg.gamma))
+        accumulate(synapse.weight, synapse.pullback(e_out, d_n).neg_())
     return d_n

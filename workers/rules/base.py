@@ -23,7 +23,7 @@ class RuleConfig:
     """How layers learn. Every [choice] of ALGORITHM.md is a key here, with its default."""
 
     name: str = "rec_lra"
-    topology: str = "skip"
+    topology: str = "mirror"
     feedback_update: str = "kp"
     skip_update: str = "kp"
     skip_grid: int = 4
@@ -33,11 +33,23 @@ class RuleConfig:
     # and 0.24 (adjacent); on our validation runs pure L2 (1.0) trained better, see README.
     mix_skip: float = 1.0
     mix_adjacent: float = 1.0
-    reproject: float = 1.0
-    input_noise: float = 0.1
+    reproject: float = 0.0
+    input_noise: float = 0.0
     init: str = "kaiming"
     init_std: float = 1.0
     feedback_init: str = "kaiming"
+    # Synapses that learn by KP (feedback_update or skip_update "kp") start from this instead:
+    # from zero, E holds exactly gamma times what its layer has learned (plus decay).
+    kp_init: str = "zeros"
+    # The head's forward weight and, under `kp`, its error synapse. "zeros" for both makes
+    # E_head = gamma * W_head exactly from the first step (KP keeps equal moves equal).
+    head_init: str = "zeros"
+    # Send each layer's error down through its own BatchNorm's batch Jacobian before its error
+    # synapse, as that layer's forward map would (a [choice]; off: E sees the post-BN error).
+    carry_bn: bool = True
+    # Divide hidden error units by beta: e = (z - y) / beta ~ act'(h) * d, so errors keep their
+    # scale down a chain instead of shrinking by beta per layer (a [choice]; off: e = z - y).
+    rescale_error: bool = True
 
     def __post_init__(self) -> None:
         if self.name not in RULES:
@@ -50,6 +62,8 @@ class RuleConfig:
             ("skip_update", self.skip_update, SKIP_UPDATES),
             ("init", self.init, INITS),
             ("feedback_init", self.feedback_init, INITS),
+            ("head_init", self.head_init, INITS),
+            ("kp_init", self.kp_init, INITS),
         ):
             if value not in allowed:
                 raise ValueError(f"rule.{key}: {value!r} is not one of {list(allowed)}")
@@ -57,6 +71,14 @@ class RuleConfig:
             raise ValueError(
                 "rule.init: forward weights cannot start at zero; "
                 "use kaiming, gaussian, xavier or orthogonal"
+            )
+        for key in ("carry_bn", "rescale_error"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"rule.{key}: must be true or false, got {getattr(self, key)!r}")
+        if self.feedback_init == "zeros":
+            raise ValueError(
+                "rule.feedback_init: a fixed or `local` synapse that starts at zero never "
+                "carries an error; use kaiming (rule.kp_init sets where KP synapses start)"
             )
         for key in ("mix_skip", "mix_adjacent"):
             if not 0.0 <= getattr(self, key) <= 1.0:
@@ -76,12 +98,14 @@ class ErrorSignal:
 
     `labels` goes to the last stage; `output_error` (e_L, B x K) is broadcast to every stage;
     `boundary` is the signal at the stage's input: a displacement for target rules, a gradient
-    for autograd rules. Only what the rule needs is filled in.
+    for autograd rules. Only what the rule needs is filled in. `true_grad` travels only while
+    diagnostics probe a micro-batch, and never reaches a learning rule.
     """
 
     labels: torch.Tensor | None = None
     output_error: torch.Tensor | None = None
     boundary: torch.Tensor | None = None
+    true_grad: torch.Tensor | None = None  # diagnostics only: backprop's gradient at the boundary
 
 
 class Rule:
@@ -119,6 +143,8 @@ class Rule:
     ) -> torch.Tensor:
         """The node's error unit: target y = act(h - beta d), e = a(z - y) + (1 - a) sign(z - y)."""
         diff = z - activate(act, torch.sub(h, d, alpha=self.cfg.beta))
+        if self.cfg.rescale_error and self.cfg.beta > 0:
+            diff = diff.div_(self.cfg.beta)
         if mix >= 1.0:
             return diff
         return torch.sign(diff).mul_(1.0 - mix).add_(diff, alpha=mix)

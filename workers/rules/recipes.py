@@ -1,0 +1,44 @@
+"""Each rule's own recipe: the rule and optimizer settings it trains with unless a config says
+otherwise. Chosen per rule on validation data (README: Results says how); the dataclass
+defaults of RuleConfig and OptimConfig are rec-LRA's recipe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_PLAIN = {  # what a torch user would do: no input noise, no update re-projection
+    "input_noise": 0.0,
+    "reproject": 0.0,
+    "head_init": "kaiming",
+    "carry_bn": False,
+    "rescale_error": False,
+    "kp_init": "kaiming",
+}
+
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "rec_lra": {
+        "rule": {
+            "topology": "mirror",
+            "input_noise": 0.0,
+            "reproject": 0.0,
+            "head_init": "zeros",
+            "carry_bn": True,
+            "rescale_error": True,
+            "kp_init": "zeros",
+        },
+        "optim": {"lr": 3e-3, "weight_decay": 1.0},
+    },
+    # the parent algorithm as published: e = z - y, KP synapses from a random start
+    "lra_e": {
+        "rule": {**_PLAIN, "input_noise": 0.1, "reproject": 1.0},
+        "optim": {"lr": 3e-3, "weight_decay": 1e-4},
+    },
+    "backprop": {"rule": dict(_PLAIN), "optim": {"lr": 3e-3, "weight_decay": 1e-4}},
+    "fa": {"rule": dict(_PLAIN), "optim": {"lr": 3e-3, "weight_decay": 1e-4}},
+    "dfa": {"rule": dict(_PLAIN), "optim": {"lr": 3e-3, "weight_decay": 1e-4}},
+}
+
+
+def recipe(rule: str, section: str) -> dict[str, Any]:
+    """The recipe's keys for one config section ("rule" or "optim"); {} for an unknown rule."""
+    return dict(RECIPES.get(rule, {}).get(section, {}))

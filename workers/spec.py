@@ -1,0 +1,54 @@
+"""What a stage is given (its spec) and what it reports (its stats), and the errors it raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.models import ModelConfig
+from workers.optim import OptimConfig
+from workers.rules import RuleConfig
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class NonFiniteError(FloatingPointError):
+    """A non-finite error or update; names the stage, layer and step so the run can stop cleanly."""
+
+
+class StageStateError(ValueError):
+    """A state dict that does not fit this stage (missing or unexpected layers, wrong shapes)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageSpec:
+    model: ModelConfig
+    rule: RuleConfig
+    optim: OptimConfig
+    input_shape: tuple[int, ...]
+    num_classes: int
+    blocks: tuple[int, int]  # [first, last) block indices of the model this stage owns
+    index: int = 0
+    seed: int = 0
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_cached: int = 64  # micro-batches a stage may hold between forward and learn
+    threads: int = 0  # torch threads for this stage's process; 0 leaves the process setting
+    send_to_cpu: bool = False  # return activations and signals on the CPU (between processes)
+    diagnose_every: int = 0  # probe backprop's gradient every N steps (0: never); see diagnostics
+
+
+@dataclass
+class StageStats:
+    forward_seconds: float = 0.0
+    learn_seconds: float = 0.0
+    local_loss: dict[str, float] = field(default_factory=dict)
+    update_norm: dict[str, float] = field(default_factory=dict)
+    micro_batches: int = 0
+    idle_seconds: float = 0.0  # between the end of one call and the start of the next
+    bytes_received: int = 0  # activations and error signals handed to this stage
+    staleness: list[int] = field(default_factory=list)  # applies between a forward and its learn
+    cached: int = 0  # micro-batches held when the stats were taken
+    synapse_angle: dict[str, float] = field(default_factory=dict)  # degrees between E and W
+    backprop_cosine: dict[str, float] = field(default_factory=dict)  # local update vs backprop
