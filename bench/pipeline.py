@@ -177,8 +177,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu", help="cpu, or cuda (stages share the GPU)")
     p.add_argument("--target", type=float, default=0.95, help="digits test accuracy to reach")
     p.add_argument("--skip-time-to-accuracy", action="store_true")
-    p.add_argument("--transport-timeout", type=float, default=120.0,
-                   help="seconds each transport measurement may take before it counts as stalled")
+    p.add_argument(
+        "--transport-timeout",
+        type=float,
+        default=120.0,
+        help="seconds each transport measurement may take before it counts as stalled",
+    )
     args = p.parse_args(argv)
     # two K = 2 pipelines stay up side by side (only one runs at a time): four CPU slots
     ray.init(num_cpus=4, include_dashboard=False)
