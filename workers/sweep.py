@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from workers.blocks import Block, BlockCache
+from workers.layers import Layer
 from workers.rules.base import Rule
 
 
-def accumulate(param: torch.nn.Parameter, grad: torch.Tensor) -> None:
+def accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
     if param.grad is None:
         param.grad = grad.detach().clone()
     else:
@@ -56,18 +57,11 @@ def sweep_block(
         )
         for wire in block.wires_into[n]:
             layer = block.layer(wire.layer)
-            out = cache.layer_out[wire.layer]
-            if out.requires_grad:  # a frozen layer has nothing to learn
-                pairs.append((out, e))
             mode = layer.feedback_mode
+            e_lin = _learn_layer(layer, cache, wire.layer, e, pairs, rule.cfg.carry_bn and mode)
             if mode is None:
                 continue
             src = cache.input if wire.src < 0 else cache.z[wire.src]
-            e_lin = e
-            lin = cache.layer_lin.get(wire.layer)
-            if rule.cfg.carry_bn and lin is not None:
-                # the error at W z: e through the layer's own BatchNorm Jacobian (local to it)
-                e_lin = torch.autograd.grad(out, lin, e, retain_graph=True)[0]
             carried = layer.carry(e_lin, src)
             if mode == "local":
                 assert layer.feedback is not None
@@ -83,6 +77,33 @@ def sweep_block(
                 else:
                     d[s] = _add(d[s], e)
     return d_in
+
+
+def _learn_layer(
+    layer: Layer,
+    cache: BlockCache,
+    name: str,
+    e: torch.Tensor,
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    through_bn: bool | str | None,
+) -> torch.Tensor:
+    """Queue the layer's update (the correlation of its input with `e`) and return the error
+    its synapse carries down: `e` itself, or, `through_bn`, `e` sent back through the layer's
+    own BatchNorm batch Jacobian to W z. That one BatchNorm backward also gives BN's update,
+    and the pair queued is then (W z, error at W z)."""
+    out, lin = cache.layer_out[name], cache.layer_lin.get(name)
+    if not through_bn or lin is None or layer.bn is None:
+        if out.requires_grad:  # a frozen layer has nothing to learn
+            pairs.append((out, e))
+        return e
+    bn = layer.bn
+    assert isinstance(bn, torch.nn.modules.batchnorm._BatchNorm)
+    affine = [p for p in (bn.weight, bn.bias) if p is not None and p.requires_grad]
+    grads = torch.autograd.grad(out, [lin, *affine], e)
+    for p, g in zip(affine, grads[1:], strict=True):
+        accumulate(p, g)
+    pairs.append((lin, grads[0]))  # forward weights always learn
+    return grads[0]
 
 
 def _node_displacement(
