@@ -1,4 +1,5 @@
-"""`reclra report RUN_DIR`: PNG plots (curves per rule, per-stage time) and a markdown summary."""
+"""`reclra report RUN_DIR`: PNG plots (curves per rule, per-stage time, alignment) and a markdown
+summary."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from driver.report_alignment import alignment_figure, alignment_markdown  # noqa: E402
 
 
 class ReportError(ValueError):
@@ -73,7 +76,8 @@ def stage_times(runs: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(runs: dict[str, dict[str, Any]]) -> str:
+def markdown(runs: dict[str, dict[str, Any]], alignment: list[str] | None = None) -> str:
+    """The summary; `alignment`: the series alignment.png holds (none: no such section)."""
     lines = [
         "# reclra run report",
         "",
@@ -108,17 +112,20 @@ def markdown(runs: dict[str, dict[str, Any]]) -> str:
             )
         if run.get("partition"):
             lines.append(f"| {rule} | cut at blocks | {run['partition']} | | | | |")
+    lines += alignment_markdown(alignment or [])
     return "\n".join(lines) + "\n"
 
 
 def report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write curves.png, stage_times.png and report.md; return the markdown's path."""
+    """Write curves.png, stage_times.png, alignment.png (when a run recorded alignment) and
+    report.md; return the markdown's path."""
     run_dir = Path(run_dir)
     runs = load_runs(run_dir)
     out = Path(out) if out else run_dir
     out.mkdir(parents=True, exist_ok=True)
     curves(runs, out / "curves.png")
     stage_times(runs, out / "stage_times.png")
+    drawn = alignment_figure(runs, out / "alignment.png")
     md = out / "report.md"
-    md.write_text(markdown(runs))
+    md.write_text(markdown(runs, drawn))
     return md

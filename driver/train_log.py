@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from driver.data import make_loader
 from driver.runners import Completed, Runner
+from driver.stats import StatsBook
 
 
 @dataclass
@@ -34,6 +35,26 @@ class RunLog:
     evals: list[dict[str, float]] = field(default_factory=list)  # extra validations by step
     restarts: int = 0
     error: str | None = None
+    # every train.log_every steps and at each epoch's end: {step, epoch, synapse_angle_deg,
+    # backprop_cosine}, the latest value per layer (backprop_cosine: layers probed so far)
+    alignment: list[dict[str, Any]] = field(default_factory=list)
+
+    def note_alignment(self, book: StatsBook, step: int, epoch: float) -> None:
+        """Append the book's alignment at `step`; nothing while no stage reports any. Entries at
+        or past `step` (the same step noted twice, or steps replayed after a recovery) go."""
+        angles, cosines = book.alignment()
+        if not angles and not cosines:
+            return
+        while self.alignment and self.alignment[-1]["step"] >= step:
+            self.alignment.pop()
+        self.alignment.append(
+            {
+                "step": step,
+                "epoch": epoch,
+                "synapse_angle_deg": angles,
+                "backprop_cosine": cosines,
+            }
+        )
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import urllib.request
 
 import pytest
@@ -25,6 +26,9 @@ def _scrape(url: str) -> dict[tuple[str, tuple], float]:
         for s in family.samples:
             out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
+
+
+ANGLE, COSINE = "reclra_layer_synapse_angle_degrees", "reclra_layer_backprop_cosine"
 
 
 def _get(samples: dict, name: str, **labels: str) -> float:
@@ -81,9 +85,53 @@ def test_metrics_move_with_a_real_two_stage_run(digits, tmp_path):
     assert _get(last, "reclra_checkpoints_total", run="r1") >= 2  # step 0 (for recovery), 10, end
     assert _get(last, "reclra_last_checkpoint_timestamp_seconds", run="r1") > 1e9
     assert _get(last, "reclra_restarts_total", run="r1") == 0
+    head_angle = _get(last, ANGLE, run="r1", stage="1", layer="head.fc")
+    assert 0 <= head_angle <= 180
+    assert not any(name == COSINE for name, _ in last)  # diagnostics off
     # naming rules: prefix, and labels run / stage / layer only (build info aside)
     for name, labels in last:
         assert name.startswith("reclra_"), name
         if not name.startswith("reclra_build"):
             assert {k for k, _ in labels} <= {"run", "stage", "layer", "le"}, (name, labels)
     assert any(name == "reclra_build_info" for name, _ in last)
+
+
+def test_alignment_gauges_in_a_real_scrape(digits, tmp_path):
+    """Two stages in this process, diagnostics every 2 steps: both gauges are exported per stage
+    and layer, during and after the run, and end at what metrics.json holds last."""
+    cfg = load_config(
+        None,
+        [
+            "model.width=4",
+            "train.epochs=1",
+            "train.max_steps=4",
+            "train.compare=[]",
+            "train.diagnose_every=2",
+            "pipeline.stages=2",
+            'pipeline.backend="local"',
+            "pipeline.boundaries=[2]",
+        ],
+    )
+    metrics = Metrics()
+    server = MetricsServer(metrics)
+    try:
+        ctl = Controller(cfg, out_dir=tmp_path, splits=digits, metrics=metrics, run_id="a1")
+        while ctl.run.steps < 1:
+            ctl.step()
+        first = _scrape(server.url)
+        while not ctl.done:
+            ctl.step()
+        last = _scrape(server.url)
+    finally:
+        server.close()
+    for stage, layer in (("0", "layer1.0.conv1"), ("1", "layer3.0.conv2")):
+        assert 0 <= _get(first, ANGLE, run="a1", stage=stage, layer=layer) <= 180
+        assert -1 <= _get(first, COSINE, run="a1", stage=stage, layer=layer) <= 1 + 1e-6
+    entry = json.loads((tmp_path / "rec_lra" / "metrics.json").read_text())["alignment"][-1]
+    assert entry["step"] == 4
+    stage_of = {dict(lb)["layer"]: dict(lb)["stage"] for name, lb in last if name == COSINE}
+    assert set(stage_of) == set(entry["backprop_cosine"]) and set(stage_of.values()) == {"0", "1"}
+    for layer, v in entry["backprop_cosine"].items():
+        assert _get(last, COSINE, run="a1", stage=stage_of[layer], layer=layer) == v
+    for layer, v in entry["synapse_angle_deg"].items():
+        assert _get(last, ANGLE, run="a1", stage=stage_of[layer], layer=layer) == v

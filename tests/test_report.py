@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +25,7 @@ def test_report_of_a_compared_run(tmp_path):
             "train.batch_size=64",
             f'train.out_dir="{tmp_path}"',
             'train.compare=["backprop"]',
+            "train.diagnose_every=10",
         ],
     )
     compare_rules(cfg, quiet=True)
@@ -34,6 +38,37 @@ def test_report_of_a_compared_run(tmp_path):
     for png in ("curves.png", "stage_times.png"):
         data = (tmp_path / "report" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    # alignment: rec-LRA's synapse angles, and both rules' cosines with backprop, by step
+    assert "![alignment](alignment.png)" in text and "cosine" in text.split("## Alignment")[1]
+    both = _png_width(tmp_path / "report" / "alignment.png")
+
+    # without cosines (diagnostics off): the angle panel alone; with no alignment at all (a
+    # metrics.json from before alignment existed): no figure and no section
+    for name, drop in (("angles", ("backprop_cosine",)), ("none", ())):
+        run_dir = tmp_path / name
+        shutil.copytree(tmp_path / "rec_lra", run_dir / "rec_lra")
+        path = run_dir / "rec_lra" / "metrics.json"
+        run = json.loads(path.read_text())
+        if drop:
+            run["alignment"] = [
+                {k: v for k, v in e.items() if k not in drop} for e in run["alignment"]
+            ]
+        else:
+            del run["alignment"]
+        path.write_text(json.dumps(run))
+        text = report(run_dir).read_text()
+        if drop:
+            assert "![alignment](alignment.png)" in text
+            assert "cosine" not in text.split("## Alignment")[1]
+            assert _png_width(run_dir / "alignment.png") < 0.6 * both  # one panel of two
+        else:
+            assert "alignment" not in text and not (run_dir / "alignment.png").exists()
+
+
+def _png_width(path: Path) -> int:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    return struct.unpack(">I", data[16:20])[0]  # IHDR width
 
 
 def test_report_errors(tmp_path):
