@@ -90,10 +90,14 @@ def summarise(base: Config, runs: dict, chosen: dict, times: dict, seeds: list[i
     for rule, lr in chosen.items():
         picked = runs[rule][lr]
         accs = [r["test_acc"] for r in picked]
-        reach = [
-            next((e["epoch"] for e in r["epochs"] if e["test_acc"] >= 0.95 * bp_final), None)
-            for r in picked
-        ] if bp_final else []
+        reach = (
+            [
+                next((e["epoch"] for e in r["epochs"] if e["test_acc"] >= 0.95 * bp_final), None)
+                for r in picked
+            ]
+            if bp_final
+            else []
+        )
         n_ep = min(len(r["epochs"]) for r in picked)
         rules[rule] = {
             "lr": lr,

@@ -11,9 +11,8 @@ import pytest
 import ray
 import torch
 
-from cluster.errors import StageError
 from driver.config import Config, load_config
-from driver.controller import Controller, RunFailed
+from driver.controller import Controller
 from driver.data import DatasetSplits, load_dataset
 from driver.pipeline import PipelineConfig, RayPipeline
 from driver.runners import base_spec
@@ -95,18 +94,6 @@ def test_no_diagnostics_no_cosines(digits, tmp_path):
 # -- a real local Ray ----------------------------------------------------------------------------
 
 
-# A stage that holds several micro-batches between forward and learn fails its next learn after
-# a probe: workers/diagnostics.py frozen_bn_stats restores BatchNorm's running stats with copy_,
-# which bumps their autograd version, and the cached graphs of the other micro-batches saved
-# those buffers (native_batch_norm does). Strict: these pass, and must be unmarked, once fixed.
-HELD_MICRO_BATCHES_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=(RunFailed, StageError),
-    reason="workers/diagnostics.py frozen_bn_stats: copy_ into BN running stats breaks the "
-    "cached graphs of micro-batches still in flight",
-)
-
-
 @pytest.fixture(scope="module")
 def cluster():
     ray.init(num_cpus=4, include_dashboard=False, namespace="reclra-tests-alignment")
@@ -117,7 +104,7 @@ def cluster():
 @pytest.mark.ray
 @pytest.mark.parametrize(
     "schedule, micro_batches",
-    [("sync", 1), pytest.param("async", 2, marks=HELD_MICRO_BATCHES_BUG)],
+    [("sync", 1), ("async", 2)],
     ids=["sync", "async"],
 )
 def test_two_stage_ray_run_reports_backprop_cosines_of_both_stages(
@@ -153,9 +140,7 @@ def test_two_stage_ray_run_reports_backprop_cosines_of_both_stages(
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize(
-    "micro_batches", [1, pytest.param(3, marks=HELD_MICRO_BATCHES_BUG)], ids=["mb1", "mb3"]
-)
+@pytest.mark.parametrize("micro_batches", [1, 3], ids=["mb1", "mb3"])
 def test_three_stage_sync_pipeline_probes_like_one_process(cluster, micro_batches):
     """K = 3 with a broadcast error: only a chained error path brings stage 0 the gradient at
     its own output. The cosines (and the weights) equal one process's."""

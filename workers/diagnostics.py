@@ -54,11 +54,12 @@ def frozen_bn_stats(blocks: list[Block]) -> Iterator[None]:
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, mean, var, count in saved:
-                for buf, value in ((m.running_mean, mean), (m.running_var, var)):
-                    buf.copy_(value)  # type: ignore[union-attr]
-                m.num_batches_tracked.copy_(count)  # type: ignore[union-attr]
+        # through .data: graphs of micro-batches still in flight saved these very tensors, and
+        # an in-place write they can see would void them (autograd's version check)
+        for m, mean, var, count in saved:
+            for buf, value in ((m.running_mean, mean), (m.running_var, var)):
+                buf.data.copy_(value)  # type: ignore[union-attr]
+            m.num_batches_tracked.data.copy_(count)  # type: ignore[union-attr]
 
 
 class BackpropProbe:
@@ -112,6 +113,6 @@ class BackpropProbe:
             local = self.weights[name].grad
             if local is not None:
                 cos = F.cosine_similarity(local.flatten(), g_bp.flatten(), dim=0, eps=1e-30)
-                out[name] = float(cos)
+                out[name] = max(-1.0, min(1.0, float(cos)))
         self.grads.clear()
         return out
