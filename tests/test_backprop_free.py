@@ -6,13 +6,22 @@ counts as backprop-free").
 (b) Behaviour: with the same input z_{l-1} and the same incoming error signal (e_L and, for
     chained rules, the displacement handed down), a layer's update (.grad right after learn,
     before apply's averaging) is bitwise identical whatever the weights of every other layer.
-    Checked at the Block level (sweep_block, with all blocks swept and one backward over all
-    pairs, as Stage.learn does) and at the Stage level.
-(c) Contrast: under backprop, and under a deliberately leaky forward_local, the same harness
-    does see the perturbation: the tests can fail.
+    Checked at three levels, each perturbing what a leak would carry:
+    - other blocks (sweep_block, all blocks swept, one backward over all pairs as in
+      Stage.learn), the block's input and output displacement held;
+    - the layers above inside the same block (second conv, projection shortcut, the output
+      node's skip synapse), the first layer's input and incoming displacement held at the
+      error synapses that feed its node;
+    - the stage above, handed a tensor that still carries the lower stage's graph and learning
+      before the lower stage does, as in the pipeline: a leak there would land in the lower
+      stage's .grad.
+(c) Contrast: under backprop, and under a deliberately leaky forward_local, the same harnesses
+    do see the perturbation: the tests can fail.
 """
 
 from __future__ import annotations
+
+import types
 
 import pytest
 import torch
@@ -298,30 +307,200 @@ def _stage_grads(stage: Stage, x: torch.Tensor, signal: ErrorSignal):  # noqa: A
     return _grads(stage.blocks), sent
 
 
-@pytest.mark.parametrize("rule_key", list(TARGET_RULES))
-def test_stage_update_ignores_the_stage_above(rule_key):
-    """A lower stage given the same input and the same incoming ErrorSignal learns bitwise the
-    same, however the stage above (which produced that signal) is perturbed."""
+def _graph_handoff(stage: Stage, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The stage's real output `out` (same values) with an autograd graph back to every
+    parameter of the stage: what the stage above would receive if Stage.forward kept its graph.
+    A deliberately leaky handoff: the stage above must cut it by itself."""
+    g = x
+    for block in stage.blocks:
+        g = block(g)  # differentiable forward through the lower stage's weights
+    return out + (g - g.detach())  # adds exactly 0, and the graph
+
+
+def _two_stage_grads(low: Stage, high: Stage, x, y, held, handoff=True):  # noqa: ANN001, ANN202
+    """The pipeline's order: low forward, high forward and learn, then low learns from the
+    held signal. Any gradient that high's learn sent through the handoff would land in low's
+    .grad before low's own learn adds to it."""
+    for s in (low, high):
+        s.optimizer.zero_grad(set_to_none=True)
+    a = low.forward("mb", x)
+    high.forward("mb", _graph_handoff(low, x, a) if handoff else a)
+    sent = high.learn("mb", ErrorSignal(labels=y))
+    low.learn("mb", held)
+    return _grads(low.blocks), sent
+
+
+def _stage_pair(rule: dict) -> tuple[Stage, Stage, torch.Tensor, torch.Tensor, ErrorSignal]:
     model, shape = MODELS["resnet8"]
-    rule = TARGET_RULES[rule_key]
     n = len(model_plan(model, shape, K))
-    low, high = _stage(model, shape, rule, (0, 2)), _stage(model, shape, rule, (2, n))
+    low, high = _stage(model, shape, rule, (0, 2)), _stage(model, shape, rule, (2, n), seed=1)
     x, y, _ = _data(shape)
     high.forward(0, low.forward(0, x))
-    held = high.learn(0, ErrorSignal(labels=y))
-    signal = ErrorSignal(
-        output_error=held.output_error.clone(),
-        boundary=None if held.boundary is None else held.boundary.clone(),
-    )
-    g1, s1 = _stage_grads(low, x, signal)
-    _perturb([high.blocks])
-    high.forward(1, low.forward("probe", x))
     low.drop_cache()
-    moved = high.learn(1, ErrorSignal(labels=y))
-    assert not torch.equal(moved.output_error, signal.output_error)  # the stage above did change
-    g2, s2 = _stage_grads(low, x, signal)
+    sig = high.learn(0, ErrorSignal(labels=y))
+    held = ErrorSignal(
+        output_error=sig.output_error.clone(),
+        boundary=None if sig.boundary is None else sig.boundary.clone(),
+    )
+    return low, high, x, y, held
+
+
+@pytest.mark.parametrize("rule_key", list(TARGET_RULES))
+def test_stage_update_ignores_the_stage_above(rule_key):
+    """The stage above is fed a handoff that still carries the lower stage's graph, learns, and
+    only then does the lower stage learn from a held signal (e_L and the boundary displacement).
+    The lower stage's update is bitwise that of the lower stage learning alone, and stays so
+    however the stage above is perturbed: the stage above cut the graph itself (every layer
+    sees a detached input), so none of its errors, weights or activations leaked down."""
+    low, high, x, y, held = _stage_pair(TARGET_RULES[rule_key])
+    low.optimizer.zero_grad(set_to_none=True)
+    low.forward("alone", x)
+    low.learn("alone", held)
+    alone = _grads(low.blocks)
+    g1, s1 = _two_stage_grads(low, high, x, y, held)
+    _assert_bitwise(alone, g1, f"{rule_key}: the stage above leaked into the lower update")
+    _perturb([high.blocks])
+    g2, s2 = _two_stage_grads(low, high, x, y, held)
+    assert not torch.equal(s1.output_error, s2.output_error)  # the stage above did change
     _assert_bitwise(g1, g2, rule_key)
-    assert s1.boundary is None and s2.boundary is None  # the first stage sends nothing below
+    # structure: nothing the stage above caches reaches a parameter of the stage below
+    low_params = {id(p) for p in low.blocks.parameters()}
+    out = _graph_handoff(low, x, low.forward("s", x))
+    low.drop_cache()
+    weights = {id(ly.weight) for b in low.blocks for _, ly in b.layer_items()}
+    assert _reached_leaves(out) >= weights  # the handoff does carry the lower stage's graph
+    for block in high.blocks:
+        out, cache = block.forward_local(out)
+        assert not cache.input.requires_grad, block.name
+        assert not any(t.requires_grad for t in (*cache.h, *cache.z)), block.name
+        for lname, lout in cache.layer_out.items():
+            assert not _reached_leaves(lout) & low_params, f"{block.name}.{lname}"
+
+
+def test_stage_harness_catches_a_leak(monkeypatch):
+    """Contrast: if the stage above kept the handoff's graph (a forward_local without its
+    detaches), the same harness sees its learn in the lower stage's update, and sees it move
+    when the stage above is perturbed."""
+    low, high, x, y, held = _stage_pair(TARGET_RULES["rec_lra-mirror"])
+    for block in high.blocks:
+        monkeypatch.setattr(block, "forward_local", types.MethodType(_leaky_forward_local, block))
+    low.optimizer.zero_grad(set_to_none=True)
+    low.forward("alone", x)
+    low.learn("alone", held)
+    alone = _grads(low.blocks)
+    g1, _ = _two_stage_grads(low, high, x, y, held)
+    _perturb([high.blocks])
+    g2, _ = _two_stage_grads(low, high, x, y, held)
+    for other in (alone, g2):
+        assert any(not torch.equal(g1[k], other[k]) for k in g1 if g1[k] is not None)
+    # and without the graph in the handoff, nothing reaches the lower stage, even leaky
+    g3, _ = _two_stage_grads(low, high, x, y, held, handoff=False)
+    _assert_bitwise(alone, g3, "detached handoff")
+
+
+# -- (b) behaviour inside one block: the layers above in the same block -------------------------
+
+# case -> (model, index of the block whose first layer is checked): a residual block with an
+# identity shortcut, one with a projection shortcut, an MLP block of two layers
+IN_BLOCK = {
+    "resnet8-identity": ("resnet8", 1),
+    "resnet8-projection": ("resnet8", 2),
+    "mlp-gap2-res": ("mlp-gap2-res", 1),
+}
+
+
+def _lower_layer(block: Block) -> str:
+    return "conv1" if "conv1" in block.layers else "fc0"
+
+
+def _in_block_grads(stage: Stage, target: int, x, signal, held=None):  # noqa: ANN001, ANN202
+    """Stage.forward and learn with a held signal (e_L and the stage's boundary). With `held`,
+    every layer fed by the lower layer's node hands `held` down in place of its own error
+    synapse's output: the lower layer's incoming displacement is held. Returns the lower
+    layer's .grad per parameter."""
+    block = stage.blocks[target]
+    lower = _lower_layer(block)
+    node = next(w.tgt for w in block.wires if w.layer == lower)
+    fed = [block.layers[w.layer] for w in block.wires if w.src == node]
+    assert fed, "nothing above the lower layer in its block"
+    try:
+        if held is not None:
+            for layer in fed:
+                layer.carry = lambda e, src: held.clone()  # noqa: ARG005
+        g, _ = _stage_grads(stage, x, signal)
+    finally:
+        for layer in fed:
+            layer.__dict__.pop("carry", None)
+    prefix = f"{target}.layers.{lower}."
+    return {k: v for k, v in g.items() if k.startswith(prefix)}
+
+
+def _in_block_setup(case: str, rule: dict):  # noqa: ANN202
+    model_key, target = IN_BLOCK[case]
+    model, shape = MODELS[model_key]
+    n = len(model_plan(model, shape, K))
+    stage = _stage(model, shape, rule, (0, n - 1))  # everything but the head
+    x, _, e_out = _data(shape)
+    g = torch.Generator().manual_seed(11)
+    top = stage.blocks[-1].node_shapes[-1]
+    signal = ErrorSignal(
+        output_error=e_out, boundary=torch.randn(B, *top, generator=g, dtype=torch.float64)
+    )
+    block = stage.blocks[target]
+    lower = _lower_layer(block)
+    node = next(w.tgt for w in block.wires if w.layer == lower)
+    held = torch.randn(B, *block.node_shapes[node], generator=g, dtype=torch.float64)
+    # everything in the block but the lower layer and the synapse that feeds its own node
+    above = [m for name, m in block.layers.items() if name != lower]
+    above += [m for n_, m in block.skips.items() if int(n_) != node]
+    return stage, target, x, signal, held, above
+
+
+@pytest.mark.parametrize("case", list(IN_BLOCK))
+@pytest.mark.parametrize("rule_key", list(TARGET_RULES))
+def test_layer_update_ignores_the_layers_above_in_its_block(rule_key, case):
+    """Given its own input (the block input, untouched) and its incoming displacement (held at
+    the error synapses that feed its node), a block's first layer learns bitwise the same
+    however the layers above it in the same block (second layer, projection shortcut, the
+    output node's skip synapse: weights, BatchNorm and error synapses) are perturbed."""
+    stage, target, x, signal, held, above = _in_block_setup(case, TARGET_RULES[rule_key])
+    g1 = _in_block_grads(stage, target, x, signal, held)
+    free1 = _in_block_grads(stage, target, x, signal)
+    _perturb(above, seed=21)
+    g2 = _in_block_grads(stage, target, x, signal, held)
+    _assert_bitwise(g1, g2, f"{rule_key}/{case}")
+    # the held displacement does matter: another one changes the update
+    g3 = _in_block_grads(stage, target, x, signal, held * -2.0 + 0.5)
+    if TARGET_RULES[rule_key]["name"] != "dfa":  # DFA feeds every node from e_L
+        assert any(not torch.equal(g1[k], g3[k]) for k in g1 if g1[k] is not None)
+        # ... and without the hold, the perturbation reaches it, legitimately, through E
+        free2 = _in_block_grads(stage, target, x, signal)
+        assert any(not torch.equal(free1[k], free2[k]) for k in free1 if free1[k] is not None)
+
+
+def test_in_block_harness_catches_a_leak(monkeypatch):
+    """Contrast: with a forward_local that keeps the graph inside the block, the same harness
+    (input and displacement held) sees the perturbed layers above."""
+    stage, target, x, signal, held, above = _in_block_setup(
+        "resnet8-projection", TARGET_RULES["rec_lra-mirror"]
+    )
+    block = stage.blocks[target]
+    monkeypatch.setattr(block, "forward_local", types.MethodType(_leaky_forward_local, block))
+    g1 = _in_block_grads(stage, target, x, signal, held)
+    _perturb(above, seed=21)
+    g2 = _in_block_grads(stage, target, x, signal, held)
+    assert any(not torch.equal(g1[k], g2[k]) for k in g1 if g1[k] is not None)
+
+
+@pytest.mark.parametrize("case", list(IN_BLOCK))
+def test_backprop_layer_gradient_depends_on_the_layers_above_in_its_block(case):
+    """Contrast: under backprop, with the stage's boundary gradient held, the first layer's
+    gradient moves when the layers above it in its block change."""
+    stage, target, x, signal, _, above = _in_block_setup(case, {"name": "backprop"})
+    g1 = _in_block_grads(stage, target, x, signal)
+    _perturb(above, seed=21)
+    g2 = _in_block_grads(stage, target, x, signal)
+    assert g1 and any(not torch.equal(g1[k], g2[k]) for k in g1 if g1[k] is not None)
 
 
 PARALLEL_RULES = ["rec_lra-skip", "rec_lra-skip-local", "dfa"]
