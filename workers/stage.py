@@ -38,10 +38,13 @@ class Stage:
             raise ValueError(
                 f"pipeline: blocks [{first}, {last}) outside the model's {len(plan)} blocks"
             )
+        self.rule.stage_top = plan[last - 1][0] if last < len(plan) else None
         self.blocks = nn.ModuleList()
         for i in range(first, last):
             block = plan[i][1]()
-            self._equip(block, torch.Generator().manual_seed(spec.seed * 1_000_003 + i), i == 0)
+            # nothing below the model's input, nor below a stage that sends no boundary down
+            bottom = i == 0 or (i == first and not self.rule.chained)
+            self._equip(block, torch.Generator().manual_seed(spec.seed * 1_000_003 + i), bottom)
             self.blocks.append(block)
         self.blocks.to(device=self.device, dtype=self.dtype)
         self.block_list: list[Block] = list(self.blocks)  # type: ignore[arg-type]
@@ -74,14 +77,14 @@ class Stage:
         self._probe = BackpropProbe(self.block_list) if spec.diagnose_every > 0 else None
 
     # -- construction -------------------------------------------------------------------------
-    def _equip(self, block: Block, gen: torch.Generator, model_input: bool) -> None:
+    def _equip(self, block: Block, gen: torch.Generator, bottom: bool) -> None:
         cfg = self.spec.rule
         for wire in block.wires:
             layer = block.layer(wire.layer)
             init_weight_(layer.weight, cfg.head_init if block.head else cfg.init, cfg.init_std, gen)
             mode = self.rule.feedback_mode(block, wire)
-            if wire.src < 0 and model_input:
-                mode = None  # would carry an error to the data itself
+            if wire.src < 0 and bottom:
+                mode = None  # would carry an error nobody reads (the data, or a broadcast stage)
             layer.feedback_mode = mode
             if mode is not None:
                 layer.add_feedback(trainable=mode != "fixed")

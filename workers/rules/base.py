@@ -12,7 +12,7 @@ from workers.blocks import activate
 if TYPE_CHECKING:
     from workers.blocks import Block, Wire
 
-TOPOLOGIES = ("skip", "mirror", "adjacent")
+TOPOLOGIES = ("skip", "mirror", "adjacent", "stage")
 FEEDBACK_UPDATES = ("kp", "local", "fixed")
 SKIP_UPDATES = ("kp", "local", "fixed")
 INITS = ("gaussian", "kaiming", "xavier", "orthogonal", "zeros")
@@ -121,13 +121,16 @@ class Rule:
 
     def __init__(self, cfg: RuleConfig) -> None:
         self.cfg = cfg
+        # the top block of the stage this rule instance serves, when a stage above it exists
+        # (set by the Stage; the `stage` topology feeds that block's output from e_L)
+        self.stage_top: str | None = None
 
     def feedback_mode(self, block: Block, wire: Wire) -> str | None:
         """How the layer's error synapse E learns ("kp", "local", "fixed"); None: no synapse."""
         return None
 
     def skip_mode(self, block: Block, node: int) -> str | None:
-        """How the node's skip synapse from e_L learns ("corr", "local", "fixed"); None: none."""
+        """How the node's skip synapse from e_L learns ("kp", "local", "fixed"); None: none."""
         return None
 
     def uses_identity(self) -> bool:

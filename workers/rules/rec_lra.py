@@ -9,16 +9,21 @@ from workers.rules.base import Rule, register
 @register
 class RecLRA(Rule):
     """Topologies: `skip` (junctions from e_L, interiors from the layer above: stages learn in
-    parallel), `mirror` (errors follow the forward skips too), `adjacent` (plain LRA-E path)."""
+    parallel), `mirror` (errors follow the forward skips too), `adjacent` (plain LRA-E path),
+    `stage` (`mirror` inside each pipeline stage, whose top alone is fed from e_L: stages learn
+    in parallel, and with one stage it is `mirror`)."""
 
     name = "rec_lra"
 
     @property
     def chained(self) -> bool:  # type: ignore[override]
-        return self.cfg.topology != "skip"
+        return self.cfg.topology not in ("skip", "stage")
 
     def _skip_fed(self, block: Block, node: int) -> bool:
-        return self.cfg.topology == "skip" and not block.head and node == block.out_node
+        if block.head or node != block.out_node:
+            return False
+        topology = self.cfg.topology
+        return topology == "skip" or (topology == "stage" and block.name == self.stage_top)
 
     def feedback_mode(self, block: Block, wire: Wire) -> str | None:
         topology = self.cfg.topology
@@ -32,7 +37,7 @@ class RecLRA(Rule):
         return self.cfg.skip_update if self._skip_fed(block, node) else None
 
     def uses_identity(self) -> bool:
-        return self.cfg.topology == "mirror"
+        return self.cfg.topology in ("mirror", "stage")
 
     def mix(self, block: Block, node: int) -> float:
         return self.cfg.mix_skip if self._skip_fed(block, node) else self.cfg.mix_adjacent
