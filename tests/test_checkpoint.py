@@ -57,7 +57,8 @@ def test_checkpoints_written_every_n_steps_and_at_the_end(uninterrupted):
     state = checkpoint.load(ckpts / "ckpt-00000007.pt")
     assert state["position"] == {"epoch": 0, "batch": 7}
     assert state["config"]["model"]["width"] == 4
-    assert any(k.endswith(".skip1") for k in state["runner"]["units"])  # keyed by layer name
+    units = state["runner"]["units"]  # keyed by layer name, error synapses with their layer
+    assert {"weight", "feedback", "bn.running_mean"} <= set(units["layer2.0.conv2"]["tensors"])
 
 
 @pytest.mark.parametrize(
