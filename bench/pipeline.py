@@ -45,8 +45,20 @@ MODELS = {
 }
 
 
+def variant(cfg: Config, spec: str) -> Config:
+    """`cfg` with the rule of `spec`: a rule name, optionally with rule keys after a colon
+    ("rec_lra:topology=skip,beta=0.2"), over that rule's recipe."""
+    name, _, keys = spec.partition(":")
+    overrides = [f"rule.{kv}" for kv in keys.split(",") if kv]
+    c = with_rule(cfg, name)
+    if not overrides:
+        return c
+    rule = load_config(None, [f"rule.name={name}", *overrides]).rule
+    return replace(c, rule=rule)
+
+
 def _configs(cfg: Config, rule: str, device: str) -> dict[str, Config]:
-    c = replace(with_rule(cfg, rule), train=replace(cfg.train, device=device))
+    c = replace(variant(cfg, rule), train=replace(cfg.train, device=device))
     pipe = replace(
         c.pipeline,
         stages=2,
@@ -173,7 +185,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--rules", default="rec_lra,backprop")
+    p.add_argument(
+        "--rules",
+        default="rec_lra,backprop",
+        help="rules, each optionally with rule keys: rec_lra:topology=skip",
+    )
     p.add_argument("--device", default="cpu", help="cpu, or cuda (stages share the GPU)")
     p.add_argument("--target", type=float, default=0.95, help="digits test accuracy to reach")
     p.add_argument("--skip-time-to-accuracy", action="store_true")
@@ -213,8 +229,8 @@ def format_table(result: dict) -> str:
     lines = []
     for model, entry in result["models"].items():
         lines.append(f"{model} (samples/s)      single_1t  single_2t    k2_sync   k2_async")
-        for rule in ("rec_lra", "backprop"):
-            if rule in entry:
+        for rule in entry:
+            if rule not in ("partition", "transport_fraction"):
                 r = entry[rule]
                 lines.append(
                     f"  {rule:<20} "
