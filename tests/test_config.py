@@ -58,9 +58,31 @@ def test_missing_file():
         load_config("/no/such/file.toml")
 
 
-def test_with_rule_changes_only_the_rule():
-    cfg = Config()
-    other = with_rule(cfg, "dfa")
+def test_recipes_apply_under_what_the_config_sets():
+    from workers.rules.recipes import RECIPES
+
+    rec = RECIPES["rec_lra"]
+    for key, value in rec["rule"].items():  # the dataclass defaults are rec-LRA's recipe
+        assert getattr(Config().rule, key) == value, key
+    for key, value in rec["optim"].items():
+        assert getattr(Config().optim, key) == value, key
+    bp = load_config(None, ["rule.name=backprop"])
     assert (
-        other.rule.name == "dfa" and other.rule.beta == cfg.rule.beta and other.model == cfg.model
+        bp.rule.input_noise == 0.0 and bp.rule.head_init == RECIPES["backprop"]["rule"]["head_init"]
     )
+    assert bp.optim.weight_decay == RECIPES["backprop"]["optim"]["weight_decay"]
+    mine = load_config(
+        None, ["rule.name=backprop", "optim.weight_decay=0.5", "rule.input_noise=0.2"]
+    )
+    assert mine.optim.weight_decay == 0.5 and mine.rule.input_noise == 0.2  # the config wins
+    assert mine.rule.head_init == "kaiming"
+
+
+def test_compared_rules_run_their_own_recipe():
+    from workers.rules.recipes import RECIPES
+
+    cfg = load_config(None, ["rule.beta=0.3", "optim.schedule=constant", "train.epochs=3"])
+    dfa = with_rule(cfg, "dfa")
+    assert dfa.rule.name == "dfa" and dfa.rule.beta == 0.1  # rec-LRA's beta does not carry over
+    assert dfa.optim.lr == RECIPES["dfa"]["optim"]["lr"]
+    assert dfa.optim.schedule == "constant" and dfa.train.epochs == 3 and dfa.model == cfg.model

@@ -1,6 +1,7 @@
 """Each rule's own recipe: the rule and optimizer settings it trains with unless a config says
-otherwise. Chosen per rule on validation data (README: Results says how); the dataclass
-defaults of RuleConfig and OptimConfig are rec-LRA's recipe."""
+otherwise. Chosen per rule on Fashion-MNIST validation data (ResNet-8, 20,000 training images,
+4 epochs: README, Results); the dataclass defaults of RuleConfig and OptimConfig are rec-LRA's
+recipe, and a test keeps the two the same."""
 
 from __future__ import annotations
 
@@ -31,11 +32,11 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # the parent algorithm as published: e = z - y, KP synapses from a random start
     "lra_e": {
         "rule": {**_PLAIN, "input_noise": 0.1, "reproject": 1.0},
-        "optim": {"lr": 3e-3, "weight_decay": 1e-4},
+        "optim": {"lr": 1e-2, "weight_decay": 1e-4},
     },
-    "backprop": {"rule": dict(_PLAIN), "optim": {"lr": 3e-3, "weight_decay": 1e-4}},
-    "fa": {"rule": dict(_PLAIN), "optim": {"lr": 3e-3, "weight_decay": 1e-4}},
-    "dfa": {"rule": dict(_PLAIN), "optim": {"lr": 3e-3, "weight_decay": 1e-4}},
+    "backprop": {"rule": dict(_PLAIN), "optim": {"lr": 3e-3, "weight_decay": 1.0}},
+    "fa": {"rule": dict(_PLAIN), "optim": {"lr": 1e-2, "weight_decay": 1e-4}},
+    "dfa": {"rule": dict(_PLAIN), "optim": {"lr": 1e-2, "weight_decay": 1e-4}},
 }
 
 
