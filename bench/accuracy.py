@@ -50,8 +50,15 @@ def base_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, sets + list(args.set))
 
 
-def _cfg(base: Config, rule: str, lr: float, seed: int) -> Config:
+def _cfg(base: Config, rule: str, lr: float, seed: int, sets: tuple[str, ...] = ()) -> Config:
+    """`base` trained by `rule` with its own recipe, then the --set rule/optim keys, and `lr`."""
     cfg = with_rule(base, rule)
+    own = [s for s in sets if s.split(".", 1)[0].strip() in ("rule", "optim")]
+    if own:  # parsed and validated like any config, over the rule's recipe
+        mine = load_config(None, [f"rule.name={rule}", *own])
+        keys = {s.split("=", 1)[0].split(".", 1)[1].strip() for s in own if s.startswith("optim")}
+        optim = replace(cfg.optim, **{k: getattr(mine.optim, k) for k in keys})
+        cfg = replace(cfg, rule=mine.rule, optim=optim)
     out = f"/tmp/reclra-bench/{rule}-{lr:g}-{seed}"
     return replace(
         cfg,
@@ -60,13 +67,15 @@ def _cfg(base: Config, rule: str, lr: float, seed: int) -> Config:
     )
 
 
-def step_times(base: Config, chosen: dict[str, float], steps: int) -> dict[str, float]:
+def step_times(
+    base: Config, chosen: dict[str, float], steps: int, sets: tuple[str, ...] = ()
+) -> dict[str, float]:
     """Seconds per training step of each rule, one thread, interleaved round-robin."""
     torch.set_num_threads(1)
     splits = load_dataset(base.data)
     x, y = next(iter(make_loader(splits.train, base.train.batch_size, shuffle=True, seed=0)))
     runners = {
-        r: LocalRunner([base_spec(_cfg(base, r, lr, 0), splits)]) for r, lr in chosen.items()
+        r: LocalRunner([base_spec(_cfg(base, r, lr, 0, sets), splits)]) for r, lr in chosen.items()
     }
     for runner in runners.values():  # warm up allocators and kernels
         for _ in range(5):
@@ -177,7 +186,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", default="digits", choices=["digits", *PRESETS])
     p.add_argument("--data-root", help=f"folder holding FashionMNIST/ or MNIST/ (default {SHARED})")
     p.add_argument("--config", help="TOML config under the benchmark's settings")
-    p.add_argument("--set", action="append", default=[], help="section.key=value, repeatable")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        help="section.key=value, repeatable (rule.* and optim.* apply to every rule, over "
+        "its recipe)",
+    )
     p.add_argument("--model", default="resnet8")
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--epochs", type=int, help="default: per dataset (digits 10, others 4)")
@@ -211,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, dict[float, list[dict]]] = {r: {} for r in rules}
 
     def cfgs(pairs: list[tuple[str, float, int]]) -> list[Config]:
-        return [_cfg(base, r, lr, s) for r, lr, s in pairs]
+        return [_cfg(base, r, lr, s, tuple(args.set)) for r, lr, s in pairs]
 
     search = [(r, lr, s) for r in rules for lr in lrs for s in select_seeds]
     for (r, lr, _), out in zip(search, run_all(cfgs(search), args.workers), strict=True):
@@ -224,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs[r][lr].append(out)
     for r, lr in chosen.items():  # the reported runs: exactly the seeds asked for
         runs[r][lr] = [o for o in runs[r][lr] if o["seed"] in seeds]
-    times = step_times(base, chosen, args.timing_steps)
+    times = step_times(base, chosen, args.timing_steps, tuple(args.set))
     result = summarise(base, runs, chosen, times, seeds)
     result["lr_grid"], result["select_seeds"] = lrs, select_seeds
     result["wall_seconds"] = time.perf_counter() - t0

@@ -6,6 +6,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from torch import nn
+
 from workers.blocks import Block, Wire
 from workers.layers import Conv, Dense, Layer, PooledHead
 
@@ -24,6 +26,9 @@ class ModelConfig:
     residual: bool = False  # MLP: identity skip over each block whose input width matches
     act: str = "relu"
     batchnorm: bool = True
+    # ResNets: each residual branch's last BatchNorm starts with scale 0, so every block starts
+    # as its shortcut (Goyal et al. 2017); errors then first flow back through the shortcuts
+    zero_init_residual: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in MODELS:
@@ -156,6 +161,9 @@ def _basic_block_factory(
             "conv1": Conv(c_in, c_out, 3, stride=stride, padding=1, batchnorm=bn),
             "conv2": Conv(c_out, c_out, 3, stride=1, padding=1, batchnorm=bn),
         }
+        last_bn = layers["conv2"].bn
+        if cfg.zero_init_residual and isinstance(last_bn, nn.BatchNorm2d):
+            nn.init.zeros_(last_bn.weight)
         wires = [Wire("conv1", -1, 0), Wire("conv2", 0, 1)]
         identity: list[tuple[int, int]] = []
         if stride != 1 or c_in != c_out:
