@@ -27,7 +27,8 @@ lint: install
 	$(BIN)/mypy workers cluster driver
 
 bench: install
-	$(BIN)/python -m bench.accuracy --json bench/results/accuracy.json
+	$(BIN)/python -m bench.accuracy --data fashion_mnist --json bench/results/accuracy_fashion.json
+	$(BIN)/python -m bench.accuracy --data digits --json bench/results/accuracy_digits.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache
