@@ -6,6 +6,7 @@ import gzip
 import pickle
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -132,3 +133,13 @@ def write_imagenet(root: Path, per_class: int = 4, n_val: int = 2) -> Path:
                 pixels[:, : w // 3] //= 2
                 Image.fromarray(pixels).save(folder / f"{wnid}_{i}.JPEG", quality=95)
     return root
+
+
+def one_line_error(exc: Any, *parts: str) -> str:
+    """The message of a raised DataError (`exc`: pytest's ExceptionInfo), checked to be one
+    line holding every one of `parts`."""
+    msg = str(exc.value)
+    assert "\n" not in msg
+    for part in parts:
+        assert part in msg, (part, msg)
+    return msg

@@ -11,7 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.datasets.cifar
-from fixtures_data import IMAGENET_COLOURS, cifar_images, marker, write_cifar10, write_imagenet
+from fixtures_data import (
+    IMAGENET_COLOURS,
+    cifar_images,
+    marker,
+    one_line_error,
+    write_cifar10,
+    write_imagenet,
+)
 from sklearn.datasets import load_digits
 from sklearn.neighbors import NearestCentroid
 from torch.utils.data import Dataset
@@ -38,14 +45,6 @@ def expected_cifar(g: int) -> torch.Tensor:
 
 def stack(ds: Dataset) -> torch.Tensor:
     return torch.stack([ds[i][0] for i in range(len(ds))])
-
-
-def one_line_error(exc: pytest.ExceptionInfo[DataError], *parts: str) -> str:
-    msg = str(exc.value)
-    assert "\n" not in msg
-    for part in parts:
-        assert part in msg, (part, msg)
-    return msg
 
 
 # ---------------------------------------------------------------------------------------- config

@@ -22,6 +22,7 @@ from fixtures_data import (
     mnist_images,
     mnist_label,
     mnist_marker,
+    one_line_error,
     write_cifar10,
     write_idx_mnist,
 )
@@ -60,14 +61,6 @@ def expected(g: int, seed: int = 0) -> torch.Tensor:
 def unnormalise(ds: Dataset, x: torch.Tensor) -> torch.Tensor:
     norm = ds.transform  # type: ignore[attr-defined]
     return (x * norm.std + norm.mean) * 255
-
-
-def one_line_error(exc: pytest.ExceptionInfo[DataError], *parts: str) -> str:
-    msg = str(exc.value)
-    assert "\n" not in msg
-    for part in parts:
-        assert part in msg, (part, msg)
-    return msg
 
 
 # ---------------------------------------------------------------------------------------- config
