@@ -14,7 +14,7 @@ from cluster.runtime import connect
 from driver.config import Config
 from driver.data import DatasetSplits, make_loader
 from driver.partition import Partition, plan_partition
-from driver.pipeline import RayPipeline
+from driver.pipeline import LocalPipeline, RayPipeline
 from workers.models import model_plan
 from workers.runner import LocalRunner, stage_specs
 from workers.spec import StageSpec, StageStats
@@ -67,8 +67,8 @@ class RayRunner(RayPipeline):
 
     def __init__(self, specs: list[StageSpec], cfg: Config) -> None:
         self._started = connect(cfg.cluster)
-        try:
-            super().__init__(specs, cfg.pipeline)
+        try:  # a local Ray this run started cannot grow: a placement that cannot fit fails now
+            super().__init__(specs, cfg.pipeline, fixed_size=True if self._started else None)
         except BaseException:
             self._stop_ray()
             raise
@@ -116,4 +116,6 @@ def build_runner(
             "train.device: cuda asked for but no CUDA device is visible here; "
             'set train.device = "cpu" or "auto"'
         )
+    if pc.backend == "local" or pc.schedule == "async":  # the pipeline's stream, in process
+        return LocalPipeline(specs, pc), part
     return LocalRunner(specs), part
