@@ -37,11 +37,13 @@ class ActorGroup:
         timeout_key: str = "pipeline.placement_timeout_s",
         fixed_size: bool | None = None,
         what: str = "actors",
+        actor_options: dict[str, Any] | None = None,
     ) -> None:
         """`fixed_size`: True when the cluster cannot grow (a local Ray this process started),
         None to ask the cluster. A fixed cluster that can never fit the bundles fails at once;
         one that may grow is waited for up to `placement_timeout_s`. `timeout_key` and `what`
-        name the caller's setting and its actors in errors."""
+        name the caller's setting and its actors in errors; `actor_options` go to ray.remote
+        (a runtime_env, enable_tensor_transport)."""
         bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})} for _ in args]
         fix = f"lower the per-{what[:-1]} resources or the number of {what}"
         if fixed_size if fixed_size is not None else not cluster_can_grow():
@@ -69,6 +71,7 @@ class ActorGroup:
             max_restarts=0,
             max_task_retries=0,
             concurrency_groups={"control": 1},
+            **(actor_options or {}),
         )(cls)
         self.actors = [
             remote.options(
@@ -82,6 +85,28 @@ class ActorGroup:
 
     def __len__(self) -> int:
         return len(self.actors)
+
+    def collective(self, backend: str, timeout_s: float) -> str:
+        """Join the actors in a collective group of `backend` (Ray Direct Transport's "gloo" or
+        "nccl"); "" when done, else why not (the caller falls back to the object store)."""
+        import threading
+
+        from ray.experimental.collective import create_collective_group
+
+        outcome: list[str] = []
+
+        def create() -> None:
+            try:
+                create_collective_group(list(self.actors), backend=backend)
+                outcome.append("")
+            except Exception as exc:  # noqa: BLE001 - any failure means: no direct transport
+                outcome.append(f"{type(exc).__name__}: {exc}")
+
+        # Ray's call waits without a deadline: wait for it on a thread that may be abandoned
+        worker = threading.Thread(target=create, daemon=True, name="collective-group")
+        worker.start()
+        worker.join(timeout_s)
+        return outcome[0] if outcome else f"no answer within {timeout_s:g}s"
 
     def gather(
         self,

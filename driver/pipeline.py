@@ -4,72 +4,18 @@ pass actor to actor as refs) or in this process, with the same ops in the same o
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 
+from driver.pipeline_config import PipelineConfig
 from driver.schedule import APPLY, FORWARD, LEARN, Op, Stream
 from driver.stages import LocalStages, RayStages, Stages
 from workers.rules import ErrorSignal, make_rule
 from workers.spec import StageSpec, StageStats
 
 log = logging.getLogger(__name__)
-
-SCHEDULES = ("sync", "async")
-STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-
-
-@dataclass(frozen=True, kw_only=True)
-class PipelineConfig:
-    stages: int = 1  # K; 1 trains in this process
-    backend: str = "auto"  # auto: Ray when stages > 1; ray; local (K stages in this process)
-    boundaries: tuple[int, ...] = ()  # explicit cuts (block indices); () balances by profile
-    schedule: str = "sync"
-    micro_batches: int = 1  # the step's batch is split into this many micro-batches
-    max_in_flight: int = 0  # forwards a stage may run ahead of its learns; 0: the stage count
-    cpus_per_stage: float = 1.0
-    gpus_per_stage: float = -1.0  # -1: one GPU per stage when train.device is cuda, else none
-    threads_per_stage: int = 0  # torch threads in each stage; 0: cpus_per_stage (at least 1)
-    strategy: str = "PACK"  # placement-group strategy
-    placement_timeout_s: float = 120.0
-    step_timeout_s: float = 300.0  # deadline of every blocking call to the stages
-    profile_steps: int = 3  # micro-batches timed per block when balancing
-    apply_every: int = 0  # async: micro-batches per optimizer step (0: micro_batches, once a step)
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("stages", self.stages >= 1),
-            ("micro_batches", self.micro_batches >= 1),
-            ("max_in_flight", self.max_in_flight >= 0),
-            ("cpus_per_stage", self.cpus_per_stage > 0),
-            ("gpus_per_stage", self.gpus_per_stage >= -1),
-            ("threads_per_stage", self.threads_per_stage >= 0),
-            ("placement_timeout_s", self.placement_timeout_s > 0),
-            ("step_timeout_s", self.step_timeout_s > 0),
-            ("profile_steps", self.profile_steps >= 1),
-            ("apply_every", self.apply_every >= 0),
-        ]
-        for key, ok in checks:
-            if not ok:
-                raise ValueError(f"pipeline.{key}: out of range ({getattr(self, key)!r})")
-        for key, value, allowed in (
-            ("schedule", self.schedule, SCHEDULES),
-            ("strategy", self.strategy, STRATEGIES),
-            ("backend", self.backend, ("auto", "ray", "local")),
-        ):
-            if value not in allowed:
-                raise ValueError(f"pipeline.{key}: {value!r} is not one of {list(allowed)}")
-        if self.boundaries and len(self.boundaries) != self.stages - 1:
-            raise ValueError(
-                f"pipeline.boundaries: {len(self.boundaries)} cuts given for "
-                f"{self.stages} stages; give stages - 1 block indices, or none"
-            )
-
-    @property
-    def window(self) -> int:
-        return self.max_in_flight or self.stages
-
 
 Completed = list[tuple[torch.Tensor, torch.Tensor]]  # (logits, labels) of finished micro-batches
 
@@ -279,8 +225,18 @@ class RayPipeline(StreamPipeline):
         cuda = specs[0].device.startswith("cuda")
         gpus = cfg.gpus_per_stage if cfg.gpus_per_stage >= 0 else (1.0 if cuda else 0.0)
         threads = cfg.threads_per_stage or max(1, int(cfg.cpus_per_stage))
+        transport = cfg.transport
+        if transport == "auto":
+            transport = "nccl" if cuda else "object_store"
+        if transport == "nccl" and not cuda:
+            raise ValueError('pipeline.transport: nccl needs train.device = "cuda"; use gloo')
         specs = [
-            replace(s, threads=threads, send_to_cpu=True, device="cuda" if cuda else s.device)
+            replace(
+                s,
+                threads=threads,
+                send_to_cpu=transport in ("object_store", "gloo"),  # nccl: stay on the GPU
+                device="cuda" if cuda else s.device,
+            )
             for s in pipeline_specs(specs, cfg)
         ]
         stages = RayStages(
@@ -291,8 +247,11 @@ class RayPipeline(StreamPipeline):
             placement_timeout_s=cfg.placement_timeout_s,
             step_timeout_s=cfg.step_timeout_s,
             fixed_size=fixed_size,
+            transport=transport,
         )
         super().__init__(stages, cfg, chained=chained)
+        self.transport = stages.transport
+        log.info("pipeline: activations go stage to stage by %s", self.transport)
         self.group = stages.group  # recovery and tests reach the actors through it
 
 

@@ -4,6 +4,7 @@ turns futures into values, with a deadline on Ray."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,8 @@ from cluster.group import ActorGroup
 from workers.rules import ErrorSignal
 from workers.spec import StageSpec
 from workers.stage import Stage
+
+log = logging.getLogger(__name__)
 
 Future = Any  # a value (LocalStages) or a ray.ObjectRef (RayStages)
 
@@ -87,7 +90,12 @@ class RayStages:
         placement_timeout_s: float,
         step_timeout_s: float,
         fixed_size: bool | None = None,
+        transport: str = "object_store",
     ) -> None:
+        """`transport`: how activations go from stage to stage: "object_store" (Ray's shared
+        memory), or a Ray Direct Transport ("gloo" on CPU, "nccl" between GPUs), which falls
+        back to the object store, saying why, when its collective group cannot be made."""
+        direct = transport != "object_store"
         self.group = ActorGroup(
             Stage,
             [(s,) for s in specs],
@@ -98,9 +106,20 @@ class RayStages:
             timeout_key="pipeline.placement_timeout_s",
             fixed_size=fixed_size,
             what="stages",
+            actor_options={"enable_tensor_transport": True} if direct else None,
         )
         self.actors = self.group.actors
         self.step_timeout_s = step_timeout_s
+        self.transport = transport
+        if direct:
+            why = self.group.collective(transport, step_timeout_s)
+            if why:
+                log.warning(
+                    "pipeline: %s transport unavailable (%s); using the object store",
+                    transport,
+                    why,
+                )
+                self.transport = "object_store"
 
     def __len__(self) -> int:
         return len(self.actors)

@@ -18,7 +18,8 @@ import pytest
 import ray
 import torch
 
-from driver.pipeline import LocalPipeline, PipelineConfig, RayPipeline
+from driver.pipeline import LocalPipeline, RayPipeline
+from driver.pipeline_config import PipelineConfig
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig, lr_factor
 from workers.rules import RuleConfig

@@ -12,7 +12,8 @@ from ray.exceptions import RayActorError
 
 from cluster.errors import PlacementError, StageDied, StageError, StageTimeout
 from cluster.group import ActorGroup
-from driver.pipeline import PipelineConfig, RayPipeline
+from driver.pipeline import RayPipeline
+from driver.pipeline_config import PipelineConfig
 from driver.stats import StatsBook
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
