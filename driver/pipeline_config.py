@@ -11,7 +11,7 @@ TRANSPORTS = ("auto", "object_store", "gloo", "nccl")
 
 @dataclass(frozen=True, kw_only=True)
 class PipelineConfig:
-    stages: int = 1  # K; 1 trains in this process
+    stages: int | str = 1  # K; 1 trains in this process; "auto": the K predicted fastest
     backend: str = "auto"  # auto: Ray when stages > 1; ray; local (K stages in this process)
     boundaries: tuple[int, ...] = ()  # explicit cuts (block indices); () balances by profile
     schedule: str = "sync"
@@ -30,8 +30,11 @@ class PipelineConfig:
     transport: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.stages != "auto" and not (
+            isinstance(self.stages, int) and not isinstance(self.stages, bool) and self.stages >= 1
+        ):
+            raise ValueError(f'pipeline.stages: an integer >= 1 or "auto", got {self.stages!r}')
         checks = [
-            ("stages", self.stages >= 1),
             ("micro_batches", self.micro_batches >= 1),
             ("max_in_flight", self.max_in_flight >= 0),
             ("cpus_per_stage", self.cpus_per_stage > 0),
@@ -53,7 +56,9 @@ class PipelineConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"pipeline.{key}: {value!r} is not one of {list(allowed)}")
-        if self.boundaries and len(self.boundaries) != self.stages - 1:
+        if self.boundaries and (
+            self.stages == "auto" or len(self.boundaries) != int(self.stages) - 1
+        ):
             raise ValueError(
                 f"pipeline.boundaries: {len(self.boundaries)} cuts given for "
                 f"{self.stages} stages; give stages - 1 block indices, or none"
@@ -61,4 +66,5 @@ class PipelineConfig:
 
     @property
     def window(self) -> int:
-        return self.max_in_flight or self.stages
+        """Forwards a stage may run ahead of its learns (the stage count until resolved)."""
+        return self.max_in_flight or (self.stages if isinstance(self.stages, int) else 1)
