@@ -139,7 +139,7 @@ def transport(cfg: Config, info: dict, iters: int, timeout_s: float) -> dict:
     hops = measure(shape, iters, timeout_s)
     frac = {
         k.removesuffix("_s"): (None if hops.get(k) is None else hops[k] / compute)
-        for k in ("actor_calls_s", "compiled_graph_s")
+        for k in ("actor_calls_s", "zero_copy_s", "gloo_s", "compiled_graph_s")
     }
     return {"activation_shape": list(shape), "stage_compute_s": compute, **hops, **frac}
 

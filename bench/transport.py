@@ -1,4 +1,5 @@
-"""Per-hop transport between two actors: plain actor calls vs a Ray Compiled Graph."""
+"""Per-hop transport between two actors: actor calls through the object store (with and without
+zero-copy tensors), Ray Direct Transport over gloo, and a Ray Compiled Graph."""
 
 from __future__ import annotations
 
@@ -28,6 +29,29 @@ def actor_call_hop(shape: tuple[int, ...], iters: int) -> float:
             t0 = time.perf_counter()
             for _ in range(iters):
                 ray.get(b.take.remote(a.make.remote(sh)))
+            return (time.perf_counter() - t0) / iters
+
+        return max(run(shape) - run((1,)), 0.0)
+    finally:
+        for actor in (a, b):
+            ray.kill(actor)
+
+
+def direct_hop(shape: tuple[int, ...], iters: int, backend: str = "gloo") -> float:
+    """The same hop with the tensor sent by Ray Direct Transport over a collective group."""
+    from ray.experimental.collective import create_collective_group
+
+    remote = ray.remote(num_cpus=0, enable_tensor_transport=True)(Hop)
+    a, b = remote.remote(), remote.remote()
+    try:
+        create_collective_group([a, b], backend=backend)
+
+        def run(sh: tuple[int, ...]) -> float:
+            make = a.make.options(tensor_transport=backend)
+            ray.get(b.take.remote(make.remote(sh)), timeout=60)  # warm
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                ray.get(b.take.remote(make.remote(sh)), timeout=60)
             return (time.perf_counter() - t0) / iters
 
         return max(run(shape) - run((1,)), 0.0)
@@ -72,19 +96,30 @@ def compiled_graph_hop(shape: tuple[int, ...], iters: int) -> float | None:
         return None
 
 
+MODES = {  # mode -> (JSON key, function, environment)
+    "actor": ("actor_calls_s", "actor_call_hop", {}),
+    "zero_copy": ("zero_copy_s", "actor_call_hop", {"RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": "1"}),
+    "gloo": ("gloo_s", "direct_hop", {}),
+    "compiled": ("compiled_graph_s", "compiled_graph_hop", {}),
+}
+
+
 def measure(shape: tuple[int, ...], iters: int, timeout_s: float = 120.0) -> dict:
-    """Both hops, each in its own process with a deadline (a stalled compiled graph must not
-    hang the benchmark): {"actor_calls_s": .., "compiled_graph_s": .. or None, "error": ..}."""
+    """Every hop, each in its own process with a deadline (a stalled transport must not hang
+    the benchmark): {"actor_calls_s": .., "zero_copy_s": .., "gloo_s": .., "compiled_graph_s":
+    .., each None with an "<key>_error" when it failed}."""
     import json
+    import os
     import subprocess
     import sys
 
     out: dict = {}
-    for mode in ("actor", "compiled"):
+    for mode, (key, _, env) in MODES.items():
         cmd = [sys.executable, "-m", "bench.transport", mode, ",".join(map(str, shape)), str(iters)]
-        key = "actor_calls_s" if mode == "actor" else "compiled_graph_s"
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+            p = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=timeout_s, env={**os.environ, **env}
+            )
             lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
             out[key] = json.loads(lines[-1])["seconds"] if lines else None
             if not lines:
@@ -100,8 +135,9 @@ if __name__ == "__main__":
     import sys
 
     mode, shape_text, iters_text = sys.argv[1:4]
-    ray.init(num_cpus=4, include_dashboard=False)
+    env = MODES[mode][2]
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env} if env else None)
     shape_ = tuple(int(v) for v in shape_text.split(","))
-    fn = actor_call_hop if mode == "actor" else compiled_graph_hop
+    fn = globals()[MODES[mode][1]]
     print(json.dumps({"seconds": fn(shape_, int(iters_text))}), flush=True)
     ray.shutdown()

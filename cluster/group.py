@@ -13,6 +13,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.errors import PlacementError, StageDied, StageError, StageTimeout
+from cluster.placement import cluster_can_grow, never_fits, node_resources
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +35,33 @@ class ActorGroup:
         strategy: str = "PACK",
         placement_timeout_s: float = 60.0,
         timeout_key: str = "pipeline.placement_timeout_s",
+        fixed_size: bool | None = None,
+        what: str = "actors",
+        actor_options: dict[str, Any] | None = None,
     ) -> None:
+        """`fixed_size`: True when the cluster cannot grow (a local Ray this process started),
+        None to ask the cluster. A fixed cluster that can never fit the bundles fails at once;
+        one that may grow is waited for up to `placement_timeout_s`. `timeout_key` and `what`
+        name the caller's setting and its actors in errors; `actor_options` go to ray.remote
+        (a runtime_env, enable_tensor_transport)."""
         bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})} for _ in args]
+        fix = f"lower the per-{what[:-1]} resources or the number of {what}"
+        if fixed_size if fixed_size is not None else not cluster_can_grow():
+            why = never_fits(bundles, strategy, node_resources())
+            if why:
+                raise PlacementError(
+                    f"cannot place {len(args)} {what} of {bundles[0]} ({strategy}): {why}, "
+                    f"and this cluster cannot grow; {fix}, or add nodes"
+                )
         self.pg = placement_group(bundles, strategy=strategy)
         try:
             ray.get(self.pg.ready(), timeout=placement_timeout_s)
         except GetTimeoutError:
             remove_placement_group(self.pg)
             raise PlacementError(
-                f"could not place {len(args)} stages of {bundles[0]} within "
-                f"{placement_timeout_s:g}s (cluster has {ray.available_resources()}); lower "
-                f"the per-stage resources or the stage count, or raise {timeout_key}"
+                f"could not place {len(args)} {what} of {bundles[0]} within "
+                f"{placement_timeout_s:g}s (cluster has {ray.available_resources()}); {fix}, "
+                f"or raise {timeout_key}"
             ) from None
         # A "control" concurrency group answers probes while the default group (which keeps
         # every call in submission order) is busy or hung.
@@ -54,6 +71,7 @@ class ActorGroup:
             max_restarts=0,
             max_task_retries=0,
             concurrency_groups={"control": 1},
+            **(actor_options or {}),
         )(cls)
         self.actors = [
             remote.options(
@@ -68,12 +86,27 @@ class ActorGroup:
     def __len__(self) -> int:
         return len(self.actors)
 
-    def call(self, i: int, method: str, *args: Any, num_returns: int = 1, **kwargs: Any) -> Any:
-        """Submit actor i's `method`; one ObjectRef, or a list of `num_returns` of them."""
-        fn = getattr(self.actors[i], method)
-        if num_returns != 1:
-            fn = fn.options(num_returns=num_returns)
-        return fn.remote(*args, **kwargs)
+    def collective(self, backend: str, timeout_s: float) -> str:
+        """Join the actors in a collective group of `backend` (Ray Direct Transport's "gloo" or
+        "nccl"); "" when done, else why not (the caller falls back to the object store)."""
+        import threading
+
+        from ray.experimental.collective import create_collective_group
+
+        outcome: list[str] = []
+
+        def create() -> None:
+            try:
+                create_collective_group(list(self.actors), backend=backend)
+                outcome.append("")
+            except Exception as exc:  # noqa: BLE001 - any failure means: no direct transport
+                outcome.append(f"{type(exc).__name__}: {exc}")
+
+        # Ray's call waits without a deadline: wait for it on a thread that may be abandoned
+        worker = threading.Thread(target=create, daemon=True, name="collective-group")
+        worker.start()
+        worker.join(timeout_s)
+        return outcome[0] if outcome else f"no answer within {timeout_s:g}s"
 
     def gather(
         self,

@@ -13,7 +13,7 @@ from typing import Any
 from cluster.runtime import ClusterConfig
 from driver.data import DataConfig
 from driver.metrics import MetricsConfig
-from driver.pipeline import PipelineConfig
+from driver.pipeline_config import PipelineConfig
 from driver.service_config import ServiceConfig
 from workers.models import ModelConfig
 from workers.optim import OptimConfig

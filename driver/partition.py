@@ -73,6 +73,14 @@ def best_partition(costs: list[float], k: int) -> tuple[int, ...]:
 def profile_blocks(base: StageSpec, x: torch.Tensor, y: torch.Tensor, steps: int) -> list[float]:
     """Seconds of forward + learn per micro-batch for each block, measured in this process
     (each block as its own stage, so the costs add up the way stages will run them)."""
+    return profile(base, x, y, steps)[0]
+
+
+def profile(
+    base: StageSpec, x: torch.Tensor, y: torch.Tensor, steps: int
+) -> tuple[list[float], list[torch.Tensor]]:
+    """profile_blocks' costs, and each block's output for the micro-batch (what a cut after
+    that block would send to the next stage)."""
     n = len(model_plan(base.model, base.input_shape, base.num_classes))
     saved = torch.get_num_threads()  # time blocks with the threads a stage will have
     stages = [Stage(s) for s in stage_specs(base, list(range(n + 1)))]
@@ -82,9 +90,21 @@ def profile_blocks(base: StageSpec, x: torch.Tensor, y: torch.Tensor, steps: int
         torch.set_num_threads(saved)
 
 
+def time_whole(base: StageSpec, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
+    """Seconds of forward + learn per micro-batch of the whole model in one stage, with the
+    threads this process has (what one process, K = 1, would take)."""
+    stage = Stage(base)
+    for rep in range(steps + 1):
+        if rep == 1:
+            t0 = time.perf_counter()
+        stage.forward(rep, x)
+        stage.learn(rep, ErrorSignal(labels=y))
+    return (time.perf_counter() - t0) / steps
+
+
 def _time_blocks(
     stages: list[Stage], base: StageSpec, x: torch.Tensor, y: torch.Tensor, steps: int
-) -> list[float]:
+) -> tuple[list[float], list[torch.Tensor]]:
     n = len(stages)
     costs = [0.0] * n
     sync = torch.cuda.synchronize if base.device.startswith("cuda") else (lambda: None)
@@ -103,7 +123,7 @@ def _time_blocks(
             if rep:
                 costs[i] += spent[i] + time.perf_counter() - t0
             signal = ErrorSignal(output_error=out.output_error, boundary=out.boundary)
-    return [c / steps for c in costs]
+    return [c / steps for c in costs], acts[1:]
 
 
 def plan_partition(
@@ -112,8 +132,10 @@ def plan_partition(
     boundaries: tuple[int, ...],
     sample: tuple[torch.Tensor, torch.Tensor] | None,
     steps: int,
+    costs: list[float] | None = None,
 ) -> Partition:
-    """Explicit `boundaries` if given, else the balanced cut of profiled block costs."""
+    """Explicit `boundaries` if given, else the balanced cut of block costs (`costs` as
+    profiled already, or profiled here on `sample`)."""
     plan = model_plan(base.model, base.input_shape, base.num_classes)
     names = tuple(name for name, _ in plan)
     n = len(plan)
@@ -124,9 +146,10 @@ def plan_partition(
     elif k == 1:
         bounds, costs = (0, n), [0.0] * n
     else:
-        if sample is None:
-            raise ValueError("pipeline: balancing needs a sample batch to profile")
-        costs = profile_blocks(base, *sample, steps)
+        if costs is None:
+            if sample is None:
+                raise ValueError("pipeline: balancing needs a sample batch to profile")
+            costs = profile_blocks(base, *sample, steps)
         bounds = best_partition(costs, k)
     stage_costs = tuple(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
     part = Partition(bounds=tuple(bounds), stage_costs=stage_costs, block_names=names)

@@ -1,136 +1,75 @@
-"""The Ray pipeline: one actor per stage; activations and errors pass actor to actor as refs."""
+"""The pipeline: K stages fed a stream of micro-batches, on Ray actors (activations and errors
+pass actor to actor as refs) or in this process, with the same ops in the same order."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-import ray
 import torch
 
-from cluster.group import ActorGroup
+from driver.pipeline_config import PipelineConfig
 from driver.schedule import APPLY, FORWARD, LEARN, Op, Stream
+from driver.stages import LocalStages, RayStages, Stages
 from workers.rules import ErrorSignal, make_rule
 from workers.spec import StageSpec, StageStats
-from workers.stage import Stage
 
 log = logging.getLogger(__name__)
-
-SCHEDULES = ("sync", "async")
-STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-
-
-@dataclass(frozen=True, kw_only=True)
-class PipelineConfig:
-    stages: int = 1  # K; 1 trains in this process
-    backend: str = "auto"  # auto: Ray when stages > 1; ray; local (K stages in this process)
-    boundaries: tuple[int, ...] = ()  # explicit cuts (block indices); () balances by profile
-    schedule: str = "sync"
-    micro_batches: int = 1  # the step's batch is split into this many micro-batches
-    max_in_flight: int = 0  # forwards a stage may run ahead of its learns; 0: the stage count
-    cpus_per_stage: float = 1.0
-    gpus_per_stage: float = -1.0  # -1: one GPU per stage when train.device is cuda, else none
-    threads_per_stage: int = 0  # torch threads in each stage; 0: cpus_per_stage (at least 1)
-    strategy: str = "PACK"  # placement-group strategy
-    placement_timeout_s: float = 120.0
-    step_timeout_s: float = 300.0  # deadline of every blocking call to the stages
-    profile_steps: int = 3  # micro-batches timed per block when balancing
-
-    def __post_init__(self) -> None:
-        checks = [
-            ("stages", self.stages >= 1),
-            ("micro_batches", self.micro_batches >= 1),
-            ("max_in_flight", self.max_in_flight >= 0),
-            ("cpus_per_stage", self.cpus_per_stage > 0),
-            ("gpus_per_stage", self.gpus_per_stage >= -1),
-            ("threads_per_stage", self.threads_per_stage >= 0),
-            ("placement_timeout_s", self.placement_timeout_s > 0),
-            ("step_timeout_s", self.step_timeout_s > 0),
-            ("profile_steps", self.profile_steps >= 1),
-        ]
-        for key, ok in checks:
-            if not ok:
-                raise ValueError(f"pipeline.{key}: out of range ({getattr(self, key)!r})")
-        for key, value, allowed in (
-            ("schedule", self.schedule, SCHEDULES),
-            ("strategy", self.strategy, STRATEGIES),
-            ("backend", self.backend, ("auto", "ray", "local")),
-        ):
-            if value not in allowed:
-                raise ValueError(f"pipeline.{key}: {value!r} is not one of {list(allowed)}")
-        if self.boundaries and len(self.boundaries) != self.stages - 1:
-            raise ValueError(
-                f"pipeline.boundaries: {len(self.boundaries)} cuts given for "
-                f"{self.stages} stages; give stages - 1 block indices, or none"
-            )
-
-    @property
-    def window(self) -> int:
-        return self.max_in_flight or self.stages
-
 
 Completed = list[tuple[torch.Tensor, torch.Tensor]]  # (logits, labels) of finished micro-batches
 
 
-class RayPipeline:
-    """K Stage actors trained by a stream of micro-batches (see driver/schedule.py).
+def pipeline_specs(specs: list[StageSpec], cfg: PipelineConfig) -> list[StageSpec]:
+    """The stages' specs as the pipeline runs them: the cache bound of the window, and how
+    often and over how much of a step each optimizer step goes (async)."""
+    every = cfg.apply_every or cfg.micro_batches
+    return [
+        replace(
+            s,
+            max_cached=cfg.window + 1,
+            apply_every=every if cfg.schedule == "async" else 1,
+            learn_fraction=1.0 / cfg.micro_batches,
+        )
+        for s in specs
+    ]
+
+
+class StreamPipeline:
+    """K stages trained by a stream of micro-batches (see driver/schedule.py).
 
     `sync`: a step's micro-batches are learned with the step's starting weights and each stage
-    applies once at the end, so K actors give the same weights as one process. `async`: each
-    learn applies at once and the stream flows on across steps until flush().
+    applies once at the end, so K stages give the same weights as one process. `async`: learns
+    apply as they come (every `pipeline.apply_every` of them) and the stream flows on across
+    steps until flush(). The stages are a LocalStages (this process, in submission order: the
+    same ops, in the same order per stage, as on Ray, hence the same numbers) or RayStages.
     """
 
-    def __init__(self, specs: list[StageSpec], cfg: PipelineConfig) -> None:
-        self.cfg = cfg
-        self.k = len(specs)
+    def __init__(self, stages: Stages, cfg: PipelineConfig, *, chained: bool) -> None:
+        self.cfg, self.stages = cfg, stages
+        self.k = len(stages)
         self.sync = cfg.schedule == "sync"
-        # diagnostics chain the error path too: backprop's true gradient (ErrorSignal.true_grad)
-        # reaches stage s only from stage s + 1, even when the rule broadcasts e_L
-        self.chained = make_rule(specs[0].rule).chained or specs[0].diagnose_every > 0
-        cuda = specs[0].device.startswith("cuda")
-        gpus = cfg.gpus_per_stage if cfg.gpus_per_stage >= 0 else (1.0 if cuda else 0.0)
-        threads = cfg.threads_per_stage or max(1, int(cfg.cpus_per_stage))
-        specs = [
-            replace(
-                s,
-                threads=threads,
-                send_to_cpu=True,
-                max_cached=cfg.window + 1,
-                device="cuda" if cuda else s.device,
-            )
-            for s in specs
-        ]
-        self.group = ActorGroup(
-            Stage,
-            [(s,) for s in specs],
-            cpus=cfg.cpus_per_stage,
-            gpus=gpus,
-            strategy=cfg.strategy,
-            placement_timeout_s=cfg.placement_timeout_s,
-        )
+        self.chained = chained
         try:  # constructors run remotely: surface their errors here, with a deadline
-            self._gather([(i, self.group.call(i, "pop_stats")) for i in range(self.k)], "start")
+            stages.ready()
         except BaseException:
-            self.group.shutdown()
+            stages.shutdown()
             raise
         self._labels: dict[int, torch.Tensor] = {}
-        self._stats: list[tuple[int, ray.ObjectRef]] = []
+        self._stats: list[tuple[int, Any]] = []
         self._reset_stream()
 
     # -- the stream ---------------------------------------------------------------------------
     def _reset_stream(self) -> None:
         self.stream = Stream(self.k, self.cfg.window, chained=self.chained, sync=self.sync)
-        self._refs: dict[Op, ray.ObjectRef] = {}
+        self._refs: dict[Op, Any] = {}
         self._data: dict[int, tuple[Any, torch.Tensor]] = {}
-        self._outputs: list[tuple[int, ray.ObjectRef]] = []  # (mb, logits ref) not yet returned
-        self._learned: list[tuple[int, list[tuple[int, ray.ObjectRef]]]] = []
-        self._last_learn: dict[int, ray.ObjectRef] = {}
+        self._outputs: list[tuple[int, Any]] = []  # (mb, logits) not yet returned
+        self._learned: list[tuple[int, list[tuple[int, Any]]]] = []
+        self._last_learn: dict[int, Any] = {}
 
-    def _gather(self, refs: list[tuple[int, ray.ObjectRef]], what: str) -> list[Any]:
-        return self.group.gather(
-            refs, timeout_s=self.cfg.step_timeout_s, key="pipeline.step_timeout_s", what=what
-        )
+    def _gather(self, refs: list[tuple[int, Any]], what: str) -> list[Any]:
+        return self.stages.gather(refs, what)
 
     def _submit_ready(self) -> None:
         for op in self.stream.ready():
@@ -138,25 +77,23 @@ class RayPipeline:
             if op.kind == LEARN and all(Op(LEARN, s, op.mb) in self._refs for s in range(self.k)):
                 self._retire(op.mb)
 
-    def _submit(self, op: Op) -> ray.ObjectRef:
-        s, m = op.stage, op.mb
+    def _submit(self, op: Op) -> Any:
+        s, m, st = op.stage, op.mb, self.stages
         if op.kind == APPLY:
-            return self.group.call(s, "apply")
+            return st.apply(s)
         if op.kind == FORWARD:
             x = self._data[m][0] if s == 0 else self._refs[Op(FORWARD, s - 1, m)]
             if s < self.k - 1:
-                return self.group.call(s, "forward", m, x)
+                return st.forward(s, m, x)
             # the last stage learns right after its forward (window 1): one call for both
             labels = ErrorSignal(labels=self._data[m][1])
-            ref, self._last_learn[m] = self.group.call(
-                s, "forward_learn", m, x, labels, apply=not self.sync, num_returns=2
-            )
-            self._outputs.append((m, ref))
-            return ref
+            out, self._last_learn[m] = st.forward_learn(s, m, x, labels, apply=not self.sync)
+            self._outputs.append((m, out))
+            return out
         if s == self.k - 1:
             return self._last_learn.pop(m)
         signal = self._refs[Op(LEARN, s + 1 if self.chained else self.k - 1, m)]
-        return self.group.call(s, "learn", m, signal, apply=not self.sync)
+        return st.learn(s, m, signal, apply=not self.sync)
 
     def _retire(self, mb: int) -> None:
         """Every op of `mb` is submitted: keep only its learn refs (to wait on), drop the rest."""
@@ -173,13 +110,14 @@ class RayPipeline:
             return []
         refs = [(self.k - 1, r) for _, r in self._outputs]
         if not wait:
-            done, _ = ray.wait([r for _, r in refs], num_returns=len(refs), timeout=0)
-            n = next((i for i, (_, r) in enumerate(refs) if r not in set(done)), len(refs))
-            refs = refs[:n]
+            refs = refs[: self.stages.finished([r for _, r in refs])]
         logits = self._gather(refs, "forward")
         labels = [self._labels.pop(m) for m, _ in self._outputs[: len(refs)]]
         del self._outputs[: len(refs)]
         return list(zip(logits, labels, strict=True))
+
+    def _pop_stats(self) -> None:
+        self._stats += [(s, self.stages.pop_stats(s)) for s in range(self.k)]
 
     # -- the runner interface -----------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int) -> Completed:
@@ -194,15 +132,15 @@ class RayPipeline:
     def _step(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int) -> Completed:
         for xs, ys in zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=True):
             m = self.stream.available
-            self._data[m] = (ray.put(xs), ys)
+            self._data[m] = (self.stages.put(xs), ys)
             self._labels[m] = ys
             self.stream.available += 1
         if self.sync:
             out = self._drain()
-            self._stats += [(st, self.group.call(st, "pop_stats")) for st in range(self.k)]
+            self._pop_stats()
             return out
         self._submit_ready()
-        self._stats += [(st, self.group.call(st, "pop_stats")) for st in range(self.k)]
+        self._pop_stats()
         backlog = len(self._learned) - 2 * (self.cfg.window + self.k)
         if backlog > 0:  # bound what the stream holds: wait for the oldest micro-batches
             old = self._learned[:backlog]
@@ -211,13 +149,17 @@ class RayPipeline:
         return self._collect(wait=False)
 
     def flush(self) -> Completed:
-        """Finish every micro-batch fed so far (async); the next step starts a new stream."""
+        """Finish every micro-batch fed so far (async: and apply what is still accumulated);
+        the next step starts a new stream."""
         try:
             out = self._drain()
+            if not self.sync:
+                pending = [(s, self.stages.apply_pending(s)) for s in range(self.k)]
+                self._gather(pending, "apply")
         except BaseException:
             self.close()
             raise
-        self._stats += [(st, self.group.call(st, "pop_stats")) for st in range(self.k)]
+        self._pop_stats()
         return out
 
     def _drain(self) -> Completed:
@@ -234,7 +176,7 @@ class RayPipeline:
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         ref: Any = x
         for s in range(self.k):
-            ref = self.group.call(s, "infer", ref)
+            ref = self.stages.infer(s, ref)
         return self._gather([(self.k - 1, ref)], "infer")[0]
 
     def drain_stats(self, *, wait: bool = False) -> list[tuple[int, StageStats]]:
@@ -243,26 +185,79 @@ class RayPipeline:
             return []
         n = len(self._stats)
         if not wait:
-            done = set(ray.wait([r for _, r in self._stats], num_returns=n, timeout=0)[0])
-            n = next((i for i, (_, r) in enumerate(self._stats) if r not in done), n)
+            n = self.stages.finished([r for _, r in self._stats])
         taken, self._stats = self._stats[:n], self._stats[n:]
         return list(zip([s for s, _ in taken], self._gather(taken, "stats"), strict=True))
 
     def state_dict(self) -> dict[str, Any]:
-        states = self._gather(
-            [(s, self.group.call(s, "state_dict")) for s in range(self.k)], "state_dict"
-        )
-        units: dict[str, Any] = {}
-        for st in states:
-            units.update(st["units"])
-        return {"units": units, "step": states[0]["step"], "noise_rng": states[0]["noise_rng"]}
+        states = self._gather([(s, self.stages.state_dict(s)) for s in range(self.k)], "state_dict")
+        return merge_states(states)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        ref = ray.put(state)
+        ref = self.stages.put(state)
         self._gather(
-            [(s, self.group.call(s, "load_state_dict", ref)) for s in range(self.k)],
-            "load_state_dict",
+            [(s, self.stages.load_state_dict(s, ref)) for s in range(self.k)], "load_state_dict"
         )
 
     def close(self) -> None:
-        self.group.shutdown()
+        self.stages.shutdown()
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One runner state from its stages' states: every unit, and stage 0's step and RNG."""
+    units: dict[str, Any] = {}
+    for st in states:
+        units.update(st["units"])
+    first = states[0]
+    return {**{k: v for k, v in first.items() if k != "units"}, "units": units}
+
+
+class RayPipeline(StreamPipeline):
+    """K Stage actors, one per placement-group bundle, passing activations and errors actor to
+    actor as object references."""
+
+    def __init__(
+        self, specs: list[StageSpec], cfg: PipelineConfig, *, fixed_size: bool | None = None
+    ) -> None:
+        """`fixed_size`: True when the cluster cannot grow (a local Ray the run started), so a
+        placement that can never fit fails at once; None asks the cluster."""
+        chained = make_rule(specs[0].rule).chained or specs[0].diagnose_every > 0
+        cuda = specs[0].device.startswith("cuda")
+        gpus = cfg.gpus_per_stage if cfg.gpus_per_stage >= 0 else (1.0 if cuda else 0.0)
+        threads = cfg.threads_per_stage or max(1, int(cfg.cpus_per_stage))
+        transport = cfg.transport
+        if transport == "auto":
+            transport = "nccl" if cuda else "object_store"
+        if transport == "nccl" and not cuda:
+            raise ValueError('pipeline.transport: nccl needs train.device = "cuda"; use gloo')
+        specs = [
+            replace(
+                s,
+                threads=threads,
+                send_to_cpu=transport in ("object_store", "gloo"),  # nccl: stay on the GPU
+                device="cuda" if cuda else s.device,
+            )
+            for s in pipeline_specs(specs, cfg)
+        ]
+        stages = RayStages(
+            specs,
+            cpus=cfg.cpus_per_stage,
+            gpus=gpus,
+            strategy=cfg.strategy,
+            placement_timeout_s=cfg.placement_timeout_s,
+            step_timeout_s=cfg.step_timeout_s,
+            fixed_size=fixed_size,
+            transport=transport,
+        )
+        super().__init__(stages, cfg, chained=chained)
+        self.transport = stages.transport
+        log.info("pipeline: activations go stage to stage by %s", self.transport)
+        self.group = stages.group  # recovery and tests reach the actors through it
+
+
+class LocalPipeline(StreamPipeline):
+    """The same stream in this process: K stages called in submission order (no Ray)."""
+
+    def __init__(self, specs: list[StageSpec], cfg: PipelineConfig) -> None:
+        chained = make_rule(specs[0].rule).chained or specs[0].diagnose_every > 0
+        super().__init__(LocalStages(pipeline_specs(specs, cfg)), cfg, chained=chained)

@@ -13,8 +13,9 @@ import torch
 from cluster.runtime import connect
 from driver.config import Config
 from driver.data import DatasetSplits, make_loader
-from driver.partition import Partition, plan_partition
-from driver.pipeline import RayPipeline
+from driver.partition import Partition, plan_partition, profile, time_whole
+from driver.pipeline import LocalPipeline, RayPipeline
+from driver.stage_count import choose, cluster_cores, hop_seconds, predict, warn_if_slower
 from workers.models import model_plan
 from workers.runner import LocalRunner, stage_specs
 from workers.spec import StageSpec, StageStats
@@ -67,8 +68,8 @@ class RayRunner(RayPipeline):
 
     def __init__(self, specs: list[StageSpec], cfg: Config) -> None:
         self._started = connect(cfg.cluster)
-        try:
-            super().__init__(specs, cfg.pipeline)
+        try:  # a local Ray this run started cannot grow: a placement that cannot fit fails now
+            super().__init__(specs, cfg.pipeline, fixed_size=True if self._started else None)
         except BaseException:
             self._stop_ray()
             raise
@@ -89,26 +90,14 @@ def build_runner(
     """The runner for `cfg`; `bounds` reuses a partition already chosen (no profiling)."""
     base = base_spec(cfg, splits)
     pc = cfg.pipeline
-    sample = None
     if bounds is not None:
-        part = plan_partition(base, pc.stages, tuple(bounds[1:-1]), None, pc.profile_steps)
-    elif pc.stages > 1 and not pc.boundaries:
-        x, y = next(
-            iter(make_loader(splits.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed))
-        )
-        mb = max(1, len(y) // pc.micro_batches)
-        sample = (x[:mb], y[:mb])
-        driver_side = base if torch.cuda.is_available() else replace(base, device="cpu")
-        driver_side = replace(driver_side, diagnose_every=0)  # time the training, not the probe
-        if pc.stages > 1 and pc.backend != "local":  # profile with a stage's thread count
-            driver_side = replace(
-                driver_side, threads=pc.threads_per_stage or max(1, int(pc.cpus_per_stage))
-            )
-        part = plan_partition(driver_side, pc.stages, pc.boundaries, sample, pc.profile_steps)
+        part = plan_partition(base, len(bounds) - 1, tuple(bounds[1:-1]), None, pc.profile_steps)
     else:
-        part = plan_partition(base, pc.stages, pc.boundaries, None, pc.profile_steps)
+        part = _plan(cfg, base, splits)
+        cfg = replace(cfg, pipeline=replace(pc, stages=len(part.bounds) - 1))
+        pc = cfg.pipeline
     specs = stage_specs(base, list(part.bounds))
-    use_ray = pc.backend == "ray" or (pc.backend == "auto" and pc.stages > 1)
+    use_ray = pc.backend == "ray" or (pc.backend == "auto" and len(specs) > 1)
     if use_ray:
         return RayRunner(specs, cfg), part
     if base.device == "cuda" and not torch.cuda.is_available():
@@ -116,4 +105,53 @@ def build_runner(
             "train.device: cuda asked for but no CUDA device is visible here; "
             'set train.device = "cpu" or "auto"'
         )
+    if pc.backend == "local" or pc.schedule == "async":  # the pipeline's stream, in process
+        return LocalPipeline(specs, pc), part
     return LocalRunner(specs), part
+
+
+def _plan(cfg: Config, base: StageSpec, splits: DatasetSplits) -> Partition:
+    """The partition: explicit boundaries, or the balanced cut of profiled blocks into the K
+    asked for, or, with pipeline.stages = "auto", into the K predicted fastest (K = 1, one
+    process, included). A K predicted slower than one process gets a warning."""
+    pc = cfg.pipeline
+    k = pc.stages
+    if k == 1 or pc.boundaries:
+        return plan_partition(base, int(k), pc.boundaries, None, pc.profile_steps)
+    x, y = next(
+        iter(make_loader(splits.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed))
+    )
+    mb = max(1, len(y) // pc.micro_batches)
+    sample = (x[:mb], y[:mb])
+    driver_side = base if torch.cuda.is_available() else replace(base, device="cpu")
+    driver_side = replace(driver_side, diagnose_every=0)  # time the training, not the probe
+    whole = driver_side
+    if pc.backend != "local":  # profile blocks with a stage's thread count
+        threads = pc.threads_per_stage or max(1, int(pc.cpus_per_stage))
+        driver_side = replace(driver_side, threads=threads)
+    costs, outs = profile(driver_side, *sample, pc.profile_steps)
+    if pc.backend != "local":
+        cores = cluster_cores(cfg.cluster.address, cfg.cluster.num_cpus)
+        most = len(costs) if cores == float("inf") else int(cores // pc.cpus_per_stage)
+        single = time_whole(whole, *sample, pc.profile_steps)
+        hops = [hop_seconds(o) for o in outs[:-1]]
+        ks = {*range(1, min(most, len(costs)) + 1), 1, *([int(k)] if k != "auto" else [])}
+        preds = {
+            j: predict(
+                j,
+                costs,
+                hops,
+                micro_batches=pc.micro_batches,
+                cores=cores,
+                sync=pc.schedule == "sync",
+                single_seconds=single,
+            )
+            for j in sorted(ks)
+        }
+        if k == "auto":
+            k = choose(list(preds.values())).k
+        else:
+            warn_if_slower(preds[int(k)], preds[1])
+    elif k == "auto":
+        raise ValueError('pipeline.stages: "auto" needs the Ray backend (pipeline.backend)')
+    return plan_partition(driver_side, int(k), (), None, pc.profile_steps, costs=costs)

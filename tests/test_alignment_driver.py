@@ -14,7 +14,8 @@ import torch
 from driver.config import Config, load_config
 from driver.controller import Controller
 from driver.data import DatasetSplits, load_dataset
-from driver.pipeline import PipelineConfig, RayPipeline
+from driver.pipeline import RayPipeline
+from driver.pipeline_config import PipelineConfig
 from driver.runners import base_spec
 from driver.train import train
 from workers.diagnostics import layer_items

@@ -62,7 +62,8 @@ def test_gpu_stage_matches_cpu(rule):
 def test_ray_pipeline_on_a_shared_gpu_matches_one_gpu_process():
     import ray
 
-    from driver.pipeline import PipelineConfig, RayPipeline
+    from driver.pipeline import RayPipeline
+    from driver.pipeline_config import PipelineConfig
 
     ray.init(num_cpus=4, num_gpus=1, include_dashboard=False)
     try:

@@ -12,7 +12,8 @@ from ray.exceptions import RayActorError
 
 from cluster.errors import PlacementError, StageDied, StageError, StageTimeout
 from cluster.group import ActorGroup
-from driver.pipeline import PipelineConfig, RayPipeline
+from driver.pipeline import RayPipeline
+from driver.pipeline_config import PipelineConfig
 from driver.stats import StatsBook
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
@@ -181,8 +182,8 @@ class Sleeper:
 
 def test_group_deadline_names_the_hung_actor(cluster):
     with ActorGroup(Sleeper, [(0.0,), (60.0,)], cpus=1, gpus=0) as group:
-        group.gather([(i, group.call(i, "ping")) for i in range(2)], timeout_s=60, key="k")
-        refs = [(i, group.call(i, "work")) for i in range(2)]
+        group.gather([(i, group.actors[i].ping.remote()) for i in range(2)], timeout_s=60, key="k")
+        refs = [(i, group.actors[i].work.remote()) for i in range(2)]
         t0 = time.monotonic()
         with pytest.raises(StageTimeout) as info:
             group.gather(refs, timeout_s=2.0, key="pipeline.step_timeout_s", what="work")
@@ -203,20 +204,47 @@ def test_group_errors_keep_index_and_cause(cluster):
     with ActorGroup(Sleeper, [(0.0,), (0.0,)], cpus=1, gpus=0) as group:
         with pytest.raises(StageError) as info:
             group.gather(
-                [(0, group.call(0, "work")), (1, group.call(1, "boom"))], timeout_s=30, key="k"
+                [(0, group.actors[0].work.remote()), (1, group.actors[1].boom.remote())],
+                timeout_s=30,
+                key="k",
             )
         assert info.value.stage == 1 and "ValueError: boom" in str(info.value)
         ray.kill(group.actors[0])  # takes effect asynchronously: a call may still slip through
         deadline = time.monotonic() + 30
         with pytest.raises(StageDied) as died:
             while time.monotonic() < deadline:
-                group.gather([(0, group.call(0, "work"))], timeout_s=30, key="k")
+                group.gather([(0, group.actors[0].work.remote())], timeout_s=30, key="k")
                 time.sleep(0.2)
         assert died.value.stage == 0
 
 
 def test_placement_that_cannot_fit_fails_within_its_deadline(cluster):
+    """A cluster that may grow is waited for, up to the deadline, whose key the error names."""
     t0 = time.monotonic()
     with pytest.raises(PlacementError, match="pipeline.placement_timeout_s"):
-        ActorGroup(Sleeper, [(0.0,)] * 3, cpus=3, gpus=0, placement_timeout_s=2.0)
+        ActorGroup(Sleeper, [(0.0,)] * 3, cpus=3, gpus=0, placement_timeout_s=2.0, fixed_size=False)
     assert time.monotonic() - t0 < 15
+
+
+@pytest.mark.parametrize("fixed_size", [True, None], ids=["said", "asked"])
+def test_placement_that_can_never_fit_a_fixed_cluster_fails_at_once(cluster, fixed_size):
+    """The local test cluster (4 CPUs, no autoscaler) can never hold 3 x 3 CPUs: no wait for
+    the 120 s deadline, and one line saying why and what to change."""
+    t0 = time.monotonic()
+    with pytest.raises(PlacementError) as info:
+        ActorGroup(
+            Sleeper,
+            [(0.0,)] * 3,
+            cpus=3,
+            gpus=0,
+            placement_timeout_s=120.0,
+            fixed_size=fixed_size,
+            what="stages",
+        )
+    assert time.monotonic() - t0 < 5
+    msg = str(info.value)
+    assert "9 CPU asked for, the cluster has 4" in msg and "cannot grow" in msg
+    assert "lower the per-stage resources or the number of stages" in msg and "\n" not in msg
+    # and what fits is still placed (the check refuses only what never fits)
+    with ActorGroup(Sleeper, [(0.0,)] * 2, cpus=2, gpus=0, fixed_size=fixed_size) as group:
+        assert group.gather([(0, group.actors[0].ping.remote())], timeout_s=60, key="k") == [True]

@@ -71,20 +71,24 @@ def build_optimizer(
     ]
     if not groups:  # a stage with nothing to learn still steps its (empty) optimizer
         groups = [{"params": [], "lr": cfg.lr, "lr_scale": 1.0, "weight_decay": 0.0}]
+    # fused kernels: one call for all tensors, and (unlike foreach) they do not bump autograd's
+    # version counters, so the cached graphs of micro-batches still in flight stay valid when
+    # an async stage steps in between (those graphs only ever read their saved activations)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def lr_factor(cfg: OptimConfig, step: int) -> float:
-    """The learning-rate multiplier for optimizer step `step` (0-based)."""
+def lr_factor(cfg: OptimConfig, step: float) -> float:
+    """The learning-rate multiplier at training step `step` (0-based; fractional when an
+    optimizer step covers part of a training step)."""
     if cfg.schedule == "constant" or cfg.total_steps <= 0:
         return 1.0
     progress = min(step, cfg.total_steps) / cfg.total_steps
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: int) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, cfg: OptimConfig, step: float) -> None:
     factor = cfg.lr * lr_factor(cfg, step)
     for group in optimizer.param_groups:
         group["lr"] = factor * group.get("lr_scale", 1.0)

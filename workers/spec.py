@@ -37,6 +37,8 @@ class StageSpec:
     threads: int = 0  # torch threads for this stage's process; 0 leaves the process setting
     send_to_cpu: bool = False  # return activations and signals on the CPU (between processes)
     diagnose_every: int = 0  # probe backprop's gradient every N steps (0: never); see diagnostics
+    apply_every: int = 1  # learn(apply=True) steps the optimizer once per this many learns
+    learn_fraction: float = 1.0  # of a training step one micro-batch is (1 / micro-batches)
 
 
 @dataclass

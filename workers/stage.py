@@ -61,6 +61,7 @@ class Stage:
         self._cache: dict[Any, Any] = {}
         self._losses: dict[str, torch.Tensor] = {}
         self._samples = 0  # learned since the last apply
+        self._learns = 0  # learns since the last apply
         self._named_params = [
             (f"{name}.{pname}", p)
             for name, unit in self.units().items()
@@ -72,7 +73,8 @@ class Stage:
             for _, layer in block.layer_items()
             if layer.feedback_mode == "kp"
         ]
-        self.step = 0
+        self.step = 0  # optimizer steps taken
+        self.progress = 0.0  # training steps covered by them: the lr schedule's position
         self.stats = StageStats()
         self._probe = BackpropProbe(self.block_list) if spec.diagnose_every > 0 else None
 
@@ -224,8 +226,9 @@ class Stage:
         true_grad = self._diagnose(cached, signal)
         self.stats.micro_batches += 1
         self._samples += e_out.shape[0]
-        if apply:
-            self.apply()
+        self._learns += 1
+        if apply and self._learns >= self.spec.apply_every:
+            self._apply(self._learns * self.spec.learn_fraction)
         self.stats.learn_seconds += self._end() - t0
         send = boundary if (self.rule.chained and not self.is_first) else None
         return ErrorSignal(
@@ -267,7 +270,16 @@ class Stage:
         return x_in.grad
 
     def apply(self) -> dict[str, float]:
-        """Re-project, check and apply the accumulated updates; one optimizer step."""
+        """Re-project, check and apply the updates accumulated over one training step."""
+        return self._apply(1.0)
+
+    def apply_pending(self) -> dict[str, float]:
+        """Apply what learns since the last apply accumulated (the end of an async stream)."""
+        return self._apply(self._learns * self.spec.learn_fraction) if self._learns else {}
+
+    def _apply(self, covered: float) -> dict[str, float]:
+        """One optimizer step over `covered` training steps' worth of learns (the lr schedule
+        moves by as much)."""
         for feedback, weight in self._kp:  # KP: E gets its layer's update (its lr holds gamma)
             if weight.grad is not None and feedback is not None:
                 feedback.grad = weight.grad.clone()
@@ -285,10 +297,12 @@ class Stage:
                 f"stage {self.spec.index}: non-finite update of {bad} at step {self.step}; "
                 "lower optim.lr or rule.beta, or set rule.reproject"
             )
-        set_lr(self.optimizer, self.spec.optim, self.step)
+        set_lr(self.optimizer, self.spec.optim, self.progress)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.progress += covered
+        self._learns = 0
         per_unit: dict[str, float] = {}
         if owners:
             for owner, v in zip(owners, norms.pow(2).tolist(), strict=True):
@@ -308,11 +322,17 @@ class Stage:
 
     def state_dict(self) -> dict[str, Any]:
         """Units keyed by model-wide layer name, plus the stage's step and noise RNG."""
-        return {"units": stage_state(self), "step": self.step, "noise_rng": self._noise.get_state()}
+        return {
+            "units": stage_state(self),
+            "step": self.step,
+            "progress": self.progress,
+            "noise_rng": self._noise.get_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
         load_stage_state(self, state["units"], strict=strict)
         self.step = int(state.get("step", 0))
+        self.progress = float(state.get("progress", self.step))
         if self.is_first and "noise_rng" in state:
             self._noise.set_state(state["noise_rng"])
 
@@ -333,6 +353,10 @@ class Stage:
         stats.synapse_angle = synapse_angles(self.block_list)
         self._last_end = time.perf_counter()
         return stats
+
+    def ping(self) -> bool:
+        """True: the stage exists and answers (readiness checks)."""
+        return True
 
     def drop_cache(self) -> None:
         self._cache.clear()

@@ -1,0 +1,180 @@
+"""Typed handles on K stages: the same methods whether each stage is an object in this process or
+a Ray actor. A call returns a future (the value itself in process, an ObjectRef on Ray); `gather`
+turns futures into values, with a deadline on Ray."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+
+from cluster.group import ActorGroup
+from workers.rules import ErrorSignal
+from workers.spec import StageSpec
+from workers.stage import Stage
+
+log = logging.getLogger(__name__)
+
+Future = Any  # a value (LocalStages) or a ray.ObjectRef (RayStages)
+
+
+class LocalStages:
+    """Stages in this process: every call runs at once, in submission order."""
+
+    def __init__(self, specs: Sequence[StageSpec]) -> None:
+        self.stages = [Stage(s) for s in specs]
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def forward(self, i: int, mb: int, x: Future) -> Future:
+        return self.stages[i].forward(mb, x)
+
+    def forward_learn(
+        self, i: int, mb: int, x: Future, signal: ErrorSignal, *, apply: bool
+    ) -> tuple[Future, Future]:
+        return self.stages[i].forward_learn(mb, x, signal, apply=apply)
+
+    def learn(self, i: int, mb: int, signal: Future, *, apply: bool) -> Future:
+        return self.stages[i].learn(mb, signal, apply=apply)
+
+    def apply(self, i: int) -> Future:
+        return self.stages[i].apply()
+
+    def apply_pending(self, i: int) -> Future:
+        return self.stages[i].apply_pending()
+
+    def infer(self, i: int, x: Future) -> Future:
+        return self.stages[i].infer(x)
+
+    def pop_stats(self, i: int) -> Future:
+        return self.stages[i].pop_stats()
+
+    def state_dict(self, i: int) -> Future:
+        return self.stages[i].state_dict()
+
+    def load_state_dict(self, i: int, state: Any) -> Future:
+        return self.stages[i].load_state_dict(state)
+
+    def put(self, value: Any) -> Any:
+        return value
+
+    def ready(self) -> None:
+        """Every stage was built (in process: by the constructor)."""
+
+    def gather(self, futures: Sequence[tuple[int, Future]], what: str) -> list[Any]:
+        return [f for _, f in futures]
+
+    def finished(self, futures: Sequence[Future]) -> int:
+        """How many of `futures`, from the first, have their values."""
+        return len(futures)
+
+    def shutdown(self) -> None:
+        for stage in self.stages:
+            stage.drop_cache()
+
+
+class RayStages:
+    """One Stage actor per placement-group bundle (cluster.group.ActorGroup); calls are typed
+    method calls on the actors, and `gather` waits with the pipeline's step deadline."""
+
+    def __init__(
+        self,
+        specs: Sequence[StageSpec],
+        *,
+        cpus: float,
+        gpus: float,
+        strategy: str,
+        placement_timeout_s: float,
+        step_timeout_s: float,
+        fixed_size: bool | None = None,
+        transport: str = "object_store",
+    ) -> None:
+        """`transport`: how activations go from stage to stage: "object_store" (Ray's shared
+        memory), or a Ray Direct Transport ("gloo" on CPU, "nccl" between GPUs), which falls
+        back to the object store, saying why, when its collective group cannot be made."""
+        direct = transport != "object_store"
+        self.group = ActorGroup(
+            Stage,
+            [(s,) for s in specs],
+            cpus=cpus,
+            gpus=gpus,
+            strategy=strategy,
+            placement_timeout_s=placement_timeout_s,
+            timeout_key="pipeline.placement_timeout_s",
+            fixed_size=fixed_size,
+            what="stages",
+            actor_options={"enable_tensor_transport": True} if direct else None,
+        )
+        self.actors = self.group.actors
+        self.step_timeout_s = step_timeout_s
+        self.transport = transport
+        if direct:
+            why = self.group.collective(transport, step_timeout_s)
+            if why:
+                log.warning(
+                    "pipeline: %s transport unavailable (%s); using the object store",
+                    transport,
+                    why,
+                )
+                self.transport = "object_store"
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def forward(self, i: int, mb: int, x: Future) -> Future:
+        return self.actors[i].forward.remote(mb, x)
+
+    def forward_learn(
+        self, i: int, mb: int, x: Future, signal: ErrorSignal, *, apply: bool
+    ) -> tuple[Future, Future]:
+        return (
+            self.actors[i].forward_learn.options(num_returns=2).remote(mb, x, signal, apply=apply)
+        )
+
+    def learn(self, i: int, mb: int, signal: Future, *, apply: bool) -> Future:
+        return self.actors[i].learn.remote(mb, signal, apply=apply)
+
+    def apply(self, i: int) -> Future:
+        return self.actors[i].apply.remote()
+
+    def apply_pending(self, i: int) -> Future:
+        return self.actors[i].apply_pending.remote()
+
+    def infer(self, i: int, x: Future) -> Future:
+        return self.actors[i].infer.remote(x)
+
+    def pop_stats(self, i: int) -> Future:
+        return self.actors[i].pop_stats.remote()
+
+    def state_dict(self, i: int) -> Future:
+        return self.actors[i].state_dict.remote()
+
+    def load_state_dict(self, i: int, state: Any) -> Future:
+        return self.actors[i].load_state_dict.remote(state)
+
+    def put(self, value: Any) -> Any:
+        return ray.put(value)
+
+    def ready(self) -> None:
+        """Wait until every actor's constructor ran: its errors surface here, with a deadline."""
+        self.gather([(i, a.ping.remote()) for i, a in enumerate(self.actors)], "start")
+
+    def gather(self, futures: Sequence[tuple[int, Future]], what: str) -> list[Any]:
+        return self.group.gather(
+            futures, timeout_s=self.step_timeout_s, key="pipeline.step_timeout_s", what=what
+        )
+
+    def finished(self, futures: Sequence[Future]) -> int:
+        if not futures:
+            return 0
+        done = set(ray.wait(list(futures), num_returns=len(futures), timeout=0)[0])
+        return next((i for i, f in enumerate(futures) if f not in done), len(futures))
+
+    def shutdown(self) -> None:
+        self.group.shutdown()
+
+
+Stages = LocalStages | RayStages

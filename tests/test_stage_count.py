@@ -1,0 +1,83 @@
+"""Choosing the stage count: the step-time model, `pipeline.stages = "auto"`, the warning."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from driver.config import ConfigError, load_config
+from driver.data import load_dataset
+from driver.runners import build_runner
+from driver.stage_count import CALL_SECONDS, choose, predict, warn_if_slower
+from workers.runner import LocalRunner
+
+COSTS = [0.010, 0.010, 0.010, 0.010]  # seconds per micro-batch, per block
+HOPS = [0.001, 0.001, 0.001]
+
+
+def _predict(k: int, *, cores: float = 8, sync: bool = False, single: float = 0.040):
+    return predict(k, COSTS, HOPS, micro_batches=4, cores=cores, sync=sync, single_seconds=single)
+
+
+def test_one_process_is_the_measured_whole_model():
+    p = _predict(1, single=0.030)
+    assert p.step_seconds == pytest.approx(4 * 0.030) and p.bounds == (0, 4)
+
+
+def test_the_slowest_stage_sets_the_pace_with_its_calls_and_hop():
+    p = _predict(2)
+    assert p.bounds == (0, 2, 4)
+    stage1 = 0.020 + CALL_SECONDS + 0.001  # one call (forward + learn), the hop in
+    stage0 = 0.020 + 2 * CALL_SECONDS
+    assert p.step_seconds == pytest.approx(4 * max(stage0, stage1))
+
+
+def test_sync_pays_the_bubble():
+    assert _predict(2, sync=True).step_seconds == pytest.approx(
+        _predict(2).step_seconds * (4 + 1) / 4
+    )
+
+
+def test_fewer_cores_than_stages_share_the_work():
+    shared = _predict(4, cores=2)
+    assert "2 cores shared by 4 stages" in shared.why
+    assert shared.step_seconds > _predict(4, cores=8).step_seconds
+
+
+def test_choose_takes_the_fastest_and_logs_every_prediction(caplog):
+    preds = [_predict(k, single=0.040) for k in (1, 2, 4)]
+    with caplog.at_level(logging.INFO):
+        best = choose(preds)
+    assert best.k == 4  # 4 x (10 ms + calls) beats 40 ms in one process on 8 cores
+    assert all(f"K={k}:" in caplog.text for k in (1, 2, 4))
+
+
+def test_warn_when_the_asked_k_is_slower_than_one_process(caplog):
+    slow, single = _predict(2, single=0.005), _predict(1, single=0.005)
+    with caplog.at_level(logging.WARNING):
+        warn_if_slower(slow, single)
+    assert "predicted slower than one process" in caplog.text and "K=1:" in caplog.text
+    caplog.clear()
+    warn_if_slower(single, single)
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize("value", ["0", "-1", '"many"', "true"])
+def test_stages_must_be_a_positive_integer_or_auto(value):
+    with pytest.raises(ConfigError, match="pipeline.stages"):
+        load_config(None, [f"pipeline.stages={value}"])
+
+
+def test_auto_trains_a_small_model_in_one_process(caplog):
+    """On the digits ResNet a micro-batch costs a few milliseconds, about a Ray call: the
+    prediction keeps the run in this process, and says why."""
+    cfg = load_config(None, ['pipeline.stages="auto"', "pipeline.micro_batches=4"])
+    splits = load_dataset(cfg.data)
+    with caplog.at_level(logging.INFO):
+        runner, part = build_runner(cfg, splits)
+    try:
+        assert isinstance(runner, LocalRunner) and len(part.bounds) == 2
+        assert "pipeline.stages = auto: K=1" in caplog.text and "K=2:" in caplog.text
+    finally:
+        runner.close()
