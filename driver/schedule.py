@@ -74,7 +74,7 @@ def stage_ops(stage: int, n: int, window: int, *, apply_at_end: bool) -> Iterato
         yield Op(FORWARD, stage, m + w)
     for m in range(max(n - w, 0), n):
         yield Op(LEARN, stage, m)
-    if apply_at_end:
+    if apply_at_end and n:  # an empty step applies nothing (nor moves the lr schedule)
         yield Op(APPLY, stage)
 
 
@@ -141,8 +141,8 @@ class StageSequence:
                 return None  # keep the window full across steps: wait for the next data
         if in_flight > 0:
             return Op(LEARN, self.stage, self.next_l)
-        if closed and self.apply_at_end and not self.applied and self.next_f == available:
-            return Op(APPLY, self.stage)
+        if closed and self.apply_at_end and not self.applied and self.next_f == available > 0:
+            return Op(APPLY, self.stage)  # an empty stream (a flush after a step) applies nothing
         return None
 
     def advance(self, op: Op) -> None:
@@ -187,7 +187,8 @@ class Stream:
 
     def finished(self) -> bool:
         return self.closed and all(
-            s.next_l == self.available and (s.applied or not s.apply_at_end) for s in self.seqs
+            s.next_l == self.available and (s.applied or not s.apply_at_end or not self.available)
+            for s in self.seqs
         )
 
     def forget(self, mb: int) -> None:

@@ -177,3 +177,19 @@ def test_resume_keeps_the_schedule_position():
     again.load_state_dict(pipe.state_dict())
     for a, b in zip(pipe.stages.stages, again.stages.stages, strict=True):  # type: ignore[union-attr]
         assert (a.step, a.progress) == (b.step, b.progress)
+
+
+def test_flush_after_sync_steps_takes_no_optimizer_step():
+    """An epoch ends with flush(); in sync every step already applied, and an empty stream must
+    not step the optimizer again (it used to, once an epoch, moving the lr schedule)."""
+    pipe = LocalPipeline(
+        stage_specs(_base(RuleConfig(**RANDOM)), [0, 2, 5]), PipelineConfig(stages=2)
+    )
+    for x, y in _batches(3):
+        pipe.step(x, y, 1)
+    before = _units(pipe)
+    pipe.flush()
+    pipe.flush()
+    for stage in pipe.stages.stages:  # type: ignore[union-attr]
+        assert stage.step == 3 and stage.progress == 3.0
+    _assert_same(before, _units(pipe))

@@ -55,7 +55,7 @@ def _check_stage_order(seq: list[Op], stage: int, n: int, window: int, sync: boo
     applies = [i for i, op in enumerate(seq) if op.kind == APPLY]
     assert fs == list(range(n)), f"stage {stage}: forwards {fs}"
     assert ls == list(range(n)), f"stage {stage}: learns {ls}"
-    assert applies == ([len(seq) - 1] if sync else []), f"stage {stage}: applies at {applies}"
+    assert applies == ([len(seq) - 1] if sync and n else []), f"stage {stage}: applies at {applies}"
     in_flight = 0
     for op in seq:
         in_flight += {FORWARD: 1, LEARN: -1, APPLY: 0}[op.kind]
@@ -254,9 +254,8 @@ def test_stream_with_all_data_matches_stage_ops(k, chained, sync):
                     )
                     assert st.finished()
                     _check_stream(out, k, n, window, chained, sync)
-                    if n == 0:  # stage_ops(n=0) is wrong, see the xfail below
-                        assert [op.kind for op, _, _ in out] == [APPLY] * k * sync
-                        continue
+                    if n == 0:  # an empty stream runs nothing, not even an apply
+                        assert out == []
                     for s in range(k):
                         got = [op for op, _, _ in out if op.stage == s]
                         assert got == list(stage_ops(s, n, window, apply_at_end=sync)), (
@@ -295,7 +294,9 @@ def test_stream_fed_in_chunks_keeps_the_window_full():
 
 
 def test_stage_ops_of_an_empty_stream():
-    assert list(stage_ops(0, 0, 2, apply_at_end=True)) == [Op(APPLY, 0)]
+    """Nothing to learn, nothing to apply: an extra optimizer step would move the schedule."""
+    assert list(stage_ops(0, 0, 2, apply_at_end=True)) == []
+    assert list(stage_ops(0, 1, 2, apply_at_end=True))[-1] == Op(APPLY, 0)
 
 
 def test_stream_not_finished_until_drained():
