@@ -69,7 +69,7 @@ class StreamPipeline:
         self._last_learn: dict[int, Any] = {}
 
     def _gather(self, refs: list[tuple[int, Any]], what: str) -> list[Any]:
-        return self.stages.gather(refs, what)
+        return self.stages.gather(refs, what, self.cfg.step_timeout_s)
 
     def _submit_ready(self) -> None:
         for op in self.stream.ready():

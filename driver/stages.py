@@ -64,7 +64,9 @@ class LocalStages:
     def ready(self) -> None:
         """Every stage was built (in process: by the constructor)."""
 
-    def gather(self, futures: Sequence[tuple[int, Future]], what: str) -> list[Any]:
+    def gather(
+        self, futures: Sequence[tuple[int, Future]], what: str, timeout_s: float
+    ) -> list[Any]:
         return [f for _, f in futures]
 
     def finished(self, futures: Sequence[Future]) -> int:
@@ -160,11 +162,14 @@ class RayStages:
 
     def ready(self) -> None:
         """Wait until every actor's constructor ran: its errors surface here, with a deadline."""
-        self.gather([(i, a.ping.remote()) for i, a in enumerate(self.actors)], "start")
+        pings = [(i, a.ping.remote()) for i, a in enumerate(self.actors)]
+        self.gather(pings, "start", self.step_timeout_s)
 
-    def gather(self, futures: Sequence[tuple[int, Future]], what: str) -> list[Any]:
+    def gather(
+        self, futures: Sequence[tuple[int, Future]], what: str, timeout_s: float
+    ) -> list[Any]:
         return self.group.gather(
-            futures, timeout_s=self.step_timeout_s, key="pipeline.step_timeout_s", what=what
+            futures, timeout_s=timeout_s, key="pipeline.step_timeout_s", what=what
         )
 
     def finished(self, futures: Sequence[Future]) -> int:

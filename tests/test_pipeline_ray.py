@@ -113,7 +113,9 @@ def test_sync_pipeline_matches_one_process(cluster, name, rule, bounds):
 
 def test_async_pipeline_applies_per_micro_batch_and_reports_staleness(cluster):
     base = _base(RuleConfig(name="rec_lra", input_noise=0.0), dtype="float32")
-    cfg = PipelineConfig(stages=2, micro_batches=4, schedule="async", max_in_flight=3)
+    cfg = PipelineConfig(
+        stages=2, micro_batches=4, schedule="async", max_in_flight=3, apply_every=1
+    )
     pipe = RayPipeline(stage_specs(base, [0, 2, 5]), cfg)
     try:
         seen = 0
@@ -246,5 +248,5 @@ def test_placement_that_can_never_fit_a_fixed_cluster_fails_at_once(cluster, fix
     assert "9 CPU asked for, the cluster has 4" in msg and "cannot grow" in msg
     assert "lower the per-stage resources or the number of stages" in msg and "\n" not in msg
     # and what fits is still placed (the check refuses only what never fits)
-    with ActorGroup(Sleeper, [(0.0,)] * 2, cpus=2, gpus=0, fixed_size=fixed_size) as group:
+    with ActorGroup(Sleeper, [(0.0,)] * 2, cpus=1, gpus=0, fixed_size=fixed_size) as group:
         assert group.gather([(0, group.actors[0].ping.remote())], timeout_s=60, key="k") == [True]
