@@ -3,12 +3,14 @@
     python -m bench.pipeline --json results.json [--steps 8 --rounds 2]
 
 For each model (a ResNet-18 on 32x32 inputs, and the digits ResNet) and rule (rec_lra,
-backprop): samples/s in one process with 1 and 2 torch threads, and on K = 2 stages (one core
-and one thread each) with the sync and async schedules; configurations are interleaved round by
-round so machine noise hits them alike. Then the per-hop transport time of the stage-0 output
-for actor calls and Compiled Graphs, as a fraction of a stage's compute; and, on digits, the
-training time rec-LRA on K = 2 async needs to reach a fixed test accuracy, against backprop in
-one process.
+backprop, or a variant such as rec_lra:topology=skip): samples/s in one process with 1 and 2
+torch threads, and on K = 2 stages (one core and one thread each) with the sync and async
+schedules; configurations are interleaved round by round so machine noise hits them alike.
+Then the per-hop transport time of the stage-0 output (object store, zero-copy tensors, Ray
+Direct Transport over gloo, Compiled Graph) as a fraction of a stage's compute; the training
+time to a fixed test accuracy on digits and Fashion-MNIST of rec-LRA on K = 2 async stages,
+against rec-LRA and backprop in one process; and async against sync final accuracy
+(bench.pipeline_accuracy), under `accuracy_async_vs_sync`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from pathlib import Path
 import ray
 import torch
 
+from bench.accuracy import SHARED
+from bench.pipeline_accuracy import DATA
+from bench.pipeline_accuracy import main as accuracy_main
 from bench.transport import measure
 from driver.config import Config, load_config, with_rule
 from driver.data import load_dataset, make_loader
@@ -141,18 +146,37 @@ def transport(cfg: Config, info: dict, iters: int, timeout_s: float) -> dict:
         k.removesuffix("_s"): (None if hops.get(k) is None else hops[k] / compute)
         for k in ("actor_calls_s", "zero_copy_s", "gloo_s", "compiled_graph_s")
     }
+    default = "gloo" if frac["gloo"] is not None else "actor_calls"  # pipeline.transport auto
+    frac["default"], frac["default_transport"] = frac[default], default
     return {"activation_shape": list(shape), "stage_compute_s": compute, **hops, **frac}
 
 
-def time_to_accuracy(target: float, epochs: int) -> dict:
-    """Digits: training seconds until test accuracy >= target, per configuration."""
+TTA = {  # data: (settings, test accuracy to reach)
+    "digits": (["train.epochs=10"], 0.95),
+    "fashion_mnist": (
+        [
+            'data.name="fashion_mnist"',
+            f"data.root={json.dumps(str(SHARED))}",
+            "data.train_size=10000",
+            "train.epochs=4",
+            "train.batch_size=64",
+        ],
+        0.85,
+    ),
+}
+
+
+def time_to_accuracy(data: str) -> dict:
+    """Training seconds until the test accuracy reaches the data's target, per configuration:
+    rec-LRA on K = 2 async stages, and rec-LRA and backprop in one process."""
+    sets, target = TTA[data]
     base = load_config(
         None,
         [
+            *sets,
             "pipeline.micro_batches=4",
-            f"train.epochs={epochs}",
             "train.compare=[]",
-            'train.out_dir="/tmp/reclra-bench-tta"',
+            f'train.out_dir="/tmp/reclra-bench-tta/{data}"',
         ],
     )
     runs = {
@@ -160,12 +184,13 @@ def time_to_accuracy(target: float, epochs: int) -> dict:
             base, pipeline=replace(base.pipeline, stages=2, schedule="async")
         ),
         "rec_lra_single_1t": base,
+        "rec_lra_single_2t": replace(base, train=replace(base.train, threads=2)),
         "backprop_single_1t": with_rule(base, "backprop"),
         "backprop_single_2t": replace(
             with_rule(base, "backprop"), train=replace(base.train, threads=2)
         ),
     }
-    out = {}
+    out: dict = {"target": target}
     for name, cfg in runs.items():
         torch.set_num_threads(cfg.train.threads or 1)
         run = train(cfg, quiet=True, track_test=True)
@@ -175,8 +200,18 @@ def time_to_accuracy(target: float, epochs: int) -> dict:
             "epoch": hit["epoch"] if hit else None,
             "final_test_acc": run.test_acc,
         }
-        print(f"  {name:<20} reached {target:.2f}: {out[name]}", flush=True)
+        print(f"  {data} {name:<20} reached {target:.2f}: {out[name]}", flush=True)
     return out
+
+
+def _have(data: str) -> bool:
+    """Whether `data` is here (Fashion-MNIST is read from ../shared/data, absent on a clone)."""
+    if data == "digits":
+        return True
+    present = (SHARED / "FashionMNIST" / "raw").is_dir()
+    if not present:
+        print(f"bench.pipeline: {data} skipped: no {SHARED}/FashionMNIST/raw", flush=True)
+    return present
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -191,8 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="rules, each optionally with rule keys: rec_lra:topology=skip",
     )
     p.add_argument("--device", default="cpu", help="cpu, or cuda (stages share the GPU)")
-    p.add_argument("--target", type=float, default=0.95, help="digits test accuracy to reach")
     p.add_argument("--skip-time-to-accuracy", action="store_true")
+    p.add_argument("--skip-accuracy", action="store_true", help="no async-vs-sync accuracy")
     p.add_argument(
         "--transport-timeout",
         type=float,
@@ -213,10 +248,12 @@ def main(argv: list[str] | None = None) -> dict:
                 entry["transport_fraction"] = transport(cfg, info, 20, args.transport_timeout)
             result["models"][model] = entry
         if not args.skip_time_to_accuracy:
-            result["time_to_accuracy"] = {
-                "target": args.target,
-                **time_to_accuracy(args.target, epochs=10),
-            }
+            result["time_to_accuracy"] = {d: time_to_accuracy(d) for d in TTA if _have(d)}
+        if not args.skip_accuracy:
+            datas = ",".join(d for d in DATA if _have(d))
+            result["accuracy_async_vs_sync"] = accuracy_main(
+                ["--json", str(Path(args.json).with_suffix(".accuracy.json")), "--data", datas]
+            )
     finally:
         ray.shutdown()
     print(format_table(result))

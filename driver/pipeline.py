@@ -226,8 +226,8 @@ class RayPipeline(StreamPipeline):
         gpus = cfg.gpus_per_stage if cfg.gpus_per_stage >= 0 else (1.0 if cuda else 0.0)
         threads = cfg.threads_per_stage or max(1, int(cfg.cpus_per_stage))
         transport = cfg.transport
-        if transport == "auto":
-            transport = "nccl" if cuda else "object_store"
+        if transport == "auto":  # the fastest measured (bench.transport): 1 MB in 1.2 ms, not 4.4
+            transport = "nccl" if cuda else "gloo"
         if transport == "nccl" and not cuda:
             raise ValueError('pipeline.transport: nccl needs train.device = "cuda"; use gloo')
         specs = [

@@ -250,3 +250,24 @@ def test_placement_that_can_never_fit_a_fixed_cluster_fails_at_once(cluster, fix
     # and what fits is still placed (the check refuses only what never fits)
     with ActorGroup(Sleeper, [(0.0,)] * 2, cpus=1, gpus=0, fixed_size=fixed_size) as group:
         assert group.gather([(0, group.actors[0].ping.remote())], timeout_s=60, key="k") == [True]
+
+
+@pytest.mark.parametrize("schedule", ["sync", "async"])
+def test_gloo_direct_transport_trains_the_same_weights(cluster, schedule):
+    """Activations sent stage to stage by Ray Direct Transport over gloo: the same numbers as
+    through the object store (float64, K = 3)."""
+    base = _base(RuleConfig(name="rec_lra", kp_init="kaiming", head_init="kaiming"))
+    specs = stage_specs(base, [0, 1, 3, 5])
+    out = {}
+    for transport in ("object_store", "gloo"):
+        cfg = PipelineConfig(stages=3, micro_batches=3, schedule=schedule, transport=transport)
+        pipe = RayPipeline(specs, cfg)
+        try:
+            assert pipe.transport == transport
+            for x, y in _batches(3):
+                pipe.step(x.double(), y, 3)
+            pipe.flush()
+            out[transport] = pipe.state_dict()["units"]
+        finally:
+            pipe.close()
+    _assert_same_units(out["gloo"], out["object_store"])
