@@ -280,9 +280,6 @@ class Stage:
     def _apply(self, covered: float) -> dict[str, float]:
         """One optimizer step over `covered` training steps' worth of learns (the lr schedule
         moves by as much)."""
-        for feedback, weight in self._kp:  # KP: E gets its layer's update (its lr holds gamma)
-            if weight.grad is not None and feedback is not None:
-                feedback.grad = weight.grad.clone()
         owners = [o for o, p in self._named_params if p.grad is not None]
         grads = [p.grad for _, p in self._named_params if p.grad is not None]
         if grads and self._samples:
@@ -297,6 +294,9 @@ class Stage:
                 f"stage {self.spec.index}: non-finite update of {bad} at step {self.step}; "
                 "lower optim.lr or rule.beta, or set rule.reproject"
             )
+        for feedback, weight in self._kp:  # KP: E takes its layer's final update (lr: gamma)
+            if weight.grad is not None and feedback is not None:
+                feedback.grad = weight.grad  # shared, and only read from here on
         set_lr(self.optimizer, self.spec.optim, self.progress)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
