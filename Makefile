@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e '.[dev]'
-	$(BIN)/python -m driver.protogen
+	$(BIN)/python -m driver.api.protogen
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,4 +1,4 @@
-"""Generates the gRPC stubs from driver/reclra.proto whenever the package is built."""
+"""Generates the gRPC stubs from driver/api/reclra.proto whenever the package is built."""
 
 import sys
 from pathlib import Path
@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 class BuildWithStubs(build_py):
     def run(self) -> None:
-        from driver.protogen import generate
+        from driver.api.protogen import generate
 
         generate()
         super().run()

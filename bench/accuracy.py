@@ -26,10 +26,10 @@ import torch
 
 from bench.accuracy_runs import run_all, select
 from driver.config import Config, config_to_dict, load_config, with_rule
-from driver.data import DataError, load_dataset, make_loader
-from driver.train import base_spec
+from driver.data.load import DataError, load_dataset, make_loader
+from driver.run.train import base_spec
+from workers.chain import LocalRunner
 from workers.rules.recipes import recipe
-from workers.runner import LocalRunner
 
 RULES = ("rec_lra", "backprop", "lra_e", "dfa", "fa")
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

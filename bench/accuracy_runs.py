@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from driver.config import Config
-from driver.data import DataConfig, DatasetSplits, load_dataset
-from driver.train import train
+from driver.data.load import DataConfig, DatasetSplits, load_dataset
+from driver.run.train import train
 
 _SPLITS: dict[DataConfig, DatasetSplits] = {}
 

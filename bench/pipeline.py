@@ -30,12 +30,12 @@ from bench.pipeline_accuracy import DATA
 from bench.pipeline_accuracy import main as accuracy_main
 from bench.transport import measure
 from driver.config import Config, load_config, with_rule
-from driver.data import load_dataset, make_loader
-from driver.partition import plan_partition
-from driver.pipeline import RayPipeline
-from driver.runners import base_spec
-from driver.train import train
-from workers.runner import LocalRunner, stage_specs
+from driver.data.load import load_dataset, make_loader
+from driver.pipeline.build import base_spec
+from driver.pipeline.partition import plan_partition
+from driver.pipeline.stream import RayPipeline
+from driver.run.train import train
+from workers.chain import LocalRunner, stage_specs
 
 MODELS = {
     "resnet18_32": [

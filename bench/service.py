@@ -23,13 +23,13 @@ from pathlib import Path
 
 import ray
 
-from driver import checkpoint
+from driver.api.metrics import Metrics, MetricsServer
+from driver.api.service import Client, Service, messages
+from driver.api.service_config import ServiceConfig
 from driver.config import parse_config
-from driver.controller import Controller, RunState
-from driver.data import load_dataset
-from driver.metrics import Metrics, MetricsServer
-from driver.service import Client, Service, messages
-from driver.service_config import ServiceConfig
+from driver.data.load import load_dataset
+from driver.run import checkpoint
+from driver.run.controller import Controller, RunState
 
 RUN = """
 [model]

@@ -8,8 +8,8 @@ import sys
 
 from cluster.errors import ClusterError
 from driver.config import Config, ConfigError, load_config
-from driver.controller import RunFailed
-from driver.data import DataError
+from driver.data.load import DataError
+from driver.run.controller import RunFailed
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,8 +48,8 @@ def _serve(cfg: Config) -> None:
     import signal
     import threading
 
-    from driver.metrics import Metrics, MetricsServer
-    from driver.service import Service
+    from driver.api.metrics import Metrics, MetricsServer
+    from driver.api.service import Service
 
     metrics = Metrics()
     endpoint = MetricsServer(metrics, cfg.metrics.addr, cfg.metrics.port)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "report":
-        from driver.report import ReportError, report
+        from driver.api.report import ReportError, report
 
         try:
             print(f"report: {report(args.run_dir, args.out)}")
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "train" and args.resume:
-            from driver.train import train
+            from driver.run.train import train
 
             run = train(cfg, quiet=args.quiet, resume=args.resume)
             print(
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             _serve(cfg)
         elif args.command == "train":
-            from driver.compare import compare_rules, format_table
+            from driver.run.compare import compare_rules, format_table
 
             runs = compare_rules(cfg, quiet=args.quiet)
             print(format_table(runs))

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from cluster.runtime import ClusterConfig
-from driver.data import DataConfig
-from driver.metrics import MetricsConfig
-from driver.pipeline_config import PipelineConfig
-from driver.service_config import ServiceConfig
+from driver.api.metrics import MetricsConfig
+from driver.api.service_config import ServiceConfig
+from driver.data.load import DataConfig
+from driver.pipeline.config import PipelineConfig
 from workers.models import ModelConfig
 from workers.optim import OptimConfig
 from workers.rules import RULES, RuleConfig

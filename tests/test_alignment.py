@@ -17,11 +17,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from workers.chain import LocalRunner, stage_specs
 from workers.diagnostics import BackpropProbe, frozen_bn_stats, synapse_angles
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
 from workers.rules import ErrorSignal, RuleConfig
-from workers.runner import LocalRunner, stage_specs
 from workers.spec import StageSpec
 from workers.stage import Stage
 

@@ -12,17 +12,17 @@ import ray
 import torch
 
 from driver.config import Config, load_config
-from driver.controller import Controller
-from driver.data import DatasetSplits, load_dataset
-from driver.pipeline import RayPipeline
-from driver.pipeline_config import PipelineConfig
-from driver.runners import base_spec
-from driver.train import train
+from driver.data.load import DatasetSplits, load_dataset
+from driver.pipeline.build import base_spec
+from driver.pipeline.config import PipelineConfig
+from driver.pipeline.stream import RayPipeline
+from driver.run.controller import Controller
+from driver.run.train import train
+from workers.chain import LocalRunner, stage_specs
 from workers.diagnostics import layer_items
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
 from workers.rules import RuleConfig
-from workers.runner import LocalRunner, stage_specs
 from workers.spec import StageSpec
 from workers.stage import Stage
 

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.chain import LocalRunner, stage_specs
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
 from workers.rules import RuleConfig
-from workers.runner import LocalRunner, stage_specs
 from workers.spec import StageSpec
 
 SHAPE, CLASSES, BATCH, STEPS = (2, 8, 8), 5, 8, 4

@@ -7,11 +7,11 @@ import hashlib
 import pytest
 import torch
 
-from driver import checkpoint
-from driver.checkpoint import CheckpointError
 from driver.config import load_config
-from driver.data import load_dataset
-from driver.train import train
+from driver.data.load import load_dataset
+from driver.run import checkpoint
+from driver.run.checkpoint import CheckpointError
+from driver.run.train import train
 
 BASE = [
     "model.width=4",

@@ -1,4 +1,4 @@
-"""Tests of driver/data.py: real loaders fed tiny fixtures in the datasets' real on-disk formats."""
+"""Tests of driver/data/load.py: real loaders fed tiny fixtures in the real on-disk formats."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from sklearn.datasets import load_digits
 from sklearn.neighbors import NearestCentroid
 from torch.utils.data import Dataset
 
-from driver.data import DataConfig, DataError, DatasetSplits, load_dataset, make_loader
+from driver.data.load import DataConfig, DataError, DatasetSplits, load_dataset, make_loader
 
 CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)
 CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(3, 1, 1)

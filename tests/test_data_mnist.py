@@ -1,4 +1,4 @@
-"""Tests of fashion_mnist / mnist (driver/datasets_mnist.py) and data.train_size: real IDX files."""
+"""Tests of fashion_mnist / mnist (driver/data/mnist.py) and data.train_size: real IDX files."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ from fixtures_data import (
 )
 from torch.utils.data import Dataset
 
-from driver import datasets_mnist
-from driver.data import DataConfig, DataError, DatasetSplits, balanced_subset, load_dataset
+from driver.data import mnist as datasets_mnist
+from driver.data.load import DataConfig, DataError, DatasetSplits, balanced_subset, load_dataset
 
 FOLDERS = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
 N_TRAIN, N_TEST, VAL = 60, 20, 10  # the fixture: 50 train + the last 10 of the train file as val

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from workers.chain import LocalRunner, stage_specs
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
 from workers.rules import RuleConfig
-from workers.runner import LocalRunner, stage_specs
 from workers.spec import StageSpec
 
 pytestmark = [
@@ -62,8 +62,8 @@ def test_gpu_stage_matches_cpu(rule):
 def test_ray_pipeline_on_a_shared_gpu_matches_one_gpu_process():
     import ray
 
-    from driver.pipeline import RayPipeline
-    from driver.pipeline_config import PipelineConfig
+    from driver.pipeline.config import PipelineConfig
+    from driver.pipeline.stream import RayPipeline
 
     ray.init(num_cpus=4, num_gpus=1, include_dashboard=False)
     try:

@@ -8,10 +8,10 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from driver.api.metrics import STATE_CODES, Metrics, MetricsServer
 from driver.config import load_config
-from driver.controller import Controller
-from driver.data import load_dataset
-from driver.metrics import STATE_CODES, Metrics, MetricsServer
+from driver.data.load import load_dataset
+from driver.run.controller import Controller
 
 
 @pytest.fixture(scope="module")

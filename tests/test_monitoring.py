@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from driver.api.metrics import Metrics, MetricsServer
 from driver.config import load_config
-from driver.controller import Controller
-from driver.data import load_dataset
-from driver.metrics import Metrics, MetricsServer
+from driver.data.load import load_dataset
+from driver.run.controller import Controller
 
 MON = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"
 DASHBOARD = json.loads((MON / "grafana-dashboard.json").read_text())

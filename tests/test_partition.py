@@ -1,4 +1,4 @@
-"""Cutting a model into stages (driver/partition.py).
+"""Cutting a model into stages (driver/pipeline/partition.py).
 
 (a) `best_partition` is optimal (checked against brute force over every contiguous cut) and
     returns well-formed bounds; impossible stage counts are refused naming pipeline.stages.
@@ -15,8 +15,8 @@ import random
 import pytest
 import torch
 
-import driver.partition as partition
-from driver.partition import Partition, best_partition, plan_partition, profile_blocks
+import driver.pipeline.partition as partition
+from driver.pipeline.partition import Partition, best_partition, plan_partition, profile_blocks
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
 from workers.rules import RuleConfig

@@ -18,12 +18,12 @@ import pytest
 import ray
 import torch
 
-from driver.pipeline import LocalPipeline, RayPipeline
-from driver.pipeline_config import PipelineConfig
+from driver.pipeline.config import PipelineConfig
+from driver.pipeline.stream import LocalPipeline, RayPipeline
+from workers.chain import LocalRunner, stage_specs
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig, lr_factor
 from workers.rules import RuleConfig
-from workers.runner import LocalRunner, stage_specs
 from workers.spec import StageSpec
 
 MODEL = ModelConfig(name="resnet8", width=4)

@@ -12,13 +12,13 @@ from ray.exceptions import RayActorError
 
 from cluster.errors import PlacementError, StageDied, StageError, StageTimeout
 from cluster.group import ActorGroup
-from driver.pipeline import RayPipeline
-from driver.pipeline_config import PipelineConfig
-from driver.stats import StatsBook
+from driver.pipeline.config import PipelineConfig
+from driver.pipeline.stream import RayPipeline
+from driver.run.stats import StatsBook
+from workers.chain import LocalRunner, stage_specs
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
 from workers.rules import RuleConfig
-from workers.runner import LocalRunner, stage_specs
 from workers.spec import StageSpec
 
 pytestmark = pytest.mark.ray

@@ -12,12 +12,12 @@ import ray
 import torch
 from prometheus_client import generate_latest
 
-from driver import checkpoint
+from driver.api.metrics import Metrics
 from driver.config import load_config
-from driver.controller import Controller, RunFailed, RunState
-from driver.data import load_dataset
-from driver.metrics import Metrics
-from driver.train import train
+from driver.data.load import load_dataset
+from driver.run import checkpoint
+from driver.run.controller import Controller, RunFailed, RunState
+from driver.run.train import train
 
 pytestmark = pytest.mark.ray
 

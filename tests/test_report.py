@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from driver.compare import compare_rules
+from driver.api.report import ReportError, report
 from driver.config import load_config
-from driver.report import ReportError, report
+from driver.run.compare import compare_rules
 
 
 def test_report_of_a_compared_run(tmp_path):

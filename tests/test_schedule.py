@@ -1,4 +1,4 @@
-"""The pipeline schedule (driver/schedule.py), checked against its own contract.
+"""The pipeline schedule (driver/pipeline/schedule.py), checked against its own contract.
 
 (a) `ticks`: every op exactly once, each stage in its `stage_ops` order, every op strictly after
     what it takes as arguments, never more micro-batches in flight than the stage's window; a
@@ -15,8 +15,8 @@ import re
 
 import pytest
 
-import driver.schedule as schedule
-from driver.schedule import (
+import driver.pipeline.schedule as schedule
+from driver.pipeline.schedule import (
     APPLY,
     FORWARD,
     LEARN,

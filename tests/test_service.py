@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from driver import checkpoint
-from driver.service import Client, RpcError, Service, StatusCode, messages
-from driver.service_config import ServiceConfig, TokenMissing
+from driver.api.service import Client, RpcError, Service, StatusCode, messages
+from driver.api.service_config import ServiceConfig, TokenMissing
+from driver.run import checkpoint
 
 RUN = """
 [model]

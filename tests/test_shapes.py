@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from workers.chain import stage_specs
 from workers.layers import Conv, Dense, PooledHead
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
 from workers.rules import ErrorSignal, RuleConfig
-from workers.runner import stage_specs
 from workers.spec import StageSpec
 from workers.stage import Stage
 from workers.synapses import SkipSynapse

@@ -19,10 +19,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+from workers.chain import LocalRunner, stage_specs
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
 from workers.rules import ErrorSignal, RuleConfig
-from workers.runner import LocalRunner, stage_specs
 from workers.spec import NonFiniteError, StageSpec, StageStateError
 from workers.stage import Stage
 

@@ -7,10 +7,10 @@ import logging
 import pytest
 
 from driver.config import ConfigError, load_config
-from driver.data import load_dataset
-from driver.runners import build_runner
-from driver.stage_count import CALL_SECONDS, choose, predict, warn_if_slower
-from workers.runner import LocalRunner
+from driver.data.load import load_dataset
+from driver.pipeline.build import build_runner
+from driver.pipeline.stage_count import CALL_SECONDS, choose, predict, warn_if_slower
+from workers.chain import LocalRunner
 
 COSTS = [0.010, 0.010, 0.010, 0.010]  # seconds per micro-batch, per block
 HOPS = [0.001, 0.001, 0.001]

@@ -10,8 +10,8 @@ from dataclasses import replace
 import pytest
 
 from driver.config import load_config, with_rule
-from driver.data import load_dataset
-from driver.train import train
+from driver.data.load import load_dataset
+from driver.run.train import train
 
 
 @pytest.fixture(scope="module")

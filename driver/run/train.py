@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from driver.api.metrics import Metrics, MetricsServer
 from driver.config import Config
-from driver.controller import Controller
-from driver.data import DatasetSplits
-from driver.metrics import Metrics, MetricsServer
-from driver.runners import base_spec
-from driver.train_log import RunLog, evaluate
+from driver.data.load import DatasetSplits
+from driver.pipeline.build import base_spec
+from driver.run.controller import Controller
+from driver.run.run_log import RunLog, evaluate
 
 __all__ = ["RunLog", "base_spec", "evaluate", "train"]
 

@@ -15,10 +15,10 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
-from driver.datasets_common import DataError, DatasetSplits
+from driver.data.common import DataError, DatasetSplits
 
 if TYPE_CHECKING:
-    from driver.data import DataConfig
+    from driver.data.load import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Generate the message classes for driver/reclra.proto (run at build and install time)."""
+"""Generate the message classes for driver/api/reclra.proto (run at build and install time)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ HERE = Path(__file__).resolve().parent
 def generate() -> None:
     from grpc_tools import protoc
 
-    # Messages only: driver/service.py wires the methods itself from its METHODS table.
+    # Messages only: driver/api/service.py wires the methods itself from its METHODS table.
     code = protoc.main(["protoc", f"-I{HERE}", f"--python_out={HERE}", str(HERE / "reclra.proto")])
     if code != 0:
-        raise RuntimeError("protoc failed on driver/reclra.proto")
+        raise RuntimeError("protoc failed on driver/api/reclra.proto")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from driver.report_alignment import alignment_figure, alignment_markdown  # noqa: E402
+from driver.api.report_alignment import alignment_figure, alignment_markdown  # noqa: E402
 
 
 class ReportError(ValueError):

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from driver.config import Config, with_rule
-from driver.data import load_dataset
-from driver.train import RunLog, train
+from driver.data.load import load_dataset
+from driver.run.train import RunLog, train
 
 
 def epochs_to(run: RunLog, target: float) -> int | None:

@@ -22,13 +22,13 @@ import torch
 from tqdm import tqdm
 
 from cluster.errors import PlacementError, StageDied, StageError, StageTimeout
-from driver import checkpoint
+from driver.api.metrics import Metrics
 from driver.config import Config, config_to_dict
-from driver.data import DatasetSplits, load_dataset, make_loader
-from driver.metrics import Metrics
-from driver.runners import Runner, build_runner
-from driver.stats import StatsBook
-from driver.train_log import RunLog, Tally, evaluate
+from driver.data.load import DatasetSplits, load_dataset, make_loader
+from driver.pipeline.build import Runner, build_runner
+from driver.run import checkpoint
+from driver.run.run_log import RunLog, Tally, evaluate
+from driver.run.stats import StatsBook
 from workers.spec import NonFiniteError
 
 log = logging.getLogger(__name__)

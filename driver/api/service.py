@@ -15,11 +15,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from driver import reclra_pb2 as _pb
+from driver.api import reclra_pb2 as _pb
+from driver.api.metrics import Metrics
+from driver.api.service_config import ServiceConfig
 from driver.config import ConfigError, parse_config
-from driver.controller import Controller, RunState
-from driver.metrics import Metrics
-from driver.service_config import ServiceConfig
+from driver.run.controller import Controller, RunState
 
 log = logging.getLogger(__name__)
 SERVICE = "reclra.v1.Training"

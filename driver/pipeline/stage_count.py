@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import ray
 import torch
 
-from driver.partition import best_partition
+from driver.pipeline.partition import best_partition
 
 log = logging.getLogger(__name__)
 

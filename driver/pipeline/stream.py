@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from driver.pipeline_config import PipelineConfig
-from driver.schedule import APPLY, FORWARD, LEARN, Op, Stream
-from driver.stages import LocalStages, RayStages, Stages
+from driver.pipeline.config import PipelineConfig
+from driver.pipeline.schedule import APPLY, FORWARD, LEARN, Op, Stream
+from driver.pipeline.stages import LocalStages, RayStages, Stages
 from workers.rules import ErrorSignal, make_rule
 from workers.spec import StageSpec, StageStats
 
@@ -36,7 +36,7 @@ def pipeline_specs(specs: list[StageSpec], cfg: PipelineConfig) -> list[StageSpe
 
 
 class StreamPipeline:
-    """K stages trained by a stream of micro-batches (see driver/schedule.py).
+    """K stages trained by a stream of micro-batches (see driver/pipeline/schedule.py).
 
     `sync`: a step's micro-batches are learned with the step's starting weights and each stage
     applies once at the end, so K stages give the same weights as one process. `async`: learns

@@ -14,10 +14,10 @@ import torch
 from torchvision.datasets import CIFAR10
 from torchvision.transforms import v2
 
-from driver.datasets_common import DataError, DatasetSplits, TensorImages
+from driver.data.common import DataError, DatasetSplits, TensorImages
 
 if TYPE_CHECKING:
-    from driver.data import DataConfig
+    from driver.data.load import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def load_cifar10(cfg: DataConfig) -> DatasetSplits:
 
     A ``train_size`` keeps a class-balanced, seeded subset of the training images (0: all).
     """
-    from driver.data import split_train
+    from driver.data.load import split_train
 
     x, y = _read(cfg.root, train=True, download=cfg.download)
     x_test, y_test = _read(cfg.root, train=False, download=False)

@@ -12,12 +12,12 @@ import torch
 
 from cluster.runtime import connect
 from driver.config import Config
-from driver.data import DatasetSplits, make_loader
-from driver.partition import Partition, plan_partition, profile, time_whole
-from driver.pipeline import LocalPipeline, RayPipeline
-from driver.stage_count import choose, cluster_cores, hop_seconds, predict, warn_if_slower
+from driver.data.load import DatasetSplits, make_loader
+from driver.pipeline.partition import Partition, plan_partition, profile, time_whole
+from driver.pipeline.stage_count import choose, cluster_cores, hop_seconds, predict, warn_if_slower
+from driver.pipeline.stream import LocalPipeline, RayPipeline
+from workers.chain import LocalRunner, stage_specs
 from workers.models import model_plan
-from workers.runner import LocalRunner, stage_specs
 from workers.spec import StageSpec, StageStats
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from driver.datasets_common import DataError, DatasetSplits, TensorImages
+from driver.data.common import DataError, DatasetSplits, TensorImages
 
 __all__ = ["DATASETS", "DataConfig", "DataError", "DatasetSplits", "load_dataset", "make_loader"]
 
@@ -82,14 +82,14 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
     if cfg.name == "synthetic":
         return _load_synthetic(cfg)
     if cfg.name == "cifar10":
-        from driver.datasets_cifar import load_cifar10
+        from driver.data.cifar import load_cifar10
 
         return load_cifar10(cfg)
     if cfg.name in ("fashion_mnist", "mnist"):
-        from driver.datasets_mnist import load_mnist
+        from driver.data.mnist import load_mnist
 
         return load_mnist(cfg)
-    from driver.datasets_imagenet import load_imagenet
+    from driver.data.imagenet import load_imagenet
 
     return load_imagenet(cfg)
 

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from driver.data import make_loader
-from driver.runners import Completed, Runner
-from driver.stats import StatsBook
+from driver.data.load import make_loader
+from driver.pipeline.build import Completed, Runner
+from driver.run.stats import StatsBook
 
 
 @dataclass

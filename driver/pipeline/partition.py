@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.chain import stage_specs
 from workers.models import model_plan
 from workers.rules import ErrorSignal
-from workers.runner import stage_specs
 from workers.spec import StageSpec
 from workers.stage import Stage
 
