@@ -1,4 +1,4 @@
-"""Picklable error types that keep the failing stage's index and the cause."""
+"""Picklable error types that keep the failing actor's index, its role and the cause."""
 
 from __future__ import annotations
 
@@ -11,22 +11,25 @@ class PlacementError(ClusterError):
     """The actors' resources could not be reserved before the deadline."""
 
 
-class StageError(RuntimeError):
-    """A stage failed. `stage` is its index; `cause` is the underlying error as text (a live
-    exception from another process may not unpickle here)."""
+class ActorError(RuntimeError):
+    """An actor failed. `index` is its place in its group and `role` what the caller calls its
+    actors ("stage": the message reads "stage 1: ..."); `cause` is the underlying error as text
+    (a live exception from another process may not unpickle here)."""
 
-    def __init__(self, stage: int, message: str, cause: str = "", cause_type: str = "") -> None:
-        super().__init__(f"stage {stage}: {message}" + (f" ({cause})" if cause else ""))
-        self.stage, self.message, self.cause = stage, message, cause
-        self.cause_type = cause_type  # the class name of the error raised in the stage, if any
+    def __init__(
+        self, index: int, message: str, cause: str = "", cause_type: str = "", role: str = "actor"
+    ) -> None:
+        super().__init__(f"{role} {index}: {message}" + (f" ({cause})" if cause else ""))
+        self.index, self.message, self.cause, self.role = index, message, cause, role
+        self.cause_type = cause_type  # the class name of the error raised in the actor, if any
 
     def __reduce__(self):  # noqa: ANN204
-        return (type(self), (self.stage, self.message, self.cause, self.cause_type))
+        return (type(self), (self.index, self.message, self.cause, self.cause_type, self.role))
 
 
-class StageTimeout(StageError):
-    """A stage did not answer before its deadline; the message names the config key to raise."""
+class ActorTimeout(ActorError):
+    """An actor did not answer before its deadline; the message names the config key to raise."""
 
 
-class StageDied(StageError):
-    """A stage's actor process is gone (killed, out of memory, node lost)."""
+class ActorDied(ActorError):
+    """An actor's process is gone (killed, out of memory, node lost)."""

@@ -12,7 +12,7 @@ from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTa
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster.errors import PlacementError, StageDied, StageError, StageTimeout
+from cluster.errors import ActorDied, ActorError, ActorTimeout, PlacementError
 from cluster.placement import cluster_can_grow, never_fits, node_resources
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ class ActorGroup:
     """`len(args)` actors of `cls`, actor i on bundle i of one placement group.
 
     Ray never restarts or retries them (a retried call could run out of order); failures
-    surface as StageError subclasses naming the actor index.
+    surface as ActorError subclasses naming the actor's role and index.
     """
 
     def __init__(
@@ -34,23 +34,26 @@ class ActorGroup:
         gpus: float,
         strategy: str = "PACK",
         placement_timeout_s: float = 60.0,
-        timeout_key: str = "pipeline.placement_timeout_s",
+        timeout_key: str,
         fixed_size: bool | None = None,
-        what: str = "actors",
+        role: str = "actor",
         actor_options: dict[str, Any] | None = None,
     ) -> None:
         """`fixed_size`: True when the cluster cannot grow (a local Ray this process started),
         None to ask the cluster. A fixed cluster that can never fit the bundles fails at once;
-        one that may grow is waited for up to `placement_timeout_s`. `timeout_key` and `what`
-        name the caller's setting and its actors in errors; `actor_options` go to ray.remote
-        (a runtime_env, enable_tensor_transport)."""
+        one that may grow is waited for up to `placement_timeout_s`. `timeout_key` (the caller's
+        setting for that deadline) and `role` (what the caller calls one actor: "stage") name
+        them in errors; `actor_options` go to ray.remote (a runtime_env,
+        enable_tensor_transport)."""
+        self.role = role
+        many = f"{role}s"
         bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})} for _ in args]
-        fix = f"lower the per-{what[:-1]} resources or the number of {what}"
+        fix = f"lower the per-{role} resources or the number of {many}"
         if fixed_size if fixed_size is not None else not cluster_can_grow():
             why = never_fits(bundles, strategy, node_resources())
             if why:
                 raise PlacementError(
-                    f"cannot place {len(args)} {what} of {bundles[0]} ({strategy}): {why}, "
+                    f"cannot place {len(args)} {many} of {bundles[0]} ({strategy}): {why}, "
                     f"and this cluster cannot grow; {fix}, or add nodes"
                 )
         self.pg = placement_group(bundles, strategy=strategy)
@@ -59,7 +62,7 @@ class ActorGroup:
         except GetTimeoutError:
             remove_placement_group(self.pg)
             raise PlacementError(
-                f"could not place {len(args)} {what} of {bundles[0]} within "
+                f"could not place {len(args)} {many} of {bundles[0]} within "
                 f"{placement_timeout_s:g}s (cluster has {ray.available_resources()}); {fix}, "
                 f"or raise {timeout_key}"
             ) from None
@@ -116,8 +119,8 @@ class ActorGroup:
         key: str,
         what: str = "call",
     ) -> list[Any]:
-        """Results of `refs` ((actor index, ref) pairs) in order. The first failure raises a
-        StageError naming its actor; past the deadline, StageTimeout names the first actor
+        """Results of `refs` ((actor index, ref) pairs) in order. The first failure raises an
+        ActorError naming its actor; past the deadline, ActorTimeout names the first actor
         still working and the config key `key` that sets the deadline."""
         deadline = time.monotonic() + timeout_s
         pending = {ref: i for i, ref in refs}
@@ -126,10 +129,11 @@ class ActorGroup:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(left, 0.0))
             if not ready:
                 stuck = self.unresponsive(sorted(set(pending.values())))
-                stage = stuck[0] if stuck else min(pending.values())
-                raise StageTimeout(
-                    stage,
+                first = stuck[0] if stuck else min(pending.values())
+                raise ActorTimeout(
+                    first,
                     f"{what} still running after {timeout_s:g}s; raise {key} if that is expected",
+                    role=self.role,
                 )
             ref = ready[0]
             self._check(pending.pop(ref), ref, what)
@@ -148,18 +152,23 @@ class ActorGroup:
         answered = set(ready)
         return [i for i, ref in probes.items() if ref not in answered]
 
-    @staticmethod
-    def _check(i: int, ref: ray.ObjectRef, what: str) -> None:
+    def _check(self, i: int, ref: ray.ObjectRef, what: str) -> None:
         try:
             ray.get(ref, timeout=0)
         except (ActorDiedError, RayActorError) as exc:
-            raise StageDied(i, f"{what}: the actor died", type(exc).__name__) from None
+            raise ActorDied(
+                i, f"{what}: the actor died", type(exc).__name__, role=self.role
+            ) from None
         except RayTaskError as exc:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-            if isinstance(cause, StageError):
+            if isinstance(cause, ActorError):
                 raise cause from None
-            raise StageError(
-                i, f"{what} failed", f"{type(cause).__name__}: {cause}", type(cause).__name__
+            raise ActorError(
+                i,
+                f"{what} failed",
+                f"{type(cause).__name__}: {cause}",
+                type(cause).__name__,
+                role=self.role,
             ) from None
 
     def shutdown(self) -> None:

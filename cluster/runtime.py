@@ -74,7 +74,3 @@ def connect(cfg: ClusterConfig) -> bool:
         ray.cluster_resources(),
     )
     return not remote
-
-
-def cluster_gpus() -> float:
-    return float(ray.cluster_resources().get("GPU", 0.0))

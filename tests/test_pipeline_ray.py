@@ -10,7 +10,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from cluster.errors import PlacementError, StageDied, StageError, StageTimeout
+from cluster.errors import ActorDied, ActorError, ActorTimeout, PlacementError
 from cluster.group import ActorGroup
 from driver.pipeline.config import PipelineConfig
 from driver.pipeline.stream import RayPipeline
@@ -148,10 +148,10 @@ def test_a_failing_stage_fails_the_step_naming_it_and_nothing_is_left_running(cl
     x, y = _batches(1)[0]
     x[0, 0, 0, 0] = float("nan")  # non-finite activations: stage 0 refuses its update
     actors = list(pipe.group.actors)
-    with pytest.raises(StageError) as info:
+    with pytest.raises(ActorError) as info:
         pipe.step(x, y, 2)
-    assert info.value.stage in (0, 1) and "non-finite" in str(info.value)
-    assert f"stage {info.value.stage}" in str(info.value)
+    assert info.value.index in (0, 1) and "non-finite" in str(info.value)
+    assert f"stage {info.value.index}" in str(info.value)
     assert all(_dead(a) for a in actors)
 
 
@@ -161,9 +161,9 @@ def test_a_stage_past_its_deadline_times_out_naming_it_and_the_key(cluster):
     pipe.cfg = PipelineConfig(stages=2, step_timeout_s=1e-4)  # no step can finish in 0.1 ms
     actors = list(pipe.group.actors)
     x, y = _batches(1, size=256)[0]
-    with pytest.raises(StageTimeout) as info:
+    with pytest.raises(ActorTimeout) as info:
         pipe.step(x, y, 1)
-    assert "pipeline.step_timeout_s" in str(info.value) and info.value.stage in (0, 1)
+    assert "pipeline.step_timeout_s" in str(info.value) and info.value.index in (0, 1)
     assert all(_dead(a) for a in actors)
 
 
@@ -183,14 +183,17 @@ class Sleeper:
 
 
 def test_group_deadline_names_the_hung_actor(cluster):
-    with ActorGroup(Sleeper, [(0.0,), (60.0,)], cpus=1, gpus=0) as group:
+    with ActorGroup(
+        Sleeper, [(0.0,), (60.0,)], cpus=1, gpus=0, timeout_key="k", role="stage"
+    ) as group:
         group.gather([(i, group.actors[i].ping.remote()) for i in range(2)], timeout_s=60, key="k")
         refs = [(i, group.actors[i].work.remote()) for i in range(2)]
         t0 = time.monotonic()
-        with pytest.raises(StageTimeout) as info:
+        with pytest.raises(ActorTimeout) as info:
             group.gather(refs, timeout_s=2.0, key="pipeline.step_timeout_s", what="work")
         assert time.monotonic() - t0 < 10
-        assert info.value.stage == 1 and "pipeline.step_timeout_s" in str(info.value)
+        assert info.value.index == 1 and "pipeline.step_timeout_s" in str(info.value)
+        assert str(info.value).startswith("stage 1: work still running")
     assert _dead_sleeper(group)
 
 
@@ -203,28 +206,36 @@ def _dead_sleeper(group: ActorGroup) -> bool:
 
 
 def test_group_errors_keep_index_and_cause(cluster):
-    with ActorGroup(Sleeper, [(0.0,), (0.0,)], cpus=1, gpus=0) as group:
-        with pytest.raises(StageError) as info:
+    with ActorGroup(Sleeper, [(0.0,), (0.0,)], cpus=1, gpus=0, timeout_key="k") as group:
+        with pytest.raises(ActorError) as info:
             group.gather(
                 [(0, group.actors[0].work.remote()), (1, group.actors[1].boom.remote())],
                 timeout_s=30,
                 key="k",
             )
-        assert info.value.stage == 1 and "ValueError: boom" in str(info.value)
+        assert info.value.index == 1 and "ValueError: boom" in str(info.value)
         ray.kill(group.actors[0])  # takes effect asynchronously: a call may still slip through
         deadline = time.monotonic() + 30
-        with pytest.raises(StageDied) as died:
+        with pytest.raises(ActorDied) as died:
             while time.monotonic() < deadline:
                 group.gather([(0, group.actors[0].work.remote())], timeout_s=30, key="k")
                 time.sleep(0.2)
-        assert died.value.stage == 0
+        assert died.value.index == 0
 
 
 def test_placement_that_cannot_fit_fails_within_its_deadline(cluster):
     """A cluster that may grow is waited for, up to the deadline, whose key the error names."""
     t0 = time.monotonic()
     with pytest.raises(PlacementError, match="pipeline.placement_timeout_s"):
-        ActorGroup(Sleeper, [(0.0,)] * 3, cpus=3, gpus=0, placement_timeout_s=2.0, fixed_size=False)
+        ActorGroup(
+            Sleeper,
+            [(0.0,)] * 3,
+            cpus=3,
+            gpus=0,
+            placement_timeout_s=2.0,
+            timeout_key="pipeline.placement_timeout_s",
+            fixed_size=False,
+        )
     assert time.monotonic() - t0 < 15
 
 
@@ -240,15 +251,18 @@ def test_placement_that_can_never_fit_a_fixed_cluster_fails_at_once(cluster, fix
             cpus=3,
             gpus=0,
             placement_timeout_s=120.0,
+            timeout_key="pipeline.placement_timeout_s",
             fixed_size=fixed_size,
-            what="stages",
+            role="stage",
         )
     assert time.monotonic() - t0 < 5
     msg = str(info.value)
     assert "9 CPU asked for, the cluster has 4" in msg and "cannot grow" in msg
     assert "lower the per-stage resources or the number of stages" in msg and "\n" not in msg
     # and what fits is still placed (the check refuses only what never fits)
-    with ActorGroup(Sleeper, [(0.0,)] * 2, cpus=1, gpus=0, fixed_size=fixed_size) as group:
+    with ActorGroup(
+        Sleeper, [(0.0,)] * 2, cpus=1, gpus=0, timeout_key="k", fixed_size=fixed_size
+    ) as group:
         assert group.gather([(0, group.actors[0].ping.remote())], timeout_s=60, key="k") == [True]
 
 

@@ -107,7 +107,7 @@ class RayStages:
             placement_timeout_s=placement_timeout_s,
             timeout_key="pipeline.placement_timeout_s",
             fixed_size=fixed_size,
-            what="stages",
+            role="stage",
             actor_options={"enable_tensor_transport": True} if direct else None,
         )
         self.actors = self.group.actors
