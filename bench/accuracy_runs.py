@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 from driver.config import Config
-from driver.data.load import DataConfig, DatasetSplits, load_dataset
+from driver.data.common import DatasetSplits
+from driver.data.config import DataConfig
+from driver.data.load import load_dataset
 from driver.run.train import train
 
 _SPLITS: dict[DataConfig, DatasetSplits] = {}

@@ -21,7 +21,8 @@ from pathlib import Path
 from bench.accuracy import SHARED
 from bench.accuracy_runs import run_all
 from driver.config import Config, load_config
-from driver.data.load import DataError, load_dataset
+from driver.data.common import DataError
+from driver.data.load import load_dataset
 
 # per dataset: the settings every run shares (ResNet-8 width 16, batch 32, 4 micro-batches)
 DATA = {

@@ -8,7 +8,7 @@ import sys
 
 from cluster.errors import ClusterError
 from driver.config import Config, ConfigError, load_config
-from driver.data.load import DataError
+from driver.data.common import DataError
 from driver.run.controller import RunFailed
 
 

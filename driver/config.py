@@ -13,7 +13,7 @@ from typing import Any
 from cluster.runtime import ClusterConfig
 from driver.api.metrics import MetricsConfig
 from driver.api.service_config import ServiceConfig
-from driver.data.load import DataConfig
+from driver.data.config import DataConfig
 from driver.pipeline.config import PipelineConfig
 from workers.models import ModelConfig
 from workers.optim import OptimConfig

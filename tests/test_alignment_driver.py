@@ -12,7 +12,8 @@ import ray
 import torch
 
 from driver.config import Config, load_config
-from driver.data.load import DatasetSplits, load_dataset
+from driver.data.common import DatasetSplits
+from driver.data.load import load_dataset
 from driver.pipeline.build import base_spec
 from driver.pipeline.config import PipelineConfig
 from driver.pipeline.stream import RayPipeline

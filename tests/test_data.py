@@ -23,7 +23,9 @@ from sklearn.datasets import load_digits
 from sklearn.neighbors import NearestCentroid
 from torch.utils.data import Dataset
 
-from driver.data.load import DataConfig, DataError, DatasetSplits, load_dataset, make_loader
+from driver.data.common import DataError, DatasetSplits
+from driver.data.config import DataConfig
+from driver.data.load import load_dataset, make_loader
 
 CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)
 CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(3, 1, 1)

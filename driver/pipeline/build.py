@@ -12,7 +12,8 @@ import torch
 
 from cluster.runtime import connect
 from driver.config import Config
-from driver.data.load import DatasetSplits, make_loader
+from driver.data.common import DatasetSplits
+from driver.data.load import make_loader
 from driver.pipeline.partition import Partition, plan_partition, profile, time_whole
 from driver.pipeline.stage_count import choose, cluster_cores, hop_seconds, predict, warn_if_slower
 from driver.pipeline.stream import LocalPipeline, RayPipeline

@@ -1,1 +1,1 @@
-"""run"""
+"""One run's lifecycle: the controller, its callbacks, the run log, checkpoints, comparison."""

@@ -24,7 +24,8 @@ from tqdm import tqdm
 from cluster.errors import PlacementError, StageDied, StageError, StageTimeout
 from driver.api.metrics import Metrics
 from driver.config import Config, config_to_dict
-from driver.data.load import DatasetSplits, load_dataset, make_loader
+from driver.data.common import DatasetSplits
+from driver.data.load import load_dataset, make_loader
 from driver.pipeline.build import Runner, build_runner
 from driver.run import checkpoint
 from driver.run.run_log import RunLog, Tally, evaluate

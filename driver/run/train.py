@@ -7,7 +7,7 @@ from pathlib import Path
 
 from driver.api.metrics import Metrics, MetricsServer
 from driver.config import Config
-from driver.data.load import DatasetSplits
+from driver.data.common import DatasetSplits
 from driver.pipeline.build import base_spec
 from driver.run.controller import Controller
 from driver.run.run_log import RunLog, evaluate

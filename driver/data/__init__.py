@@ -1,0 +1,1 @@
+"""Datasets: the [data] config, the loaders of each dataset, and batch loaders."""

@@ -1,0 +1,152 @@
+"""The code's shape, as the README promises it: small files, no import cycles, actor calls by
+method (never by a name string), and a layout section that mirrors the tree."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("workers", "cluster", "driver")
+MAX_LINES = 300
+
+
+def product_files() -> list[Path]:
+    return sorted(
+        p
+        for pkg in PACKAGES
+        for p in (ROOT / pkg).rglob("*.py")
+        if "_pb2" not in p.name and "__pycache__" not in p.parts
+    )
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports(path: Path, modules: set[str]) -> set[str]:
+    """Product modules `path` imports anywhere in it (module level, in functions, and under
+    TYPE_CHECKING: a cycle there is still a tangle a reader must follow)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in found if m in modules}
+
+
+def test_no_product_file_is_over_300_lines() -> None:
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in product_files()
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert not long, f"over {MAX_LINES} lines: {long}"
+
+
+def test_no_import_cycles() -> None:
+    files = product_files()
+    names = {module_name(p) for p in files}
+    graph = {module_name(p): imports(p, names) - {module_name(p)} for p in files}
+    for pkg in list(graph):  # importing a.b.c runs a/__init__ and a/b/__init__ first
+        graph[pkg] = {d for d in graph[pkg] if not pkg.startswith(d + ".")}
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append([*path[path.index(nxt) :], nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_cycle_check_finds_a_cycle(tmp_path: Path) -> None:
+    """The checker itself: two modules importing each other make a cycle it reports."""
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("import b\n")
+    b.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from a import x\n")
+    assert imports(a, {"a", "b"}) == {"b"} and imports(b, {"a", "b"}) == {"a"}
+
+
+STRING_DISPATCH = re.compile(
+    r"getattr\([^)]*\)\s*\.\s*(remote|options)\b|__ray_call__|\.call\(\s*\w"
+)
+
+
+def test_actor_calls_name_their_methods() -> None:
+    """Stage methods are called as methods (typed handles), never dispatched by a string."""
+    hits = [
+        f"{p.relative_to(ROOT)}:{i}: {line.strip()}"
+        for p in product_files()
+        if p.parts[-2] in ("cluster", "pipeline", "run")
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if STRING_DISPATCH.search(line) and not line.lstrip().startswith("#")
+    ]
+    assert not hits, "actor calls by name: " + "; ".join(hits)
+
+
+def readme_layout(text: str) -> set[str]:
+    """The paths a README's layout block lists: `dir/` lines open a folder (indent: two spaces
+    a level), other lines name a file in the folder above them."""
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    listed: set[str] = set()
+    stack: list[str] = []
+    for line in block.splitlines():
+        if not line.strip() or not re.match(r"^ *[\w.]+/?(\s|$)", line):
+            continue  # a continuation of the line above
+        depth = (len(line) - len(line.lstrip())) // 2
+        name = line.split()[0]
+        stack = stack[:depth]
+        path = "/".join([*stack, name.rstrip("/")])
+        listed.add(path)
+        if name.endswith("/"):
+            stack.append(name.rstrip("/"))
+    return listed
+
+
+def test_readme_layout_mirrors_the_tree() -> None:
+    actual = {
+        str(p.relative_to(ROOT))
+        for pkg in PACKAGES
+        for p in (ROOT / pkg).rglob("*")
+        if p.suffix in (".py", ".proto")
+        and p.name != "__init__.py"
+        and "_pb2" not in p.name
+        and "__pycache__" not in p.parts
+    }
+    actual |= {str(Path(f).parent) for f in actual}
+    listed = readme_layout((ROOT / "README.md").read_text())
+    listed = {p for p in listed if p.split("/")[0] in PACKAGES}
+    assert listed == actual, (
+        f"README layout lacks {sorted(actual - listed)}; lists what is not there: "
+        f"{sorted(listed - actual)}"
+    )
+
+
+def test_layout_parser_reads_nested_folders() -> None:
+    """The parser walks folders by indent and skips continuation lines, so the comparison above
+    sees a misplaced or missing file."""
+    text = "## Layout\n\n```\nworkers/  what\n  stage.py  does\n           more words\n"
+    text += "driver/\n  run/\n    controller.py\n  cli.py\n```\n"
+    assert readme_layout(text) == {
+        "workers",
+        "workers/stage.py",
+        "driver",
+        "driver/run",
+        "driver/run/controller.py",
+        "driver/cli.py",
+    }
