@@ -31,7 +31,7 @@ from bench.pipeline_accuracy import main as accuracy_main
 from bench.transport import measure
 from driver.config import Config, load_config, with_rule
 from driver.data.load import load_dataset, make_loader
-from driver.pipeline.build import base_spec
+from driver.pipeline.build import base_spec, block_names
 from driver.pipeline.partition import plan_partition
 from driver.pipeline.stream import RayPipeline
 from driver.run.train import train
@@ -90,11 +90,11 @@ def throughput(
     info: dict = {}
     for rule in rules:
         confs = _configs(cfg, rule, device)
-        base = base_spec(confs["single_1t"], splits)
+        names = block_names(confs["single_1t"], splits)
+        base = base_spec(confs["single_1t"], splits, len(names))
         x0, y0 = batches[0]
-        part = plan_partition(
-            replace(base, device=device), 2, (), (x0[: len(y0) // m], y0[: len(y0) // m]), 3
-        )
+        sample = (x0[: len(y0) // m], y0[: len(y0) // m])
+        part = plan_partition(replace(base, device=device), 2, (), sample, 3, names=names)
         info[rule] = {
             "partition": list(part.bounds),
             "stage_ms": [1e3 * c for c in part.stage_costs],

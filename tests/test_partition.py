@@ -25,6 +25,7 @@ from workers.spec import StageSpec
 SHAPE, CLASSES, BATCH = (1, 8, 8), 10, 8
 MODEL = ModelConfig(name="resnet8", width=4)
 N_BLOCKS = 5  # stem, layer1.0, layer2.0, layer3.0, head
+NAMES = tuple(name for name, _ in model_plan(MODEL, SHAPE, CLASSES))
 
 
 def _max_part(costs: list[float], bounds: tuple[int, ...]) -> float:
@@ -125,14 +126,14 @@ def _sample() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("cuts", [(1,), (4,), (2, 3), (1, 2, 3, 4)])
 def test_plan_partition_keeps_explicit_boundaries(cuts):
-    part = plan_partition(_base(), len(cuts) + 1, cuts, None, 1)
+    part = plan_partition(_base(), len(cuts) + 1, cuts, None, 1, names=NAMES)
     assert part.bounds == (0, *cuts, N_BLOCKS)
     assert part.stage_costs == (0.0,) * (len(cuts) + 1)
     assert part.block_names == ("stem", "layer1.0", "layer2.0", "layer3.0", "head")
 
 
 def test_plan_partition_explicit_boundaries_with_a_sample_are_profiled_not_moved():
-    part = plan_partition(_base(), 2, (4,), _sample(), 1)
+    part = plan_partition(_base(), 2, (4,), _sample(), 1, names=NAMES)
     assert part.bounds == (0, 4, N_BLOCKS)
     assert len(part.stage_costs) == 2 and all(c > 0 for c in part.stage_costs)
 
@@ -140,18 +141,18 @@ def test_plan_partition_explicit_boundaries_with_a_sample_are_profiled_not_moved
 @pytest.mark.parametrize("cuts", [(0,), (5,), (6,), (3, 2), (2, 2), (-1,)])
 def test_plan_partition_refuses_invalid_boundaries(cuts):
     with pytest.raises(ValueError, match=r"pipeline\.boundaries"):
-        plan_partition(_base(), len(cuts) + 1, cuts, None, 1)
+        plan_partition(_base(), len(cuts) + 1, cuts, None, 1, names=NAMES)
 
 
 def test_plan_partition_single_stage_needs_no_profile():
-    part = plan_partition(_base(), 1, (), None, 1)
+    part = plan_partition(_base(), 1, (), None, 1, names=NAMES)
     assert part.bounds == (0, N_BLOCKS)
     assert part.balance == 1.0
 
 
 def test_plan_partition_balancing_needs_a_sample():
     with pytest.raises(ValueError, match="pipeline"):
-        plan_partition(_base(), 2, (), None, 1)
+        plan_partition(_base(), 2, (), None, 1, names=NAMES)
 
 
 def test_plan_partition_balances_the_profiled_costs(monkeypatch):
@@ -166,19 +167,19 @@ def test_plan_partition_balances_the_profiled_costs(monkeypatch):
 
     monkeypatch.setattr(partition, "profile_blocks", fake_profile)
     for k, want in ((2, (0, 3, 5)), (3, (0, 1, 4, 5)), (5, (0, 1, 2, 3, 4, 5))):
-        part = plan_partition(_base(), k, (), _sample(), 7)
+        part = plan_partition(_base(), k, (), _sample(), 7, names=NAMES)
         assert part.bounds == want == best_partition(costs, k)
         assert part.stage_costs == pytest.approx(
             [sum(costs[a:b]) for a, b in zip(want, want[1:], strict=False)]
         )
     assert seen[0] == (torch.Size([BATCH, *SHAPE]), torch.Size([BATCH]), 7)
     with pytest.raises(ValueError, match=r"pipeline\.stages"):
-        plan_partition(_base(), 6, (), _sample(), 1)
+        plan_partition(_base(), 6, (), _sample(), 1, names=NAMES)
 
 
 @pytest.mark.parametrize("rule", ["rec_lra", "backprop"])
 def test_plan_partition_two_stages_from_a_real_profile(rule):
-    part = plan_partition(_base(rule), 2, (), _sample(), 2)
+    part = plan_partition(_base(rule), 2, (), _sample(), 2, names=NAMES)
     _check_bounds(part.bounds, N_BLOCKS, 2)
     assert len(part.stage_costs) == 2
     assert all(c > 0 for c in part.stage_costs)

@@ -1,20 +1,26 @@
-"""In-process runner: the stages of one model chained in this process (K = 1, tests, debugging)."""
+"""Stages of one model chained in this process: how a micro-batch goes up (forward) and its
+learning signal comes down (learn), and the in-process runner built on that (K = 1, tests)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any, Protocol
 
 import torch
 
-from workers.models import model_plan
-from workers.rules import ErrorSignal
+from workers.rules import ErrorSignal, rule_chained
 from workers.spec import StageSpec, StageStats
 from workers.stage import Stage
+from workers.state import merge_states
 
 
 def stage_specs(base: StageSpec, bounds: list[int]) -> list[StageSpec]:
-    """Specs for stages cut at `bounds` (block indices: [0, b1, ..., n_blocks])."""
-    n = len(model_plan(base.model, base.input_shape, base.num_classes))
+    """Specs for stages cut at `bounds` (block indices: [0, b1, ..., n_blocks]) of the model
+    `base` owns whole (its blocks are (0, n_blocks))."""
+    if base.blocks[0] != 0:
+        raise ValueError(f"stage_specs: the base spec must own the whole model, not {base.blocks}")
+    n = base.blocks[1]
     if (
         bounds[0] != 0
         or bounds[-1] != n
@@ -27,12 +33,63 @@ def stage_specs(base: StageSpec, bounds: list[int]) -> list[StageSpec]:
     ]
 
 
+def learns_chained(spec: StageSpec) -> bool:
+    """Whether each stage learns from the signal of the stage right above it: the rule sends a
+    boundary down, or diagnostics send backprop's gradient down. Otherwise every stage learns
+    from the top stage's signal (the output error), all at once."""
+    return rule_chained(spec.rule) or spec.diagnose_every > 0
+
+
+def signal_source(stage: int, k: int, chained: bool) -> int:
+    """The stage whose learn output stage `stage` (below the top, of `k`) learns from."""
+    return stage + 1 if chained else k - 1
+
+
+class Chainable(Protocol):
+    """What a chain calls on a stage (a Stage, or a wrapper that times it)."""
+
+    def forward(self, mb: Any, x: torch.Tensor) -> torch.Tensor: ...
+    def learn(self, mb: Any, signal: ErrorSignal, *, apply: bool = False) -> ErrorSignal: ...
+
+
+def forward_chain(stages: Sequence[Chainable], mb: Any, x: torch.Tensor) -> list[torch.Tensor]:
+    """Train-mode forward of micro-batch `mb` up the stages; every stage's output."""
+    outs = []
+    for stage in stages:
+        x = stage.forward(mb, x)
+        outs.append(x)
+    return outs
+
+
+def learn_chain(
+    stages: Sequence[Chainable], mb: Any, labels: torch.Tensor, *, chained: bool
+) -> list[ErrorSignal]:
+    """Learn micro-batch `mb` down the stages: the top from the labels, each stage below from
+    the signal its source sent (signal_source). Returns what each stage sent down."""
+    k = len(stages)
+    sent: dict[int, ErrorSignal] = {}
+    for s in reversed(range(k)):
+        signal = ErrorSignal(labels=labels) if s == k - 1 else sent[signal_source(s, k, chained)]
+        sent[s] = stages[s].learn(mb, signal)
+    return [sent[s] for s in range(k)]
+
+
+def train_chain(
+    stages: Sequence[Chainable], mb: Any, x: torch.Tensor, y: torch.Tensor, *, chained: bool
+) -> list[torch.Tensor]:
+    """forward_chain then learn_chain of one micro-batch; every stage's output."""
+    outs = forward_chain(stages, mb, x)
+    learn_chain(stages, mb, y, chained=chained)
+    return outs
+
+
 class LocalRunner:
     """Runs training steps over in-process stages, in `sync` order: every micro-batch of a step
     sees the step's starting weights, and each stage applies once at the end of the step."""
 
     def __init__(self, specs: list[StageSpec]) -> None:
         self.stages = [Stage(s) for s in specs]
+        self.chained = learns_chained(specs[0])
 
     def step(
         self, x: torch.Tensor, y: torch.Tensor, micro_batches: int = 1
@@ -42,14 +99,7 @@ class LocalRunner:
         for mb, (xs, ys) in enumerate(
             zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=True)
         ):
-            out = xs
-            for stage in self.stages:
-                out = stage.forward(mb, out)
-            logits.append(out)
-            signal = ErrorSignal(labels=ys)
-            for stage in reversed(self.stages):
-                below = stage.learn(mb, signal)
-                signal = replace(below, labels=None)
+            logits.append(train_chain(self.stages, mb, xs, ys, chained=self.chained)[-1])
         for stage in self.stages:
             stage.apply()
         return [(torch.cat(logits), y)]
@@ -71,11 +121,7 @@ class LocalRunner:
         return x
 
     def state_dict(self) -> dict:
-        units: dict = {}
-        for stage in self.stages:
-            units.update(stage.state_dict()["units"])
-        first = self.stages[0].state_dict()
-        return {"units": units, "step": first["step"], "noise_rng": first["noise_rng"]}
+        return merge_states([stage.state_dict() for stage in self.stages])
 
     def load_state_dict(self, state: dict) -> None:
         for stage in self.stages:

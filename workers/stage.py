@@ -9,16 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.assemble import block_units, build_blocks, kp_pairs, named_parameters, trainable
 from workers.blocks import Block, BlockCache
 from workers.diagnostics import BackpropProbe, synapse_angles
-from workers.layers import init_weight_
-from workers.models import model_plan
 from workers.optim import build_optimizer, reproject_, set_lr
-from workers.rules import ErrorSignal, make_rule
+from workers.rules import ErrorSignal, make_rule, rule_chained
 from workers.spec import DTYPES, NonFiniteError, StageSpec, StageStats
 from workers.state import load_stage_state, stage_state
-from workers.sweep import sweep_block
-from workers.synapses import SkipSynapse
+from workers.sweep import sweep_stage
 
 
 class Stage:
@@ -30,26 +28,12 @@ class Stage:
     def __init__(self, spec: StageSpec) -> None:
         self.spec = spec
         self.rule = make_rule(spec.rule)
+        self.chained = rule_chained(spec.rule)  # sends the boundary down to the stage below
         self.dtype = DTYPES[spec.dtype]
         self.device = torch.device(spec.device)
-        plan = model_plan(spec.model, spec.input_shape, spec.num_classes)
-        first, last = spec.blocks
-        if not 0 <= first < last <= len(plan):
-            raise ValueError(
-                f"pipeline: blocks [{first}, {last}) outside the model's {len(plan)} blocks"
-            )
-        self.rule.stage_top = plan[last - 1][0] if last < len(plan) else None
-        self.blocks = nn.ModuleList()
-        for i in range(first, last):
-            block = plan[i][1]()
-            # nothing below the model's input, nor below a stage that sends no boundary down
-            bottom = i == 0 or (i == first and not self.rule.chained)
-            self._equip(block, torch.Generator().manual_seed(spec.seed * 1_000_003 + i), bottom)
-            self.blocks.append(block)
-        self.blocks.to(device=self.device, dtype=self.dtype)
+        self.blocks, self.is_first, self.is_last = build_blocks(spec, self.rule)
         self.block_list: list[Block] = list(self.blocks)  # type: ignore[arg-type]
-        self.is_first, self.is_last = first == 0, last == len(plan)
-        forward, feedback = self._trainable()
+        forward, feedback = trainable(self.blocks)
         self.optimizer = build_optimizer(
             spec.optim, forward, feedback, feedback_rate=spec.rule.gamma
         )
@@ -62,68 +46,16 @@ class Stage:
         self._losses: dict[str, torch.Tensor] = {}
         self._samples = 0  # learned since the last apply
         self._learns = 0  # learns since the last apply
-        self._named_params = [
-            (f"{name}.{pname}", p)
-            for name, unit in self.units().items()
-            for pname, p in unit.named_parameters()
-        ]
-        self._kp = [
-            (layer.feedback, layer.weight)
-            for block in self.block_list
-            for _, layer in block.layer_items()
-            if layer.feedback_mode == "kp"
-        ]
+        self._named_params = named_parameters(self.units())
+        self._kp = kp_pairs(self.block_list)  # (E, W): E takes W's final update
         self.step = 0  # optimizer steps taken
         self.progress = 0.0  # training steps covered by them: the lr schedule's position
         self.stats = StageStats()
         self._probe = BackpropProbe(self.block_list) if spec.diagnose_every > 0 else None
 
-    # -- construction -------------------------------------------------------------------------
-    def _equip(self, block: Block, gen: torch.Generator, bottom: bool) -> None:
-        cfg = self.spec.rule
-        for wire in block.wires:
-            layer = block.layer(wire.layer)
-            init_weight_(layer.weight, cfg.head_init if block.head else cfg.init, cfg.init_std, gen)
-            mode = self.rule.feedback_mode(block, wire)
-            if wire.src < 0 and bottom:
-                mode = None  # would carry an error nobody reads (the data, or a broadcast stage)
-            layer.feedback_mode = mode
-            if mode is not None:
-                layer.add_feedback(trainable=mode != "fixed")
-                assert layer.feedback is not None
-                scheme = cfg.kp_init if mode == "kp" else cfg.feedback_init
-                if block.head and mode == "kp" and cfg.head_init == "zeros":
-                    scheme = "zeros"  # with W_head at zero too, E_head = gamma * W_head always
-                init_weight_(layer.feedback, scheme, cfg.init_std, gen)
-        for n, shape in enumerate(block.node_shapes):
-            mode = self.rule.skip_mode(block, n)
-            if mode is not None:
-                syn = SkipSynapse(self.spec.num_classes, shape, cfg.skip_grid)
-                scheme = cfg.kp_init if mode == "kp" else cfg.feedback_init
-                init_weight_(syn.weight, scheme, cfg.init_std, gen)
-                syn.weight.requires_grad_(mode != "fixed")
-                block.skips[str(n)] = syn
-
     def units(self) -> dict[str, nn.Module]:
         """Every learnable unit by its model-wide name: layers and skip synapses."""
-        out: dict[str, nn.Module] = {}
-        for block in self.block_list:
-            for lname, layer in block.layer_items():
-                out[f"{block.name}.{lname}"] = layer
-            for n, syn in block.skips.items():
-                out[f"{block.name}.skip{n}"] = syn
-        return out
-
-    def _trainable(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(forward parameters, error synapses) that learn."""
-        feedback: list[nn.Parameter] = []
-        for block in self.block_list:
-            feedback += [ly.feedback for _, ly in block.layer_items() if ly.feedback is not None]
-            feedback += [block.skip(int(n)).weight for n in block.skips]
-        feedback = [p for p in feedback if p.requires_grad]
-        ids = {id(p) for p in feedback}
-        forward = [p for p in self.blocks.parameters() if p.requires_grad and id(p) not in ids]
-        return forward, feedback
+        return block_units(self.block_list)
 
     # -- the three verbs ------------------------------------------------------------------------
     def forward(self, mb: Any, x: torch.Tensor) -> torch.Tensor:
@@ -208,20 +140,9 @@ class Stage:
         if self.rule.autograd:
             boundary = self._learn_autograd(cached, labels if self.is_last else None, boundary)
         else:
-            pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-            for block, cache in zip(reversed(self.block_list), reversed(cached), strict=True):
-                boundary = sweep_block(
-                    block,
-                    cache,
-                    self.rule,
-                    d_out=boundary,
-                    e_out=e_out,
-                    losses=self._losses,
-                    pairs=pairs,
-                )
-            if pairs:
-                outs, errs = zip(*pairs, strict=True)
-                torch.autograd.backward(outs, errs)
+            boundary = sweep_stage(
+                self.block_list, cached, self.rule, d_out=boundary, e_out=e_out, losses=self._losses
+            )
         self._check_finite("error", e_out)
         true_grad = self._diagnose(cached, signal)
         self.stats.micro_batches += 1
@@ -230,7 +151,7 @@ class Stage:
         if apply and self._learns >= self.spec.apply_every:
             self._apply(self._learns * self.spec.learn_fraction)
         self.stats.learn_seconds += self._end() - t0
-        send = boundary if (self.rule.chained and not self.is_first) else None
+        send = boundary if (self.chained and not self.is_first) else None
         return ErrorSignal(
             output_error=self._send(e_out),
             boundary=None if send is None else self._send(send),
@@ -323,14 +244,14 @@ class Stage:
     def state_dict(self) -> dict[str, Any]:
         """Units keyed by model-wide layer name, plus the stage's step and noise RNG."""
         return {
-            "units": stage_state(self),
+            "units": stage_state(self.units(), self.optimizer),
             "step": self.step,
             "progress": self.progress,
             "noise_rng": self._noise.get_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
-        load_stage_state(self, state["units"], strict=strict)
+        load_stage_state(self.units(), self.optimizer, state["units"], strict=strict)
         self.step = int(state.get("step", 0))
         self.progress = float(state.get("progress", self.step))
         if self.is_first and "noise_rng" in state:

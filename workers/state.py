@@ -1,26 +1,27 @@
-"""Stage state keyed by layer name: weights, synapses, BN buffers and optimizer state per unit."""
+"""Stage state keyed by layer name: weights, synapses, BN buffers and optimizer state per unit;
+and one runner state merged from its stages' states."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
 from workers.spec import StageStateError
 
-if TYPE_CHECKING:
-    from workers.stage import Stage
+Units = dict[str, nn.Module]  # a stage's learnable units by model-wide name
 
 
-def stage_state(stage: Stage) -> dict[str, dict[str, Any]]:
-    """{unit name: {"tensors": {...}, "optim": {param: state}}} for every unit the stage owns.
+def stage_state(units: Units, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
+    """{unit name: {"tensors": {...}, "optim": {param: state}}} for every unit of a stage.
 
     Units are named model-wide ("layer2.0.conv1", "layer2.0.skip1", "head.fc"), so a checkpoint
     written by K stages loads into any other partition of the same model.
     """
     out: dict[str, dict[str, Any]] = {}
-    opt_state = stage.optimizer.state
-    for name, unit in stage.units().items():
+    opt_state = optimizer.state
+    for name, unit in units.items():
         tensors = {k: v.detach().cpu().clone() for k, v in unit.state_dict().items()}
         optim = {
             pname: {
@@ -35,13 +36,17 @@ def stage_state(stage: Stage) -> dict[str, dict[str, Any]]:
 
 
 def load_stage_state(
-    stage: Stage, state: dict[str, dict[str, Any]], *, strict: bool = True
+    units: Units,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, dict[str, Any]],
+    *,
+    strict: bool = True,
 ) -> None:
-    """Load the units this stage owns from `state` (which may hold other stages' units too).
+    """Load a stage's `units` (and their `optimizer` state) from `state`, which may hold other
+    stages' units too.
 
     Everything is checked before anything is loaded: a refused state leaves the stage as it was.
     """
-    units = stage.units()
     missing = [n for n in units if n not in state]
     if missing and strict:
         raise StageStateError(
@@ -71,9 +76,19 @@ def load_stage_state(
         unit.load_state_dict(entry["tensors"])
         for pname, p in unit.named_parameters():
             if pname in entry["optim"]:
-                stage.optimizer.state[p] = {
+                optimizer.state[p] = {
                     k: (
                         v.to(p.device, p.dtype) if torch.is_tensor(v) and v.shape == p.shape else v
                     )  # moments follow the parameter; scalars such as `step` stay
                     for k, v in entry["optim"][pname].items()
                 }
+
+
+def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """One runner state from its stages' states (Stage.state_dict, stage 0 first): every
+    unit, and stage 0's step, progress and noise RNG (the input noise is drawn there)."""
+    units: dict[str, Any] = {}
+    for st in states:
+        units.update(st["units"])
+    first = states[0]
+    return {**{k: v for k, v in first.items() if k != "units"}, "units": units}

@@ -20,6 +20,29 @@ def _add(slot: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
     return value if slot is None else slot + value
 
 
+def sweep_stage(
+    blocks: list[Block],
+    caches: list[BlockCache],
+    rule: Rule,
+    *,
+    d_out: torch.Tensor | None,
+    e_out: torch.Tensor,
+    losses: dict[str, torch.Tensor],
+) -> torch.Tensor | None:
+    """Learn a stage's blocks, top first, from the displacement at its output (None at the
+    head, which starts from e_L); return the displacement at the stage input. The layers'
+    updates come from one backward over every (output, error) pair the blocks collect."""
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for block, cache in zip(reversed(blocks), reversed(caches), strict=True):
+        d_out = sweep_block(
+            block, cache, rule, d_out=d_out, e_out=e_out, losses=losses, pairs=pairs
+        )
+    if pairs:
+        outs, errs = zip(*pairs, strict=True)
+        torch.autograd.backward(outs, errs)
+    return d_out
+
+
 def sweep_block(
     block: Block,
     cache: BlockCache,

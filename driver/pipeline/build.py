@@ -9,11 +9,11 @@ from typing import Any, Protocol
 
 import ray
 import torch
+from torch.utils.data import default_collate
 
 from cluster.runtime import connect
 from driver.config import Config
 from driver.data.common import DatasetSplits
-from driver.data.load import make_loader
 from driver.pipeline.partition import Partition, plan_partition, profile, time_whole
 from driver.pipeline.stage_count import choose, cluster_cores, hop_seconds, predict, warn_if_slower
 from driver.pipeline.stream import LocalPipeline, RayPipeline
@@ -42,9 +42,15 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def base_spec(cfg: Config, splits: DatasetSplits) -> StageSpec:
-    """A spec for one stage owning the whole model; partitions cut it into stages."""
-    n = len(model_plan(cfg.model, splits.input_shape, splits.num_classes))
+def block_names(cfg: Config, splits: DatasetSplits) -> tuple[str, ...]:
+    """The model's blocks, by name, in order (the units a partition cuts between)."""
+    return tuple(name for name, _ in model_plan(cfg.model, splits.input_shape, splits.num_classes))
+
+
+def base_spec(cfg: Config, splits: DatasetSplits, n_blocks: int | None = None) -> StageSpec:
+    """A spec for one stage owning the whole model (of `n_blocks` blocks, counted here if not
+    given); partitions cut it into stages."""
+    n = len(block_names(cfg, splits)) if n_blocks is None else n_blocks
     optim = cfg.optim
     if optim.total_steps == 0:  # the schedule spans the whole run
         per_epoch = math.ceil(len(splits.train) / cfg.train.batch_size)  # type: ignore[arg-type]
@@ -89,12 +95,15 @@ def build_runner(
     cfg: Config, splits: DatasetSplits, bounds: tuple[int, ...] | None = None
 ) -> tuple[Runner, Partition]:
     """The runner for `cfg`; `bounds` reuses a partition already chosen (no profiling)."""
-    base = base_spec(cfg, splits)
+    names = block_names(cfg, splits)  # the model plan, built once here for the driver
+    base = base_spec(cfg, splits, len(names))
     pc = cfg.pipeline
     if bounds is not None:
-        part = plan_partition(base, len(bounds) - 1, tuple(bounds[1:-1]), None, pc.profile_steps)
+        part = plan_partition(
+            base, len(bounds) - 1, tuple(bounds[1:-1]), None, pc.profile_steps, names=names
+        )
     else:
-        part = _plan(cfg, base, splits)
+        part = _plan(cfg, base, names, splits)
         cfg = replace(cfg, pipeline=replace(pc, stages=len(part.bounds) - 1))
         pc = cfg.pipeline
     specs = stage_specs(base, list(part.bounds))
@@ -111,19 +120,24 @@ def build_runner(
     return LocalRunner(specs), part
 
 
-def _plan(cfg: Config, base: StageSpec, splits: DatasetSplits) -> Partition:
+def profile_sample(cfg: Config, splits: DatasetSplits) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch to profile on: the first training items (as many as a micro-batch of
+    a step holds)."""
+    batch = min(cfg.train.batch_size, len(splits.train))  # type: ignore[arg-type]
+    mb = max(1, batch // cfg.pipeline.micro_batches)
+    x, y = default_collate([splits.train[i] for i in range(mb)])
+    return x, y
+
+
+def _plan(cfg: Config, base: StageSpec, names: tuple[str, ...], splits: DatasetSplits) -> Partition:
     """The partition: explicit boundaries, or the balanced cut of profiled blocks into the K
     asked for, or, with pipeline.stages = "auto", into the K predicted fastest (K = 1, one
     process, included). A K predicted slower than one process gets a warning."""
     pc = cfg.pipeline
     k = pc.stages
     if k == 1 or pc.boundaries:
-        return plan_partition(base, int(k), pc.boundaries, None, pc.profile_steps)
-    x, y = next(
-        iter(make_loader(splits.train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed))
-    )
-    mb = max(1, len(y) // pc.micro_batches)
-    sample = (x[:mb], y[:mb])
+        return plan_partition(base, int(k), pc.boundaries, None, pc.profile_steps, names=names)
+    sample = profile_sample(cfg, splits)  # every profile below times this one micro-batch
     driver_side = base if torch.cuda.is_available() else replace(base, device="cpu")
     driver_side = replace(driver_side, diagnose_every=0)  # time the training, not the probe
     whole = driver_side
@@ -155,4 +169,4 @@ def _plan(cfg: Config, base: StageSpec, splits: DatasetSplits) -> Partition:
             warn_if_slower(preds[int(k)], preds[1])
     elif k == "auto":
         raise ValueError('pipeline.stages: "auto" needs the Ray backend (pipeline.backend)')
-    return plan_partition(driver_side, int(k), (), None, pc.profile_steps, costs=costs)
+    return plan_partition(driver_side, int(k), (), None, pc.profile_steps, costs=costs, names=names)

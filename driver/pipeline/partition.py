@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from workers.chain import stage_specs
-from workers.models import model_plan
+from workers.chain import learns_chained, stage_specs, train_chain
 from workers.rules import ErrorSignal
 from workers.spec import StageSpec
 from workers.stage import Stage
@@ -80,12 +81,19 @@ def profile(
     base: StageSpec, x: torch.Tensor, y: torch.Tensor, steps: int
 ) -> tuple[list[float], list[torch.Tensor]]:
     """profile_blocks' costs, and each block's output for the micro-batch (what a cut after
-    that block would send to the next stage)."""
-    n = len(model_plan(base.model, base.input_shape, base.num_classes))
+    that block would send to the next stage). `base` owns the whole model."""
     saved = torch.get_num_threads()  # time blocks with the threads a stage will have
-    stages = [Stage(s) for s in stage_specs(base, list(range(n + 1)))]
+    sync = torch.cuda.synchronize if base.device.startswith("cuda") else (lambda: None)
     try:
-        return _time_blocks(stages, base, x, y, steps)
+        specs = stage_specs(base, list(range(base.blocks[1] + 1)))
+        blocks = [_Clocked(Stage(s), sync) for s in specs]
+        outs: list[torch.Tensor] = []
+        for rep in range(steps + 1):  # the first pass warms up allocators and is not counted
+            if rep == 1:
+                for block in blocks:
+                    block.seconds = 0.0
+            outs = train_chain(blocks, rep, x, y, chained=learns_chained(base))
+        return [b.seconds / steps for b in blocks], outs
     finally:
         torch.set_num_threads(saved)
 
@@ -97,33 +105,29 @@ def time_whole(base: StageSpec, x: torch.Tensor, y: torch.Tensor, steps: int) ->
     for rep in range(steps + 1):
         if rep == 1:
             t0 = time.perf_counter()
-        stage.forward(rep, x)
-        stage.learn(rep, ErrorSignal(labels=y))
+        train_chain([stage], rep, x, y, chained=learns_chained(base))
     return (time.perf_counter() - t0) / steps
 
 
-def _time_blocks(
-    stages: list[Stage], base: StageSpec, x: torch.Tensor, y: torch.Tensor, steps: int
-) -> tuple[list[float], list[torch.Tensor]]:
-    n = len(stages)
-    costs = [0.0] * n
-    sync = torch.cuda.synchronize if base.device.startswith("cuda") else (lambda: None)
-    for rep in range(steps + 1):  # the first pass warms up allocators and is not counted
-        acts, spent = [x], []
-        for st in stages:
-            t0 = time.perf_counter()
-            acts.append(st.forward(rep, acts[-1]))
-            sync()
-            spent.append(time.perf_counter() - t0)
-        signal = ErrorSignal(labels=y)
-        for i in reversed(range(n)):
-            t0 = time.perf_counter()
-            out = stages[i].learn(rep, signal)
-            sync()
-            if rep:
-                costs[i] += spent[i] + time.perf_counter() - t0
-            signal = ErrorSignal(output_error=out.output_error, boundary=out.boundary)
-    return [c / steps for c in costs], acts[1:]
+class _Clocked:
+    """A stage whose forward and learn add their seconds (device work included) to `seconds`."""
+
+    def __init__(self, stage: Stage, sync: Callable[[], None]) -> None:
+        self.stage, self.sync, self.seconds = stage, sync, 0.0
+
+    def forward(self, mb: Any, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.stage.forward(mb, x)
+        self.sync()
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def learn(self, mb: Any, signal: ErrorSignal, *, apply: bool = False) -> ErrorSignal:
+        t0 = time.perf_counter()
+        out = self.stage.learn(mb, signal, apply=apply)
+        self.sync()
+        self.seconds += time.perf_counter() - t0
+        return out
 
 
 def plan_partition(
@@ -133,12 +137,15 @@ def plan_partition(
     sample: tuple[torch.Tensor, torch.Tensor] | None,
     steps: int,
     costs: list[float] | None = None,
+    *,
+    names: tuple[str, ...],
 ) -> Partition:
     """Explicit `boundaries` if given, else the balanced cut of block costs (`costs` as
-    profiled already, or profiled here on `sample`)."""
-    plan = model_plan(base.model, base.input_shape, base.num_classes)
-    names = tuple(name for name, _ in plan)
-    n = len(plan)
+    profiled already, or profiled here on `sample`). `base` owns the whole model, whose blocks
+    are `names`."""
+    n = len(names)
+    if base.blocks != (0, n):
+        raise ValueError(f"plan_partition: {n} block names for a base spec of {base.blocks}")
     if boundaries:
         bounds = (0, *boundaries, n)
         stage_specs(base, list(bounds))  # validates

@@ -46,6 +46,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from workers.chain import signal_source
+
 FORWARD, LEARN, APPLY = "F", "L", "A"
 
 
@@ -83,7 +85,7 @@ def dependencies(op: Op, stages: int, *, chained: bool) -> list[Op]:
     if op.kind == FORWARD and op.stage > 0:
         return [Op(FORWARD, op.stage - 1, op.mb)]
     if op.kind == LEARN and op.stage < stages - 1:
-        return [Op(LEARN, op.stage + 1 if chained else stages - 1, op.mb)]
+        return [Op(LEARN, signal_source(op.stage, stages, chained), op.mb)]
     return []
 
 

@@ -12,8 +12,10 @@ import torch
 from driver.pipeline.config import PipelineConfig
 from driver.pipeline.schedule import APPLY, FORWARD, LEARN, Op, Stream
 from driver.pipeline.stages import LocalStages, RayStages, Stages
-from workers.rules import ErrorSignal, make_rule
+from workers.chain import learns_chained, signal_source
+from workers.rules import ErrorSignal
 from workers.spec import StageSpec, StageStats
+from workers.state import merge_states
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,7 @@ class StreamPipeline:
             return out
         if s == self.k - 1:
             return self._last_learn.pop(m)
-        signal = self._refs[Op(LEARN, s + 1 if self.chained else self.k - 1, m)]
+        signal = self._refs[Op(LEARN, signal_source(s, self.k, self.chained), m)]
         return st.learn(s, m, signal, apply=not self.sync)
 
     def _retire(self, mb: int) -> None:
@@ -203,15 +205,6 @@ class StreamPipeline:
         self.stages.shutdown()
 
 
-def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
-    """One runner state from its stages' states: every unit, and stage 0's step and RNG."""
-    units: dict[str, Any] = {}
-    for st in states:
-        units.update(st["units"])
-    first = states[0]
-    return {**{k: v for k, v in first.items() if k != "units"}, "units": units}
-
-
 class RayPipeline(StreamPipeline):
     """K Stage actors, one per placement-group bundle, passing activations and errors actor to
     actor as object references."""
@@ -221,7 +214,7 @@ class RayPipeline(StreamPipeline):
     ) -> None:
         """`fixed_size`: True when the cluster cannot grow (a local Ray the run started), so a
         placement that can never fit fails at once; None asks the cluster."""
-        chained = make_rule(specs[0].rule).chained or specs[0].diagnose_every > 0
+        chained = learns_chained(specs[0])
         cuda = specs[0].device.startswith("cuda")
         gpus = cfg.gpus_per_stage if cfg.gpus_per_stage >= 0 else (1.0 if cuda else 0.0)
         threads = cfg.threads_per_stage or max(1, int(cfg.cpus_per_stage))
@@ -259,5 +252,5 @@ class LocalPipeline(StreamPipeline):
     """The same stream in this process: K stages called in submission order (no Ray)."""
 
     def __init__(self, specs: list[StageSpec], cfg: PipelineConfig) -> None:
-        chained = make_rule(specs[0].rule).chained or specs[0].diagnose_every > 0
+        chained = learns_chained(specs[0])
         super().__init__(LocalStages(pipeline_specs(specs, cfg)), cfg, chained=chained)

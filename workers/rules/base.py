@@ -117,13 +117,19 @@ class Rule:
 
     name: ClassVar[str] = ""
     autograd: ClassVar[bool] = False  # True: stage-local autograd with a boundary gradient
-    chained: ClassVar[bool] = True  # True: a stage's learn needs the boundary from the stage above
 
     def __init__(self, cfg: RuleConfig) -> None:
         self.cfg = cfg
         # the top block of the stage this rule instance serves, when a stage above it exists
         # (set by the Stage; the `stage` topology feeds that block's output from e_L)
         self.stage_top: str | None = None
+
+    @classmethod
+    def is_chained(cls, cfg: RuleConfig) -> bool:
+        """Whether a stage's learn needs the boundary from the stage above (False: every stage
+        learns from the output error alone). A class method: the config answers it, so the
+        pipeline need not build a rule to know how signals flow."""
+        return True
 
     def feedback_mode(self, block: Block, wire: Wire) -> str | None:
         """How the layer's error synapse E learns ("kp", "local", "fixed"); None: no synapse."""
@@ -163,3 +169,8 @@ def register(cls: type[Rule]) -> type[Rule]:
 
 def make_rule(cfg: RuleConfig) -> Rule:
     return RULES[cfg.name](cfg)
+
+
+def rule_chained(cfg: RuleConfig) -> bool:
+    """Rule.is_chained of the rule `cfg` names, without building it."""
+    return RULES[cfg.name].is_chained(cfg)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import torch
 
 from workers.blocks import Block
-from workers.rules.base import Rule, register
+from workers.rules.base import Rule, RuleConfig, register
 
 
 @register
 class DFA(Rule):
     name = "dfa"
-    chained = False
+
+    @classmethod
+    def is_chained(cls, cfg: RuleConfig) -> bool:
+        return False  # the output error reaches every node directly
 
     def skip_mode(self, block: Block, node: int) -> str | None:
         return None if block.head else "fixed"

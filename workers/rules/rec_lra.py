@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from workers.blocks import Block, Wire
-from workers.rules.base import Rule, register
+from workers.rules.base import Rule, RuleConfig, register
 
 
 @register
@@ -15,9 +15,9 @@ class RecLRA(Rule):
 
     name = "rec_lra"
 
-    @property
-    def chained(self) -> bool:  # type: ignore[override]
-        return self.cfg.topology not in ("skip", "stage")
+    @classmethod
+    def is_chained(cls, cfg: RuleConfig) -> bool:
+        return cfg.topology not in ("skip", "stage")  # these feed each stage's top from e_L
 
     def _skip_fed(self, block: Block, node: int) -> bool:
         if block.head or node != block.out_node:
