@@ -28,7 +28,7 @@ from bench.accuracy_runs import run_all, select
 from driver.config import Config, config_to_dict, load_config, with_rule
 from driver.data.common import DataError
 from driver.data.load import load_dataset, make_loader
-from driver.run.train import base_spec
+from driver.pipeline.build import base_spec
 from workers.chain import LocalRunner
 from workers.rules.recipes import recipe
 

@@ -29,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--quiet", action="store_true", help="no progress bars (for jobs and logs)")
     t.add_argument(
+        "--progress",
+        action="store_true",
+        help="progress bars even when stderr is not a terminal (default: bars on a terminal, "
+        "else a log line every train.log_every steps)",
+    )
+    t.add_argument(
         "--resume",
         metavar="PATH",
         help="continue from a checkpoint file, or a run's checkpoint directory "
@@ -86,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train" and args.resume:
             from driver.run.train import train
 
-            run = train(cfg, quiet=args.quiet, resume=args.resume)
+            run = train(cfg, quiet=args.quiet, progress=args.progress, resume=args.resume)
             print(
                 f"{run.rule}: test acc {run.test_acc:.4f} after {run.steps} steps; "
                 f"curves: {cfg.train.out_dir}/{run.rule}/metrics.json"
@@ -96,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             from driver.run.compare import compare_rules, format_table
 
-            runs = compare_rules(cfg, quiet=args.quiet)
+            runs = compare_rules(cfg, quiet=args.quiet, progress=args.progress)
             print(format_table(runs))
             print(f"curves: {cfg.train.out_dir}/<rule>/metrics.json")
     except (ConfigError, DataError, ValueError) as exc:

@@ -32,7 +32,10 @@ class TrainConfig:
     seed: int = 0
     dtype: str = "float32"
     device: str = "cpu"  # cpu | cuda | auto
-    threads: int = 0  # torch threads per process; 0 keeps torch's default
+    # torch threads of the driver process while the run trains (and of the stages it runs
+    # in-process: one stage, or pipeline.backend = "local"), restored after; 0 keeps torch's
+    # setting. Ray stages take theirs from pipeline.threads_per_stage
+    threads: int = 0
     out_dir: str = "runs/default"
     log_every: int = 50  # steps between log summaries
     max_steps: int = 0  # stop after this many steps (0: run all epochs)

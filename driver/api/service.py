@@ -18,8 +18,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from driver.api import reclra_pb2 as _pb
 from driver.api.metrics import Metrics
 from driver.api.service_config import ServiceConfig
-from driver.config import ConfigError, parse_config
-from driver.run.controller import Controller, RunState
+from driver.config import Config, ConfigError, parse_config
+from driver.run.callbacks import Callback, RunState, RunView
+from driver.run.controller import Controller, RunFailed
+from driver.run.progress import Progress
 
 log = logging.getLogger(__name__)
 SERVICE = "reclra.v1.Training"
@@ -35,26 +37,29 @@ TERMINAL_STATES = {s.value for s in (RunState.SUCCEEDED, RunState.FAILED, RunSta
 pb: Any = _pb  # generated messages carry no static types
 
 
-class RunHandle:
-    """One run: its controller stepping in a thread, and a version counter watchers wait on."""
+class RunHandle(Callback):
+    """One run: its controller stepping in a thread, and a version counter watchers wait on
+    (bumped by the controller's every transition: this handle is one of its callbacks)."""
 
-    def __init__(self, run_id: str, ctl: Controller) -> None:
-        self.run_id, self.ctl = run_id, ctl
+    def __init__(self, run_id: str, cfg: Config, out: Path, metrics: Metrics | None) -> None:
+        self.run_id = run_id
         self.version = 0
         self.cond = threading.Condition()
+        self.ctl = Controller(
+            cfg, out_dir=out, metrics=metrics, run_id=run_id, callbacks=[Progress(), self]
+        )
         self.thread = threading.Thread(target=self._drive, name=f"run-{run_id}", daemon=True)
+
+    def after_transition(self, ctl: RunView, previous: RunState, current: RunState) -> None:
+        self._bump()
 
     def _drive(self) -> None:
         try:
-            while not self.ctl.done:
-                self.ctl.step()
-                self._bump()
-        except Exception as exc:  # noqa: BLE001 - a crash is a failed run, reported to clients
-            log.exception("run %s crashed", self.run_id)
-            self.ctl.error = f"{type(exc).__name__}: {exc}"
-            self.ctl.state = RunState.FAILED
-            self.ctl._close()  # noqa: SLF001 - the controller's own teardown
-        self._bump()
+            self.ctl.run_to_end()
+        except RunFailed:
+            pass  # the controller logged it; GetRun and WatchRun report its state and error
+        finally:
+            self._bump()
 
     def _bump(self) -> None:
         with self.cond:
@@ -100,8 +105,7 @@ class Runs:
                 raise ConfigError(f"run_id {run_id!r} exists; pick another or leave it empty")
             out = Path(self.cfg.runs_dir) / run_id
             cfg = replace(cfg, train=replace(cfg.train, compare=()))
-            ctl = Controller(cfg, out_dir=out, metrics=self.metrics, run_id=run_id)
-            handle = self.runs[run_id] = RunHandle(run_id, ctl)
+            handle = self.runs[run_id] = RunHandle(run_id, cfg, out, self.metrics)
         handle.thread.start()
         return handle
 

@@ -120,3 +120,17 @@ def check_compatible(state: dict[str, Any], config: dict[str, Any], path: str | 
                 f"({', '.join(f'{section}.{k}' for k in keys)}); resume with "
                 "the config that wrote it"
             )
+
+
+def run_state(
+    config: dict[str, Any], runner_state: dict[str, Any], position: dict[str, int], runlog: Any
+) -> dict[str, Any]:
+    """What a checkpoint holds of a run: its config, the runner's state, where training stands,
+    the curves so far and the torch RNG (a resume continues augmentation exactly)."""
+    return {
+        "config": config,
+        "runner": runner_state,
+        "position": position,
+        "runlog": {"epochs": runlog.epochs, "steps": runlog.steps},
+        "torch_rng": torch.get_rng_state(),
+    }

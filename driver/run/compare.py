@@ -7,7 +7,8 @@ from pathlib import Path
 
 from driver.config import Config, with_rule
 from driver.data.load import load_dataset
-from driver.run.train import RunLog, train
+from driver.run.run_log import RunLog
+from driver.run.train import train
 
 
 def epochs_to(run: RunLog, target: float) -> int | None:
@@ -15,11 +16,11 @@ def epochs_to(run: RunLog, target: float) -> int | None:
     return next((int(e["epoch"]) for e in run.epochs if e["val_acc"] >= target), None)
 
 
-def compare_rules(cfg: Config, *, quiet: bool = False) -> list[RunLog]:
+def compare_rules(cfg: Config, *, quiet: bool = False, progress: bool = False) -> list[RunLog]:
     """Train cfg.rule, then every rule in cfg.train.compare, on the same splits."""
     splits = load_dataset(cfg.data)
     names = [cfg.rule.name] + [n for n in cfg.train.compare if n != cfg.rule.name]
-    runs = [train(with_rule(cfg, n), quiet=quiet, splits=splits) for n in names]
+    runs = [train(with_rule(cfg, n), quiet=quiet, progress=progress, splits=splits) for n in names]
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary(runs), indent=1))

@@ -45,7 +45,6 @@ class StatsBook:
 
     def __init__(self) -> None:
         self.stages: dict[int, StageTotals] = {}
-        self.latest: dict[int, StageStats] = {}
 
     def add(self, reports: list[tuple[int, StageStats]]) -> None:
         for stage, st in reports:
@@ -62,7 +61,6 @@ class StatsBook:
             t.update_norm.update(st.update_norm)
             t.synapse_angle.update(st.synapse_angle)
             t.backprop_cosine.update(st.backprop_cosine)  # {} between probes: keeps the last
-            self.latest[stage] = st
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {str(s): t.summary() for s, t in sorted(self.stages.items())}

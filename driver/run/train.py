@@ -8,11 +8,9 @@ from pathlib import Path
 from driver.api.metrics import Metrics, MetricsServer
 from driver.config import Config
 from driver.data.common import DatasetSplits
-from driver.pipeline.build import base_spec
 from driver.run.controller import Controller
-from driver.run.run_log import RunLog, evaluate
-
-__all__ = ["RunLog", "base_spec", "evaluate", "train"]
+from driver.run.progress import Progress, bar_wanted
+from driver.run.run_log import RunLog
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +19,7 @@ def train(
     cfg: Config,
     *,
     quiet: bool = False,
+    progress: bool = False,
     out_dir: Path | None = None,
     splits: DatasetSplits | None = None,
     track_test: bool = False,
@@ -28,25 +27,26 @@ def train(
 ) -> RunLog:
     """Train `cfg.rule` on `cfg.model` and `cfg.data`; return (and write) its curves.
 
-    `track_test` also records test accuracy after every epoch (benchmarks measure convergence
-    with it; model selection only ever looks at validation). `resume` continues from a
-    checkpoint file (or a run's checkpoint directory) at its exact step and data position.
-    Raises RunFailed when the run ends failed."""
+    Progress shows as a bar when stderr is a terminal or `progress` asks for one, else as a log
+    line every train.log_every steps; `quiet` never shows a bar. `track_test` also records test
+    accuracy after every epoch (benchmarks measure convergence with it; model selection only
+    ever looks at validation). `resume` continues from a checkpoint file (or a run's checkpoint
+    directory) at its exact step and data position. Raises RunFailed when the run ends failed."""
     metrics = server = None
     if cfg.metrics.enabled:
         metrics = Metrics()
         server = MetricsServer(metrics, cfg.metrics.addr, cfg.metrics.port)
         log.info("metrics at %s", server.url)
-    ctl = Controller(
-        cfg,
-        quiet=quiet,
-        out_dir=out_dir,
-        splits=splits,
-        resume=resume,
-        track_test=track_test,
-        metrics=metrics,
-    )
     try:
+        ctl = Controller(
+            cfg,
+            out_dir=out_dir,
+            splits=splits,
+            resume=resume,
+            track_test=track_test,
+            metrics=metrics,
+            callbacks=[Progress(bar=not quiet and bar_wanted(progress))],
+        )
         return ctl.run_to_end()
     finally:
         if server is not None:
