@@ -22,7 +22,9 @@ class ActorGroup:
     """`len(args)` actors of `cls`, actor i on bundle i of one placement group.
 
     Ray never restarts or retries them (a retried call could run out of order); failures
-    surface as ActorError subclasses naming the actor's role and index.
+    surface as ActorError subclasses naming the actor's role and index. `cls` defines
+    `ping() -> bool`, the liveness probe, which the group calls on a "control" thread of its
+    own so that it answers while the actor's other calls run.
     """
 
     def __init__(
@@ -45,6 +47,8 @@ class ActorGroup:
         setting for that deadline) and `role` (what the caller calls one actor: "stage") name
         them in errors; `actor_options` go to ray.remote (a runtime_env,
         enable_tensor_transport)."""
+        if not callable(getattr(cls, "ping", None)):
+            raise TypeError(f"{cls.__name__}: an ActorGroup's actors define ping() -> bool")
         self.role = role
         many = f"{role}s"
         bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})} for _ in args]
@@ -143,10 +147,7 @@ class ActorGroup:
         """Actors among `indices` that do not answer a probe: hung, not merely waiting for an
         upstream stage (a waiting or computing actor still answers on its control thread)."""
         probes = {
-            i: self.actors[i]
-            .__ray_call__.options(concurrency_group="control")
-            .remote(lambda actor: True)
-            for i in indices
+            i: self.actors[i].ping.options(concurrency_group="control").remote() for i in indices
         }
         ready, _ = ray.wait(list(probes.values()), num_returns=len(probes), timeout=timeout_s)
         answered = set(ready)

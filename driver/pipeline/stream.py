@@ -80,6 +80,9 @@ class StreamPipeline:
                 self._retire(op.mb)
 
     def _submit(self, op: Op) -> Any:
+        """Call `op` on its stage with its arguments: futures of the ops it depends on. This is
+        workers.chain's forward and learn chain taken apart into ops, so that stages overlap:
+        the top learns from the labels, a stage below from its signal_source's learn."""
         s, m, st = op.stage, op.mb, self.stages
         if op.kind == APPLY:
             return st.apply(s)
