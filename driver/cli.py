@@ -108,7 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ValueError) as exc:
         print(f"reclra: error: {exc}", file=sys.stderr)
         return 2
-    except (RunFailed, ClusterError) as exc:  # the run started and failed: say why, in a line
+    except RunFailed as exc:
+        if isinstance(exc.__cause__, ValueError):  # a config or data the run could not use
+            print(f"reclra: error: {exc.__cause__}", file=sys.stderr)
+            return 2
+        print(f"reclra: run failed: {exc}", file=sys.stderr)
+        return 1
+    except ClusterError as exc:  # the run started and failed: say why, in a line
         print(f"reclra: run failed: {exc}", file=sys.stderr)
         return 1
     return 0

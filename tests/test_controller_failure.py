@@ -4,6 +4,9 @@ run log and the service all see it, and the runner is closed."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +21,7 @@ from driver.api.service import Client, Service, messages
 from driver.api.service_config import ServiceConfig
 from driver.config import load_config
 from driver.data.load import load_dataset
+from driver.run.callbacks import Callback
 from driver.run.controller import Controller, RunFailed, RunState
 
 # parses (the block count is known only once the model is built), then fails in `starting`
@@ -119,3 +123,50 @@ def test_train_threads_apply_while_the_run_trains_and_are_restored(tmp_path):
             during.append(torch.get_num_threads())
     assert ctl.state is RunState.SUCCEEDED and during and set(during) == {3}
     assert torch.get_num_threads() == before != 3
+
+
+def test_the_cli_reports_a_config_the_run_could_not_use_in_one_line(tmp_path):
+    """A failed run whose cause is a bad config or data value exits 2 with `reclra: error:`,
+    as before the run existed (the run's own failures exit 1)."""
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run(
+        [
+            *(sys.executable, "-m", "driver.cli", "train", "--quiet"),
+            *("--set", "model.width=4", "--set", "train.compare=[]"),
+            *("--set", "pipeline.stages=2", "--set", 'pipeline.backend="local"'),
+            *("--set", "pipeline.boundaries=[9]"),
+            *("--set", f"train.out_dir={json.dumps(str(tmp_path / 'runs'))}"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root)},  # this checkout's driver
+        timeout=300,
+    )
+    assert p.returncode == 2, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("reclra: error: pipeline.boundaries"), p.stderr
+
+
+class _Broken(Callback):
+    """An observer with a bug: it raises on entering `running`."""
+
+    def after_transition(self, ctl, previous, current) -> None:
+        if current is RunState.RUNNING:
+            raise KeyError("oops")
+
+
+def test_a_callback_that_raises_fails_the_run_and_the_others_see_it(tmp_path):
+    digits = load_dataset(load_config().data)
+    cfg = load_config(None, ["model.width=4", "train.epochs=1", "train.compare=[]"])
+    seen: list[tuple[RunState, RunState]] = []
+
+    class Watch(Callback):
+        def after_transition(self, ctl, previous, current) -> None:
+            seen.append((previous, current))
+
+    ctl = Controller(cfg, out_dir=tmp_path, splits=digits, callbacks=[_Broken(), Watch()])
+    with pytest.raises(RunFailed, match="KeyError: 'oops'"):
+        ctl.run_to_end()
+    assert ctl.runner is None and seen[-1] == (RunState.RUNNING, RunState.FAILED)
+    assert json.loads((tmp_path / "rec_lra" / "metrics.json").read_text())["error"] == ctl.error

@@ -64,7 +64,8 @@ class RunView(Protocol):
 
 class Callback:
     """Hooks a controller calls; each is a no-op here, so a callback overrides what it needs.
-    A hook that raises while the run steps fails the run like any other error."""
+    A hook that raises fails the run like any other error (entering a terminal state, where
+    the run has ended, its error propagates from step())."""
 
     def after_transition(self, ctl: RunView, previous: RunState, current: RunState) -> None:
         """After every step (running -> running is one batch or one evaluation). Entering a

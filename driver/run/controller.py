@@ -128,12 +128,20 @@ class Controller(TrainingWork):
                 new = self._lost_actors(exc)
         except Exception as exc:  # every other error, expected or not, fails the run
             new = self._fail(exc)
+        self._enter(previous, new)
+        return self.state
+
+    def _enter(self, previous: RunState, new: RunState) -> None:
         if new in TERMINAL:
             self._close_quietly()
         self.state = new
-        for cb in self.callbacks:
-            cb.after_transition(self, previous, new)
-        return new
+        try:
+            for cb in self.callbacks:
+                cb.after_transition(self, previous, new)
+        except Exception as exc:
+            if new in TERMINAL:
+                raise  # the run has ended; nothing is left to fail
+            self._enter(new, self._fail(exc))
 
     def _work(self, state: RunState) -> RunState:
         return {
@@ -236,10 +244,10 @@ class Controller(TrainingWork):
         return RunState.RECOVERING
 
     def _fail(self, exc: BaseException, message: str | None = None) -> RunState:
-        told, expected = failure_message(exc)
+        told, traceback = failure_message(exc)
         message = message or told
         self.error, self._cause = message, exc
-        log.error("run %s failed: %s", self.run_id, message, exc_info=None if expected else exc)
+        log.error("run %s failed: %s", self.run_id, message, exc_info=exc if traceback else None)
         for cb in self.callbacks:
             cb.on_failure(self, exc)
         return RunState.FAILED

@@ -3,13 +3,13 @@ line, and the unexpected (a bug: its type in the message, its traceback in the l
 
 from __future__ import annotations
 
-from cluster.errors import ActorDied, ActorError, ActorTimeout, PlacementError
+from cluster.errors import ActorDied, ActorError, ActorTimeout, ClusterError, PlacementError
 from driver.data.common import DataError
 from driver.run.checkpoint import CheckpointError
 from workers.spec import NonFiniteError
 
 RECOVERABLE = (ActorDied, ActorTimeout, PlacementError)
-EXPECTED = (ActorError, PlacementError, NonFiniteError, CheckpointError, DataError)
+EXPECTED = (ActorError, ClusterError, NonFiniteError, CheckpointError, DataError)
 
 
 class RunFailed(RuntimeError):
@@ -17,7 +17,8 @@ class RunFailed(RuntimeError):
 
 
 def failure_message(exc: BaseException) -> tuple[str, bool]:
-    """(the one-line message, whether the error was expected)."""
+    """(the one-line message, whether its traceback belongs in the log: not for the expected,
+    nor for a ValueError, whose message names the key or value to fix)."""
     if isinstance(exc, EXPECTED):
-        return str(exc), True
-    return f"{type(exc).__name__}: {exc}", False
+        return str(exc), False
+    return f"{type(exc).__name__}: {exc}", not isinstance(exc, ValueError)
