@@ -106,9 +106,10 @@ def readme_layout(text: str) -> set[str]:
     listed: set[str] = set()
     stack: list[str] = []
     for line in block.splitlines():
-        if not line.strip() or not re.match(r"^ *[\w.]+/?(\s|$)", line):
-            continue  # a continuation of the line above
-        depth = (len(line) - len(line.lstrip())) // 2
+        indent = len(line) - len(line.lstrip())
+        if not line.strip() or indent % 2 or indent > 2 * len(stack):
+            continue  # a continuation of the line above (deeper than any entry could be)
+        depth = indent // 2
         name = line.split()[0]
         stack = stack[:depth]
         path = "/".join([*stack, name.rstrip("/")])
