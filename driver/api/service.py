@@ -4,24 +4,19 @@ from __future__ import annotations
 
 import hmac
 import logging
-import threading
 import time
-import uuid
 from concurrent import futures
-from dataclasses import replace
-from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from driver.api import reclra_pb2 as _pb
 from driver.api.metrics import Metrics
+from driver.api.runs import Closing, QueueFull, RunExists, RunHandle, Runs, UnknownRun
 from driver.api.service_config import ServiceConfig
-from driver.config import Config, ConfigError, parse_config
-from driver.run.callbacks import Callback, RunState, RunView
-from driver.run.controller import Controller, RunFailed
-from driver.run.progress import Progress
+from driver.config import ConfigError
+from driver.run.callbacks import RunState
 
 log = logging.getLogger(__name__)
 SERVICE = "reclra.v1.Training"
@@ -33,88 +28,25 @@ METHODS = {
     "StopRun": ("StopRunRequest", "Run", False),
     "WatchRun": ("WatchRunRequest", "RunEvent", True),
 }
+REFUSALS = (UnknownRun, QueueFull, Closing, ValueError)
 TERMINAL_STATES = {s.value for s in (RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED)}
 pb: Any = _pb  # generated messages carry no static types
 
 
-class RunHandle(Callback):
-    """One run: its controller stepping in a thread, and a version counter watchers wait on
-    (bumped by the controller's every transition: this handle is one of its callbacks)."""
-
-    def __init__(self, run_id: str, cfg: Config, out: Path, metrics: Metrics | None) -> None:
-        self.run_id = run_id
-        self.version = 0
-        self.cond = threading.Condition()
-        self.ctl = Controller(
-            cfg, out_dir=out, metrics=metrics, run_id=run_id, callbacks=[Progress(), self]
-        )
-        self.thread = threading.Thread(target=self._drive, name=f"run-{run_id}", daemon=True)
-
-    def after_transition(self, ctl: RunView, previous: RunState, current: RunState) -> None:
-        self._bump()
-
-    def _drive(self) -> None:
-        try:
-            self.ctl.run_to_end()
-        except RunFailed:
-            pass  # the controller logged it; GetRun and WatchRun report its state and error
-        finally:
-            self._bump()
-
-    def _bump(self) -> None:
-        with self.cond:
-            self.version += 1
-            self.cond.notify_all()
-
-    def snapshot(self) -> Any:
-        c = self.ctl
-        last = c.run.epochs[-1] if c.run.epochs else {}
-        per_epoch = 0
-        if c.splits is not None:
-            per_epoch = -(-len(c.splits.train) // c.cfg.train.batch_size)  # type: ignore[arg-type]
-        total = c.cfg.train.epochs * per_epoch
-        if c.cfg.train.max_steps:
-            total = min(total, c.cfg.train.max_steps) if total else c.cfg.train.max_steps
-        return pb.Run(
-            run_id=self.run_id,
-            state=c.state.value,
-            step=c.run.steps,
-            total_steps=total,
-            epoch=c.pos.epoch,
-            val_acc=last.get("val_acc", 0.0),
-            test_acc=c.run.test_acc or 0.0,
-            restarts=c.restarts,
-            error=c.error or "",
-            out_dir=str(c.out),
-        )
+# the registry's refusals, as status codes (first match wins: the ValueErrors come last)
+ERRORS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (UnknownRun, grpc.StatusCode.NOT_FOUND),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Closing, grpc.StatusCode.UNAVAILABLE),
+    (RunExists, grpc.StatusCode.ALREADY_EXISTS),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # RunRefused, ConfigError
+)
 
 
-class Runs:
-    """The runs this service started."""
-
-    def __init__(self, cfg: ServiceConfig, metrics: Metrics | None) -> None:
-        self.cfg, self.metrics = cfg, metrics
-        self.lock = threading.Lock()
-        self.runs: dict[str, RunHandle] = {}
-
-    def start(self, text: str, overrides: list[str], run_id: str) -> RunHandle:
-        cfg = parse_config(text, overrides, source="the request's config_toml")
-        run_id = run_id or uuid.uuid4().hex[:12]
-        with self.lock:
-            if run_id in self.runs:
-                raise ConfigError(f"run_id {run_id!r} exists; pick another or leave it empty")
-            out = Path(self.cfg.runs_dir) / run_id
-            cfg = replace(cfg, train=replace(cfg.train, compare=()))
-            handle = self.runs[run_id] = RunHandle(run_id, cfg, out, self.metrics)
-        handle.thread.start()
-        return handle
-
-    def get(self, run_id: str, context: grpc.ServicerContext) -> RunHandle:
-        with self.lock:
-            handle = self.runs.get(run_id)
-        if handle is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no run {run_id!r}; ListRuns shows them")
-        return handle  # type: ignore[return-value]
+def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
+    code = next(code for kind, code in ERRORS if isinstance(exc, kind))
+    context.abort(code, str(exc))
+    raise AssertionError("unreachable: abort raises")
 
 
 class Servicer:
@@ -124,25 +56,31 @@ class Servicer:
     def StartRun(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         try:
             handle = self.runs.start(request.config_toml, list(request.overrides), request.run_id)
-        except (ConfigError, ValueError) as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        return handle.snapshot()
+        except REFUSALS as exc:
+            _abort(context, exc)
+        return pb.Run(**handle.fields())
+
+    def _get(self, run_id: str, context: grpc.ServicerContext) -> RunHandle:
+        try:
+            return self.runs.get(run_id)
+        except REFUSALS as exc:
+            _abort(context, exc)
 
     def GetRun(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        return self.runs.get(request.run_id, context).snapshot()
+        return pb.Run(**self._get(request.run_id, context).fields())
 
     def ListRuns(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        with self.runs.lock:
-            handles = list(self.runs.runs.values())
-        return pb.ListRunsResponse(runs=[h.snapshot() for h in handles])
+        return pb.ListRunsResponse(runs=[pb.Run(**h.fields()) for h in self.runs.all()])
 
     def StopRun(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        handle = self.runs.get(request.run_id, context)
-        handle.ctl.request_stop()
-        return handle.snapshot()
+        try:
+            handle = self.runs.stop(request.run_id)
+        except REFUSALS as exc:
+            _abort(context, exc)
+        return pb.Run(**handle.fields())
 
     def WatchRun(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        handle = self.runs.get(request.run_id, context)
+        handle = self._get(request.run_id, context)
         seen = -1
         while context.is_active():
             with handle.cond:
@@ -152,7 +90,7 @@ class Servicer:
             if version == seen:
                 continue
             seen = version
-            snap = handle.snapshot()
+            snap = pb.Run(**handle.fields())
             yield pb.RunEvent(run=snap)
             if snap.state in TERMINAL_STATES:
                 return
@@ -207,6 +145,7 @@ class Service:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.max_workers),
             interceptors=[_BearerAuth(token)],
+            options=[("grpc.max_receive_message_length", cfg.max_request_bytes)],
         )
         self.server.add_generic_rpc_handlers(
             (_handlers(Servicer(self.runs, cfg.watch_interval_s)),)
@@ -227,12 +166,7 @@ class Service:
     def stop(self, grace: float = 5.0) -> None:
         for name in (SERVICE, ""):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        with self.runs.lock:
-            handles = list(self.runs.runs.values())
-        for h in handles:
-            h.ctl.request_stop()
-        for h in handles:
-            h.thread.join(timeout=60)
+        self.runs.close()  # pending runs end stopped; active ones checkpoint, then stop
         self.server.stop(grace).wait()
 
 
