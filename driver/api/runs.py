@@ -176,6 +176,8 @@ class Runs:
 
     def __init__(self, cfg: ServiceConfig, metrics: Metrics | None) -> None:
         self.cfg, self.metrics = cfg, metrics
+        # resolved once: a later change of directory must not move the runs
+        self.root = cfg.runs_dir if is_uri(cfg.runs_dir) else str(Path(cfg.runs_dir).resolve())
         self.lock = threading.Lock()
         self.runs: dict[str, RunHandle] = {}  # every run held, in the order started
         self.queue: collections.deque[RunHandle] = collections.deque()
@@ -185,7 +187,7 @@ class Runs:
 
     def start(self, text: str, overrides: list[str], run_id: str) -> RunHandle:
         """A new run: started now if a slot is free, else queued as pending."""
-        folder = run_folder(self.cfg.runs_dir, run_id) if run_id else ""
+        folder = run_folder(self.root, run_id) if run_id else ""
         cfg = parse_config(text, overrides, source="the request's config_toml")
         check_request(cfg)
         with self.lock:
@@ -193,7 +195,7 @@ class Runs:
                 raise Closing("the service is shutting down; start the run elsewhere or later")
             if not run_id:
                 run_id = self._new_id()
-                folder = run_folder(self.cfg.runs_dir, run_id)
+                folder = run_folder(self.root, run_id)
             if run_id in self.runs:
                 raise RunExists(f"run_id {run_id!r} exists; pick another or leave it empty")
             if not is_uri(folder) and Path(folder).exists():
@@ -219,7 +221,7 @@ class Runs:
     def _new_id(self) -> str:
         while True:
             run_id = uuid.uuid4().hex[:12]
-            if run_id not in self.runs and not Path(self.cfg.runs_dir, run_id).exists():
+            if run_id not in self.runs and not Path(self.root, run_id).exists():
                 return run_id
 
     def _admit(self, handle: RunHandle) -> None:
@@ -232,7 +234,7 @@ class Runs:
         if handle is not None:
             return handle
         try:
-            folder = run_folder(self.cfg.runs_dir, run_id)
+            folder = run_folder(self.root, run_id)
         except ValueError:
             folder = ""
         if folder and not is_uri(folder) and Path(folder).exists():
