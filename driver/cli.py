@@ -9,6 +9,7 @@ import sys
 from cluster.errors import ClusterError
 from driver.config import Config, ConfigError, load_config
 from driver.data.common import DataError
+from driver.run import storage
 from driver.run.controller import RunFailed
 
 
@@ -36,9 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--resume",
-        metavar="PATH",
-        help="continue from a checkpoint file, or a run's checkpoint directory "
-        "(its newest checkpoint); trains cfg.rule only",
+        metavar="PATH_OR_URI",
+        help="continue from a checkpoint file, or a run's checkpoint directory (its newest "
+        "good checkpoint), a local path or a URI such as s3://bucket/runs/rec_lra/checkpoints; "
+        "trains cfg.rule only",
     )
     r = sub.add_parser("report", help="plots and a markdown summary of a finished run")
     r.add_argument("run_dir", help="the run's train.out_dir (holding <rule>/metrics.json)")
@@ -93,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             from driver.run.train import train
 
             run = train(cfg, quiet=args.quiet, progress=args.progress, resume=args.resume)
+            curves = storage.describe(storage.join(cfg.train.out_dir, run.rule, "metrics.json"))
             print(
-                f"{run.rule}: test acc {run.test_acc:.4f} after {run.steps} steps; "
-                f"curves: {cfg.train.out_dir}/{run.rule}/metrics.json"
+                f"{run.rule}: test acc {run.test_acc:.4f} after {run.steps} steps; curves: {curves}"
             )
         elif args.command == "serve":
             _serve(cfg)
@@ -104,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
             runs = compare_rules(cfg, quiet=args.quiet, progress=args.progress)
             print(format_table(runs))
-            print(f"curves: {cfg.train.out_dir}/<rule>/metrics.json")
+            curves = storage.describe(storage.join(cfg.train.out_dir, "<rule>", "metrics.json"))
+            print(f"curves: {curves}")
     except (ConfigError, DataError, ValueError) as exc:
         print(f"reclra: error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from driver.api.metrics import MetricsConfig
 from driver.api.service_config import ServiceConfig
 from driver.data.config import DataConfig
 from driver.pipeline.config import PipelineConfig
+from driver.run.storage import location
 from workers.models import ModelConfig
 from workers.optim import OptimConfig
 from workers.rules import RULES, RuleConfig
@@ -36,7 +37,7 @@ class TrainConfig:
     # in-process: one stage, or pipeline.backend = "local"), restored after; 0 keeps torch's
     # setting. Ray stages take theirs from pipeline.threads_per_stage
     threads: int = 0
-    out_dir: str = "runs/default"
+    out_dir: str = "runs/default"  # a local path or a URI: file://, s3://, gs://, memory://
     log_every: int = 50  # steps between log summaries
     max_steps: int = 0  # stop after this many steps (0: run all epochs)
     compare: tuple[str, ...] = ("backprop",)  # rules trained afterwards for the closing table
@@ -65,6 +66,10 @@ class TrainConfig:
             raise ValueError(f"train.dtype: {self.dtype!r} is not one of ['float32', 'float64']")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ValueError(f"train.device: {self.device!r} is not one of ['cpu', 'cuda', 'auto']")
+        try:
+            location(self.out_dir)  # a URI's protocol must be known and its package installed
+        except ValueError as exc:
+            raise ValueError(f"train.out_dir: {exc}") from None
         for name in self.compare:
             if name not in RULES:
                 raise ValueError(

@@ -90,7 +90,7 @@ class Callback:
     def after_epoch(self, ctl: RunView, entry: dict[str, Any]) -> None:
         """An epoch (or the part max_steps allowed) ended; `entry` is appended to run.epochs."""
 
-    def after_checkpoint(self, ctl: RunView, path: Path) -> None:
+    def after_checkpoint(self, ctl: RunView, path: Path | str) -> None:
         """A checkpoint was written at `path`."""
 
     def on_restart(self, ctl: RunView) -> None:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from driver.config import Config, with_rule
 from driver.data.load import load_dataset
+from driver.run import storage
 from driver.run.run_log import RunLog
 from driver.run.train import train
 
@@ -21,9 +21,8 @@ def compare_rules(cfg: Config, *, quiet: bool = False, progress: bool = False) -
     splits = load_dataset(cfg.data)
     names = [cfg.rule.name] + [n for n in cfg.train.compare if n != cfg.rule.name]
     runs = [train(with_rule(cfg, n), quiet=quiet, progress=progress, splits=splits) for n in names]
-    out = Path(cfg.train.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary(runs), indent=1))
+    summary_at = storage.join(cfg.train.out_dir, "summary.json")  # a path or URI
+    storage.write_bytes(summary_at, json.dumps(summary(runs), indent=1).encode())
     return runs
 
 

@@ -25,7 +25,7 @@ from driver.config import Config, config_to_dict
 from driver.data.common import DatasetSplits
 from driver.data.load import load_dataset
 from driver.pipeline.build import Runner, build_runner
-from driver.run import checkpoint
+from driver.run import checkpoint, storage
 from driver.run.callbacks import TERMINAL, Callback, RunState
 from driver.run.epochs import Epoch, Position
 from driver.run.errors import RECOVERABLE, RunFailed, failure_message
@@ -51,7 +51,7 @@ class Controller(TrainingWork):
         self,
         cfg: Config,
         *,
-        out_dir: Path | None = None,
+        out_dir: str | Path | None = None,
         splits: DatasetSplits | None = None,
         resume: str | Path | None = None,
         track_test: bool = False,
@@ -64,7 +64,7 @@ class Controller(TrainingWork):
         self.state = RunState.PENDING
         self.splits = splits
         self.config = config_to_dict(cfg)
-        self.out = Path(out_dir or cfg.train.out_dir) / cfg.rule.name
+        self.out = storage.join(out_dir or cfg.train.out_dir, cfg.rule.name)
         self.run = RunLog(rule=cfg.rule.name, config=self.config)
         self.book = StatsBook()
         self.pos = Position()
@@ -87,7 +87,7 @@ class Controller(TrainingWork):
             state = checkpoint.load(resume)
             checkpoint.check_compatible(state, self.config, resume)
             self._restore(state)
-        own: list[Callback] = [RunLogWriter(self.out / "metrics.json")]
+        own: list[Callback] = [RunLogWriter(storage.join(self.out, "metrics.json"))]
         if metrics is not None:
             own.append(MetricsCallback(metrics, self.run_id))
         self.callbacks = [*own, *(callbacks if callbacks is not None else [Progress()])]
@@ -98,8 +98,8 @@ class Controller(TrainingWork):
         return self.state in TERMINAL
 
     @property
-    def ckpt_dir(self) -> Path:
-        return self.out / "checkpoints"
+    def ckpt_dir(self) -> storage.Location:
+        return storage.join(self.out, "checkpoints")
 
     def request_stop(self) -> None:
         """Graceful stop: the run checkpoints at the next transition, then stops."""

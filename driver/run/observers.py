@@ -3,19 +3,19 @@ metrics."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from driver.api.metrics import Metrics
 from driver.run.callbacks import TERMINAL, Callback, RunState, RunView
+from driver.run.storage import Location
 from workers.spec import StageStats
 
 
 class RunLogWriter(Callback):
-    """Writes the run log to `path` (metrics.json) after every epoch and when the run ends; the
-    only writer of that file."""
+    """Writes the run log to `path` (metrics.json, a local path or URI) after every epoch and
+    when the run ends; the only writer of that file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Location) -> None:
         self.path = path
 
     def after_epoch(self, ctl: RunView, entry: dict[str, Any]) -> None:
@@ -62,7 +62,7 @@ class MetricsCallback(Callback):
         gauge = self.metrics.val_acc if split == "val" else self.metrics.test_acc
         gauge.labels(self.run_id).set(acc)
 
-    def after_checkpoint(self, ctl: RunView, path: Path) -> None:
+    def after_checkpoint(self, ctl: RunView, path: Location) -> None:
         self.metrics.checkpoint(self.run_id)
 
     def on_restart(self, ctl: RunView) -> None:

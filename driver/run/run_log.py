@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,7 +11,9 @@ import torch.nn.functional as F
 
 from driver.data.load import make_loader
 from driver.pipeline.build import Completed, Runner
+from driver.run import storage
 from driver.run.stats import StatsBook
+from driver.run.storage import Location
 
 
 @dataclass
@@ -56,11 +56,9 @@ class RunLog:
             }
         )
 
-    def write(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=1))
-        os.replace(tmp, path)
+    def write(self, path: Location) -> None:
+        """Publish the log at `path` (a local path or URI) whole: see driver/run/storage.py."""
+        storage.write_bytes(path, json.dumps(self.__dict__, indent=1).encode())
 
 
 @torch.no_grad()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from driver.api.metrics import Metrics, MetricsServer
 from driver.config import Config
 from driver.data.common import DatasetSplits
+from driver.run import storage
 from driver.run.controller import Controller
 from driver.run.progress import Progress, bar_wanted
 from driver.run.run_log import RunLog
@@ -20,7 +22,7 @@ def train(
     *,
     quiet: bool = False,
     progress: bool = False,
-    out_dir: Path | None = None,
+    out_dir: str | Path | None = None,
     splits: DatasetSplits | None = None,
     track_test: bool = False,
     resume: str | Path | None = None,
@@ -31,7 +33,10 @@ def train(
     line every train.log_every steps; `quiet` never shows a bar. `track_test` also records test
     accuracy after every epoch (benchmarks measure convergence with it; model selection only
     ever looks at validation). `resume` continues from a checkpoint file (or a run's checkpoint
-    directory) at its exact step and data position. Raises RunFailed when the run ends failed."""
+    directory, a path or URI) at its exact step and data position. Raises RunFailed when the run
+    ends failed. `out_dir` (default train.out_dir) may be a path or a URI (s3://bucket/runs)."""
+    where = storage.join(out_dir or cfg.train.out_dir, cfg.rule.name)
+    _say_where(cfg, where, "go to")
     metrics = server = None
     if cfg.metrics.enabled:
         metrics = Metrics()
@@ -51,3 +56,18 @@ def train(
     finally:
         if server is not None:
             server.close()
+        _say_where(cfg, where, "are in")
+
+
+def _say_where(cfg: Config, where: storage.Location, verb: str) -> None:
+    """On a Ray cluster, a relative local out_dir lands in the driver's working directory (a
+    Ray job's is deleted when the job ends): say where, on which host, at start and end."""
+    on_cluster = bool(cfg.cluster.address or os.environ.get("RAY_ADDRESS"))
+    if on_cluster and isinstance(where, Path) and not where.is_absolute():
+        log.warning(
+            "%s: outputs %s %s, local to this driver; for outputs that outlive a Ray job set "
+            "train.out_dir to shared storage (s3://bucket/runs, a mounted volume)",
+            cfg.rule.name,
+            verb,
+            storage.describe(where),
+        )
