@@ -1,0 +1,295 @@
+"""Chaos soak: one K-stage sync run on a real local Ray cluster survives seeded faults.
+
+    python -m bench.chaos --json bench/results/chaos_cpu.json
+
+While a thread steps the run's Controller (as the service does), this thread injects, at
+seeded random steps: SIGKILL of a random stage's worker process (5 times), SIGSTOP of one past
+pipeline.step_timeout_s (continued once the run gave up on it), and a checkpoint location that
+runs out of space for one write (bench/chaos_faults.py). Per fault it measures the recovery
+seconds (injected -> the run trains past the step where it was; ENOSPC: from the failed write)
+and the steps replayed. Then it compares the final weights with an uninterrupted run's: sync
+and float64, so a run that lost nothing ends bitwise equal. `steps_lost` is the expected step
+count minus the steps the run ended with (0: nothing skipped, nothing left untrained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import ray
+
+from bench.chaos_faults import FullStore, SmallDisk, Stopped, actor_pid, alive, signal_worker
+from bench.chaos_plan import Fault, compare_states, make_plan, table
+from driver.config import Config, load_config
+from driver.data.common import DatasetSplits
+from driver.data.load import load_dataset
+from driver.run import checkpoint
+from driver.run.callbacks import Callback
+from driver.run.controller import Controller, RunFailed, RunState
+
+BOUNDS = {2: "[2]", 3: "[1, 3]"}
+ENOSPC_TEXT = ("no space left", "enospc", "errno 28")
+
+
+def chaos_config(stages: int, epochs: int, every: int, timeout_s: float) -> Config:
+    """A tiny digits run (ResNet width 4, float64, sync) whose weights compare bitwise."""
+    return load_config(
+        None,
+        [
+            "model.width=4",
+            f"train.epochs={epochs}",
+            "train.batch_size=64",
+            "train.compare=[]",
+            'train.dtype="float64"',
+            "train.log_every=100000",
+            f"train.checkpoint_every={every}",
+            "train.max_restarts=50",
+            f"pipeline.stages={stages}",
+            f"pipeline.boundaries={BOUNDS[stages]}",
+            "pipeline.micro_batches=2",
+            'pipeline.schedule="sync"',
+            f"pipeline.step_timeout_s={timeout_s}",
+        ],
+    )
+
+
+class Watch(Callback, logging.Handler):
+    """What the driving thread reports: the step each restart went back to, checkpoints
+    written, and checkpoint writes that failed for lack of space (from the log)."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self, logging.WARNING)
+        self.restored: list[int] = []
+        self.written: list[tuple[float, int]] = []
+        self.enospc: list[tuple[float, int, str]] = []  # (when, steps trained, message)
+        self.ctl: Any = None
+
+    def on_restart(self, ctl: Any) -> None:
+        self.restored.append(ctl.run.steps)
+
+    def after_checkpoint(self, ctl: Any, path: Path | str) -> None:
+        self.written.append((time.perf_counter(), ctl.run.steps))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        exc = str(record.exc_info[1]) if record.exc_info else ""
+        text += f" ({exc})" if exc and exc not in text else ""
+        if any(t in text.lower() for t in ENOSPC_TEXT):
+            steps = self.ctl.run.steps if self.ctl is not None else -1
+            self.enospc.append((time.perf_counter(), steps, text.splitlines()[0][:300]))
+
+
+def _wait(cond, timeout_s: float, poll_s: float = 0.005) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
+def _inject(
+    ctl: Controller,
+    f: Fault,
+    watch: Watch,
+    disk: SmallDisk | FullStore,
+    stopped: Stopped,
+    every: int,
+    timeout_s: float,
+    signalled: list[int],
+) -> None:
+    """Inject `f` into the running run and wait until it recovered (or clearly did not)."""
+    if f.kind == "enospc":
+        seen, step0 = len(watch.enospc), ctl.run.steps
+        disk.fill()
+        failed = _wait(lambda: len(watch.enospc) > seen or ctl.done, 4 * every * timeout_s)
+        disk.free()  # space comes back, as when an operator clears the disk
+        if not failed or len(watch.enospc) == seen:
+            f.note = f"no failed write seen (filled at step {step0}); run {ctl.state}"
+            return
+        t0, f.step, message = watch.enospc[seen]
+        f.note = f"disk filled at step {step0}; {message}"
+        _wait(lambda: ctl.run.steps > f.step or ctl.done, 120)
+        f.recovered = ctl.run.steps > f.step and ctl.state is not RunState.FAILED
+        if f.recovered:
+            f.seconds = time.perf_counter() - t0
+        return
+    runner = ctl.runner
+    if runner is None:
+        f.note = f"not injected: no stages ({ctl.state})"
+        return
+    pid = actor_pid(runner.group.actors[f.stage])  # type: ignore[attr-defined]
+    r0, n0, f.step = ctl.restarts, len(watch.restored), ctl.run.steps
+    t0 = time.perf_counter()
+    signalled.append(pid)
+    if f.kind == "kill":
+        signal_worker(pid, signal.SIGKILL)
+    else:
+        stopped.stop(pid)
+        _wait(lambda: ctl.restarts > r0 or ctl.state is RunState.RECOVERING or ctl.done, 600)
+        lingering = stopped.release()
+        f.note = f"pid {pid} killed after SIGCONT" if lingering else ""
+    f.recovered = _wait(lambda: ctl.restarts > r0 and ctl.run.steps > f.step or ctl.done, 600)
+    f.recovered = f.recovered and ctl.restarts > r0 and ctl.run.steps > f.step
+    if f.recovered:
+        f.seconds = time.perf_counter() - t0
+    if len(watch.restored) > n0:
+        f.restored_to = watch.restored[n0]
+        f.steps_replayed = f.step - f.restored_to
+    if not f.recovered:
+        f.note = (f.note + f" run {ctl.state}: {ctl.error}").strip()
+
+
+def _names(where: str | Path) -> list[str]:
+    """The file names in a local directory or under a URI."""
+    if isinstance(where, Path):
+        return sorted(p.name for p in where.iterdir())
+    fs, path = fsspec.core.url_to_fs(where)
+    return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+
+
+def soak(cfg: Config, splits: DatasetSplits, plan: list[Fault], work: Path) -> dict[str, Any]:
+    """The reference run, then the same run under `plan`'s faults; their figures."""
+    t_start = time.perf_counter()
+    ref = Controller(cfg, out_dir=work / "ref", splits=splits, callbacks=[])
+    ref.run_to_end()
+    ref_state = checkpoint.load(ref.ckpt_dir)["runner"]
+    t_ref = time.perf_counter() - t_start
+    watch = Watch()
+    out: str | Path = work / "chaos"
+    disk: SmallDisk | FullStore
+    try:  # a real filesystem that runs out of space: a small tmpfs under the checkpoints
+        disk = SmallDisk(work / "chaos" / cfg.rule.name / "checkpoints", 32 << 20)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        logging.warning("chaos: cannot mount a tmpfs (%s); using an fsspec store", exc)
+        disk = FullStore()
+        out = f"{disk.protocol}://{work.name}/chaos"
+    ctl = Controller(cfg, out_dir=out, splits=splits, callbacks=[watch])
+    watch.ctl = ctl
+    root = logging.getLogger()
+    root.addHandler(watch)
+    failure: list[BaseException] = []
+    signalled: list[int] = []  # worker processes killed or stopped: all must be gone at the end
+
+    def drive() -> None:
+        try:
+            ctl.run_to_end()
+        except RunFailed as exc:
+            failure.append(exc)
+
+    driver = threading.Thread(target=drive, name="chaos-run", daemon=True)
+    t0 = time.perf_counter()
+    every, timeout_s = cfg.train.checkpoint_every, cfg.pipeline.step_timeout_s
+    try:
+        with Stopped() as stopped:
+            driver.start()
+            for f in plan:
+                _wait(
+                    lambda f=f: (
+                        ctl.done or (ctl.state is RunState.RUNNING and ctl.run.steps >= f.at_step)
+                    ),
+                    3600,
+                )
+                if ctl.done:
+                    f.note = f"not injected: the run ended {ctl.state}"
+                    continue
+                _inject(ctl, f, watch, disk, stopped, every, timeout_s, signalled)
+                print(
+                    f"  {f.kind:6s} stage {f.stage:2d} step {f.step:3d}: "
+                    f"{'recovered' if f.recovered else 'NOT recovered'} {f.note}",
+                    flush=True,
+                )
+            driver.join()
+        chaos_s = time.perf_counter() - t0
+        last_good: dict[str, Any] = {}
+        try:
+            state = checkpoint.load(ctl.ckpt_dir)
+            last_good = {"ok": True, "steps": state["runlog"]["steps"]}
+            equal, diff = compare_states(ref_state, state["runner"])
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            last_good = {"ok": False, "error": str(exc)}
+            equal, diff = False, float("inf")
+        leftovers = [n for n in _names(ctl.ckpt_dir) if ".tmp" in n]
+    finally:
+        root.removeHandler(watch)
+        if driver.is_alive():
+            ctl.request_stop()
+            driver.join(120)
+        disk.close()
+    _wait(lambda: not any(alive(p) for p in signalled), 30, 0.1)
+    left_alive = [p for p in signalled if alive(p)]
+    injected = [f for f in plan if f.step >= 0]
+    secs = [f.seconds for f in plan if f.seconds is not None]
+    expected = ref.run.steps
+    return {
+        "stages": cfg.pipeline.stages,
+        "checkpoint_every": every,
+        "step_timeout_s": timeout_s,
+        "enospc_method": "tmpfs" if isinstance(disk, SmallDisk) else "fsspec",
+        "faults_injected": len(injected),
+        "faults_survived": sum(f.recovered for f in plan),
+        "steps_lost": expected - ctl.run.steps,
+        "steps_replayed": sum(f.steps_replayed for f in plan),
+        "recovery_seconds": secs,
+        "recovery_seconds_median": statistics.median(secs) if secs else None,
+        "recovery_seconds_max": max(secs) if secs else None,
+        "final_state": str(ctl.state),
+        "final_steps": ctl.run.steps,
+        "expected_steps": expected,
+        "weights_equal": equal,
+        "max_abs_diff": diff,
+        "restarts": ctl.restarts,
+        "unplanned_restarts": ctl.restarts - sum(f.restored_to >= 0 for f in plan),
+        "checkpoint_write_failures": len(watch.enospc),
+        "error": ctl.error if ctl.state is RunState.FAILED else None,
+        "last_good_checkpoint": last_good,
+        "leftover_tmp_files": leftovers,
+        "left_alive": left_alive,
+        "faults": [asdict(f) for f in plan],
+        "reference_seconds": t_ref,
+        "chaos_seconds": chaos_s,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", required=True)
+    p.add_argument("--stages", type=int, choices=(2, 3), default=3)
+    p.add_argument("--epochs", type=int, default=4, help="digits epochs (19 steps each)")
+    p.add_argument("--checkpoint-every", type=int, default=4)
+    p.add_argument("--step-timeout", type=float, default=6.0, help="pipeline.step_timeout_s")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = chaos_config(args.stages, args.epochs, args.checkpoint_every, args.step_timeout)
+    splits = load_dataset(cfg.data)
+    n = len(splits.train)  # type: ignore[arg-type]
+    total = args.epochs * -(-n // cfg.train.batch_size)
+    plan = make_plan(args.seed, args.stages, total, args.checkpoint_every + 2)
+    ray.init(num_cpus=4, include_dashboard=False, namespace="reclra-chaos")
+    try:
+        result = soak(cfg, splits, plan, Path(tempfile.mkdtemp(prefix="reclra-chaos-")))
+    finally:
+        ray.shutdown()
+    result["seed"] = args.seed
+    print(table(result))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""bench.chaos's plan (which fault, where, when: seeded) and its report (the weights compared,
+the table)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+KINDS = ("kill",) * 5 + ("stop", "enospc")
+
+
+@dataclass
+class Fault:
+    kind: str  # kill | stop | enospc
+    stage: int  # the stage signalled (-1: the checkpoint location)
+    at_step: int  # injected once the run has trained this many steps
+    step: int = -1  # steps trained when injected (enospc: when the write failed)
+    restored_to: int = -1  # the checkpoint step the run went back to (-1: none)
+    steps_replayed: int = 0
+    recovered: bool = False
+    seconds: float | None = None
+    note: str = ""
+
+
+def make_plan(seed: int, stages: int, total: int, gap: int, kinds=KINDS) -> list[Fault]:
+    """The faults in a seeded random order, at random steps at least `gap` apart, on random
+    stages, all within (2, total - gap)."""
+    rng = random.Random(seed)
+    n = len(kinds)
+    room = total - gap - 3 - gap * (n - 1)
+    if room < n:
+        raise ValueError(f"{total} steps cannot hold {n} faults {gap} steps apart; add epochs")
+    steps = [s + 3 + gap * i for i, s in enumerate(sorted(rng.sample(range(room), n)))]
+    order = rng.sample(list(kinds), n)
+    return [
+        Fault(k, -1 if k == "enospc" else rng.randrange(stages), s)
+        for k, s in zip(order, steps, strict=True)
+    ]
+
+
+def compare_states(a: Any, b: Any) -> tuple[bool, float]:
+    """(bitwise equal, max abs difference of the tensors) of two nested states."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape != b.shape:
+            return False, float("inf")
+        same = torch.equal(a, b)
+        diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+        return same, float(diff)
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return False, float("inf")
+        pairs = [compare_states(a[k], b[k]) for k in a]
+    elif isinstance(a, list | tuple) and isinstance(b, list | tuple) and len(a) == len(b):
+        pairs = [compare_states(x, y) for x, y in zip(a, b, strict=True)]
+    else:
+        return a == b, 0.0
+    return all(p[0] for p in pairs), max((p[1] for p in pairs), default=0.0)
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = [
+        "| # | fault | stage | step | back to | replayed | recovered | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i, f in enumerate(result["faults"], 1):
+        sec = f"{f['seconds']:.2f}" if f["seconds"] is not None else "-"
+        rows.append(
+            f"| {i} | {f['kind']} | {f['stage'] if f['stage'] >= 0 else 'ckpt'} | {f['step']} | "
+            f"{f['restored_to'] if f['restored_to'] >= 0 else '-'} | {f['steps_replayed']} | "
+            f"{'yes' if f['recovered'] else 'NO'} | {sec} |"
+        )
+    r = result
+    med = r["recovery_seconds_median"]
+    rows.append(
+        f"\nfaults survived {r['faults_survived']}/{r['faults_injected']}, steps lost "
+        f"{r['steps_lost']} ({r['final_steps']}/{r['expected_steps']}, {r['final_state']}), "
+        f"replayed {r['steps_replayed']}, recovery median "
+        f"{med if med is None else round(med, 2)} s max "
+        f"{r['recovery_seconds_max'] if med is None else round(r['recovery_seconds_max'], 2)} s, "
+        f"weights equal {r['weights_equal']} (max abs diff {r['max_abs_diff']:.3g}), "
+        f"wall {r['wall_seconds']:.0f} s"
+    )
+    return "\n".join(rows)

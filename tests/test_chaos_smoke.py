@@ -1,0 +1,43 @@
+"""A short chaos soak (bench/chaos.py) on a real local Ray cluster: one stage's worker process is
+SIGKILLed and the checkpoint location runs out of space once, during one K = 2 sync run; it
+ends with the full step count and the weights of an uninterrupted run."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from bench.chaos import chaos_config, soak
+from bench.chaos_faults import SmallDisk
+from bench.chaos_plan import Fault
+from driver.data.load import load_dataset
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=4, include_dashboard=False, namespace="reclra-chaos-smoke")
+    yield
+    ray.shutdown()
+
+
+def test_a_killed_stage_and_a_full_disk_end_as_if_nothing_happened(cluster, tmp_path):
+    cfg = chaos_config(stages=2, epochs=1, every=3, timeout_s=60.0)
+    plan = [Fault("kill", 1, 4), Fault("enospc", -1, 10)]
+    result = soak(cfg, load_dataset(cfg.data), plan, tmp_path)
+    mounted = SmallDisk.allowed(tmp_path / "probe")
+
+    kill, full = result["faults"]
+    assert kill["recovered"] and kill["restored_to"] >= 0, kill
+    assert 0 <= kill["steps_replayed"] <= 3 and kill["seconds"] > 0
+    if mounted:  # a real tmpfs ran out of space under one checkpoint write
+        assert full["recovered"], full
+        assert "No space left" in full["note"] or "ENOSPC" in full["note"]
+        assert result["checkpoint_write_failures"] >= 1
+    assert result["faults_survived"] == result["faults_injected"] == 1 + mounted
+    assert result["final_state"] == "succeeded", result["error"]
+    assert result["steps_lost"] == 0 and result["final_steps"] == result["expected_steps"] == 19
+    assert result["last_good_checkpoint"]["ok"]
+    assert result["weights_equal"] and result["max_abs_diff"] == 0.0
+    assert result["left_alive"] == []  # every killed or stopped worker process is gone
