@@ -161,8 +161,9 @@ def test_a_link_in_runs_dir_is_not_followed(served):
     outside = top / "outside"
     (runs / "dangling").symlink_to(outside)  # target does not exist yet
     (runs / "existing").symlink_to(top / "a")  # an existing folder outside runs_dir
+    (runs / "alias").symlink_to(runs / "another")  # another run's folder, inside runs_dir
     before = _tree(top)
-    for run_id in ("dangling", "existing"):
+    for run_id in ("dangling", "existing", "alias"):
         details = _refused(client, StatusCode.INVALID_ARGUMENT, config_toml=TINY, run_id=run_id)
         assert "link" in details
     assert _tree(top) == before and not outside.exists()
