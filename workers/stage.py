@@ -15,7 +15,7 @@ from workers.diagnostics import BackpropProbe, synapse_angles
 from workers.optim import build_optimizer, reproject_, set_lr
 from workers.rules import ErrorSignal, make_rule, rule_chained
 from workers.spec import DTYPES, NonFiniteError, StageSpec, StageStats
-from workers.state import load_stage_state, stage_state
+from workers.state import load_stage_state, stage_state, unit_buffers, with_buffers
 from workers.sweep import sweep_stage
 
 
@@ -52,6 +52,7 @@ class Stage:
         self.progress = 0.0  # training steps covered by them: the lr schedule's position
         self.stats = StageStats()
         self._probe = BackpropProbe(self.block_list) if spec.diagnose_every > 0 else None
+        self._mark: tuple[dict, torch.Tensor] | None = None  # forward-side state held by mark()
 
     def units(self) -> dict[str, nn.Module]:
         """Every learnable unit by its model-wide name: layers and skip synapses."""
@@ -241,14 +242,18 @@ class Stage:
                 "lower optim.lr or rule.beta, or set rule.reproject"
             )
 
-    def state_dict(self) -> dict[str, Any]:
-        """Units keyed by model-wide layer name, plus the stage's step and noise RNG."""
-        return {
-            "units": stage_state(self.units(), self.optimizer),
-            "step": self.step,
-            "progress": self.progress,
-            "noise_rng": self._noise.get_state(),
-        }
+    def mark(self) -> None:
+        """Hold what forwards change (BN statistics, the input noise RNG) as it is now."""
+        self._mark = (unit_buffers(self.units()), self._noise.get_state())
+
+    def state_dict(self, *, marked: bool = False) -> dict[str, Any]:
+        """Units keyed by model-wide layer name, plus the stage's step and noise RNG; `marked`:
+        what forwards change as of the last mark() (a checkpoint cut, driver/pipeline/cut.py)."""
+        units, noise = stage_state(self.units(), self.optimizer), self._noise.get_state()
+        if marked and self._mark is not None:
+            (buffers, noise), self._mark = self._mark, None
+            with_buffers(units, buffers)
+        return {"units": units, "step": self.step, "progress": self.progress, "noise_rng": noise}
 
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
         load_stage_state(self.units(), self.optimizer, state["units"], strict=strict)
@@ -281,7 +286,3 @@ class Stage:
 
     def drop_cache(self) -> None:
         self._cache.clear()
-
-    @property
-    def cached(self) -> int:
-        return len(self._cache)

@@ -92,3 +92,18 @@ def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
         units.update(st["units"])
     first = states[0]
     return {**{k: v for k, v in first.items() if k != "units"}, "units": units}
+
+
+def unit_buffers(units: Units) -> dict[str, dict[str, torch.Tensor]]:
+    """Every unit's persistent buffers (BN running statistics): the state a forward changes."""
+    out = {}
+    for name, unit in units.items():
+        keep = unit.state_dict(keep_vars=True).keys()
+        out[name] = {k: b.detach().cpu().clone() for k, b in unit.named_buffers() if k in keep}
+    return out
+
+
+def with_buffers(state: dict[str, dict[str, Any]], buffers: dict[str, dict[str, Any]]) -> None:
+    """Put `buffers` (unit_buffers, taken earlier) into a stage_state `state`, in place."""
+    for name, bufs in buffers.items():
+        state[name]["tensors"].update(bufs)

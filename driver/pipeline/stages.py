@@ -52,8 +52,11 @@ class LocalStages:
     def pop_stats(self, i: int) -> Future:
         return self.stages[i].pop_stats()
 
-    def state_dict(self, i: int) -> Future:
-        return self.stages[i].state_dict()
+    def mark(self, i: int) -> Future:
+        return self.stages[i].mark()
+
+    def state_dict(self, i: int, *, marked: bool = False) -> Future:
+        return self.stages[i].state_dict(marked=marked)
 
     def load_state_dict(self, i: int, state: Any) -> Future:
         return self.stages[i].load_state_dict(state)
@@ -151,8 +154,11 @@ class RayStages:
     def pop_stats(self, i: int) -> Future:
         return self.actors[i].pop_stats.remote()
 
-    def state_dict(self, i: int) -> Future:
-        return self.actors[i].state_dict.remote()
+    def mark(self, i: int) -> Future:
+        return self.actors[i].mark.remote()
+
+    def state_dict(self, i: int, *, marked: bool = False) -> Future:
+        return self.actors[i].state_dict.remote(marked=marked)
 
     def load_state_dict(self, i: int, state: Any) -> Future:
         return self.actors[i].load_state_dict.remote(state)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from driver.pipeline.config import PipelineConfig
+from driver.pipeline.cut import Cut
 from driver.pipeline.schedule import APPLY, FORWARD, LEARN, Op, Stream
 from driver.pipeline.stages import LocalStages, RayStages, Stages
 from workers.chain import learns_chained, signal_source
@@ -59,6 +60,9 @@ class StreamPipeline:
             raise
         self._labels: dict[int, torch.Tensor] = {}
         self._stats: list[tuple[int, Any]] = []
+        self._cut: Cut | None = None  # a checkpoint cut whose calls are not all submitted yet
+        # a cut would miss learns summed but not applied unless applies divide a step (cut.py)
+        self.cut_drains = not self.sync and cfg.micro_batches % (cfg.apply_every or 1) != 0
         self._reset_stream()
 
     # -- the stream ---------------------------------------------------------------------------
@@ -75,7 +79,12 @@ class StreamPipeline:
 
     def _submit_ready(self) -> None:
         for op in self.stream.ready():
+            if self._cut is not None:
+                self._cut.before(op)
             self._refs[op] = self._submit(op)
+            if self._cut is not None:
+                self._cut.after(op)
+                self._cut = None if self._cut.complete else self._cut
             if op.kind == LEARN and all(Op(LEARN, s, op.mb) in self._refs for s in range(self.k)):
                 self._retire(op.mb)
 
@@ -170,7 +179,7 @@ class StreamPipeline:
     def _drain(self) -> Completed:
         self.stream.closed = True
         self._submit_ready()
-        assert self.stream.finished(), "schedule did not drain"
+        assert self.stream.finished() and self._cut is None, "schedule did not drain"
         waits = [r for _, refs in self._learned for r in refs]
         waits += [(op.stage, ref) for op, ref in self._refs.items() if op.kind == APPLY]
         self._gather(waits, "learn")
@@ -193,6 +202,19 @@ class StreamPipeline:
             n = self.stages.finished([r for _, r in self._stats])
         taken, self._stats = self._stats[:n], self._stats[n:]
         return list(zip([s for s, _ in taken], self._gather(taken, "stats"), strict=True))
+
+    def cut(self) -> Cut:
+        """Every stage's state at the stream's current position, taken without draining it
+        (driver/pipeline/cut.py); it completes as the stream flows on (`cut_pending`)."""
+        if self._cut is not None:
+            raise RuntimeError("a checkpoint cut is still being taken; flush() completes it")
+        cut = Cut(self.stream.available, self.stream.seqs, self.stages, self.cfg.step_timeout_s)
+        self._cut = None if cut.complete else cut
+        return cut
+
+    @property
+    def cut_pending(self) -> bool:
+        return self._cut is not None
 
     def state_dict(self) -> dict[str, Any]:
         states = self._gather([(s, self.stages.state_dict(s)) for s in range(self.k)], "state_dict")

@@ -27,6 +27,7 @@ from driver.data.load import load_dataset
 from driver.pipeline.build import Runner, build_runner
 from driver.run import checkpoint, storage
 from driver.run.callbacks import TERMINAL, Callback, RunState
+from driver.run.ckpt_writer import Checkpoints, run_part
 from driver.run.epochs import Epoch, Position
 from driver.run.errors import RECOVERABLE, RunFailed, failure_message
 from driver.run.observers import MetricsCallback, RunLogWriter
@@ -71,7 +72,7 @@ class Controller(TrainingWork):
         self.runner: Runner | None = None
         self.epoch: Epoch | None = None
         self.restarts = 0
-        self.checkpoints_written = 0
+        self.checkpoints = Checkpoints(keep=cfg.train.keep_checkpoints)  # written in the background
         self.error: str | None = None
         self.train_seconds = 0.0
         self.samples = 0
@@ -100,6 +101,10 @@ class Controller(TrainingWork):
     @property
     def ckpt_dir(self) -> storage.Location:
         return storage.join(self.out, "checkpoints")
+
+    @property
+    def checkpoints_written(self) -> int:
+        return self.checkpoints.published
 
     def request_stop(self) -> None:
         """Graceful stop: the run checkpoints at the next transition, then stops."""
@@ -170,7 +175,7 @@ class Controller(TrainingWork):
             self.runner.load_state_dict(self._resume_state["runner"])
             self._resume_state = None
         elif self.cfg.train.max_restarts and not checkpoint.checkpoints(self.ckpt_dir):
-            self._save()  # recovery needs something to go back to, from the first step on
+            self._save(final=False)  # recovery needs something to go back to from step 1 on
         return RunState.RUNNING
 
     def _running(self) -> RunState:
@@ -184,6 +189,7 @@ class Controller(TrainingWork):
             self.run.test_acc, self.run.test_loss = self._evaluate("test")
             self._after_checkpoint = RunState.SUCCEEDED
             return RunState.CHECKPOINTING
+        self.checkpoints.publish(self, self.callbacks)  # writes done since; a cut completed
         epoch = self.epoch or self._open_epoch()
         batch = epoch.next()
         if batch is None or (tc.max_steps and self.run.steps >= tc.max_steps):
@@ -196,15 +202,11 @@ class Controller(TrainingWork):
         return RunState.RUNNING
 
     def _checkpointing(self) -> RunState:
-        assert self.runner is not None
-        done = self.runner.flush()
-        if self.epoch is not None:
-            self.epoch.tally.add(done)
-        self._save()
+        self._save(final=self._after_checkpoint is not RunState.RUNNING)
         return self._after_checkpoint
 
     def _recovering(self) -> RunState:
-        self._close()
+        self._close()  # waits for the writer: the last good checkpoint is complete on disk
         self._restore(checkpoint.load(self.ckpt_dir))
         self.restarts += 1
         for cb in self.callbacks:
@@ -222,21 +224,22 @@ class Controller(TrainingWork):
         at = f"step {self.run.steps} (epoch {self.pos.epoch + 1}, batch {self.pos.batch})"
         log.info("%s: continuing at %s", self.cfg.rule.name, at)
 
-    def _save(self) -> Path:
+    def _save(self, *, final: bool) -> None:
+        """Snapshot the run now (driver/run/ckpt_writer.py); the write goes on in the
+        background. A final checkpoint is waited for, and its failure fails the run."""
         assert self.runner is not None
         position = {"epoch": self.pos.epoch, "batch": self.pos.batch}
-        state = checkpoint.run_state(self.config, self.runner.state_dict(), position, self.run)
-        path = checkpoint.save(
-            self.ckpt_dir, self.run.steps, state, keep=self.cfg.train.keep_checkpoints
-        )
-        self.checkpoints_written += 1
-        for cb in self.callbacks:
-            cb.after_checkpoint(self, path)
-        return path
+        state = run_part(self.config, position, self.run)
+        done = self.checkpoints.take(self.runner, self.ckpt_dir, self.run.steps, state, final=final)
+        if self.epoch is not None:
+            self.epoch.tally.add(done)
+        self.checkpoints.publish(self, self.callbacks, wait=final)
 
     def _lost_actors(self, exc: Exception) -> RunState:
         self.error = str(exc)
         max_restarts = self.cfg.train.max_restarts
+        self.checkpoints.drop()  # a cut the lost stages never finished
+        self.checkpoints.publish(self, self.callbacks, wait=True)  # recovery needs it on disk
         if self.restarts >= max_restarts or not checkpoint.checkpoints(self.ckpt_dir):
             return self._fail(exc, f"{exc}; no restarts left (train.max_restarts = {max_restarts})")
         log.warning("%s; recreating the actors from the last checkpoint", exc)
@@ -255,12 +258,16 @@ class Controller(TrainingWork):
     def _close(self) -> None:
         runner, self.runner = self.runner, None
         try:
-            if runner is not None:
-                runner.close()
+            self.checkpoints.drop()  # a cut not yet complete cannot complete now
+            self.checkpoints.publish(self, self.callbacks, wait=True)  # before its stages go
         finally:
-            if self._threads is not None:
-                torch.set_num_threads(self._threads)
-                self._threads = None
+            try:
+                if runner is not None:
+                    runner.close()
+            finally:
+                if self._threads is not None:
+                    torch.set_num_threads(self._threads)
+                    self._threads = None
 
     def _close_quietly(self) -> None:
         """Close at a terminal state: the run's outcome stands even if freeing its actors fails."""
@@ -268,3 +275,5 @@ class Controller(TrainingWork):
             self._close()
         except Exception:
             log.exception("run %s: closing its runner failed", self.run_id)
+        finally:
+            self.checkpoints.close()
