@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Location = Path | str  # a Path is local; a str is a URI with a (non-file) protocol
 LOCAL = ("file", "local")
+OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss", "memory")
 RATE = 4 * 2**20  # bytes per second of deadline added to each write
 FATAL_ERRNO = {
     errno.ENOSPC: "no space left",
@@ -193,14 +194,13 @@ def filesystem(uri: str) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it). S3 gets one attempt per call from botocore and
     s3fs, so that retries happen (and are logged) here only, unless fsspec's config says
     otherwise."""
-    protocol = uri.partition("://")[0]
     options: dict[str, Any] = {}
-    if protocol in ("s3", "s3a"):
-        conf = fsspec.config.conf.get("s3", {})
-        options = {k: v for k, v in (("retries", 1),) if k not in conf}
-        if "config_kwargs" not in conf:
-            options["config_kwargs"] = {"retries": {"max_attempts": 1, "mode": "standard"}}
+    s3 = uri.partition("://")[0] in ("s3", "s3a")
+    if s3 and "config_kwargs" not in fsspec.config.conf.get("s3", {}):
+        options["config_kwargs"] = {"retries": {"total_max_attempts": 1, "mode": "standard"}}
     fs, path = fsspec.core.url_to_fs(uri, **options)
+    if s3:
+        fs.retries = 1  # s3fs's own loop over network errors (a class attribute, not an option)
     return fs, path
 
 
@@ -215,9 +215,10 @@ def write_bytes(where: Location, data: bytes) -> None:
     def put() -> None:
         try:
             fs.pipe_file(path, data)
-        except FileNotFoundError:
-            if not fs.exists(fs._parent(path)):  # a file system with real directories
-                fs.makedirs(fs._parent(path), exist_ok=True)
+        except FileNotFoundError:  # a missing bucket stays an error; a missing directory
+            if where.partition("://")[0] in OBJECT_STORES:  # (sftp, hdfs, ...) is made
+                raise
+            fs.makedirs(fs._parent(path), exist_ok=True)
             fs.pipe_file(path, data)
 
     call("write", where, put, nbytes=len(data))
