@@ -7,6 +7,8 @@
    alternation, twice each, on the same machine).
 2. Recovery: seconds from SIGKILL of a stage's worker process to training again.
 3. Checkpoint write time per MB, for a ResNet-18's full state (weights, synapses, AdamW).
+4. What a checkpoint costs the training loop (the checkpointing state's seconds): a cut in flow
+   with the write in the background, and the final one (drained, written and waited for).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from driver.api.service_config import ServiceConfig
 from driver.config import parse_config
 from driver.data.load import load_dataset
 from driver.run import checkpoint
+from driver.run.callbacks import Callback
 from driver.run.controller import Controller, RunState
 
 RUN = """
@@ -95,6 +98,34 @@ def served(size: int, every: int, watchers: int, out: Path) -> float:
         client.close()
         svc.stop()
         endpoint.close()
+
+
+class CheckpointTimer(Callback):
+    """Seconds from entering the checkpointing state to leaving it, per checkpoint."""
+
+    def __init__(self) -> None:
+        self.entered: float | None = None
+        self.seconds: list[float] = []
+
+    def after_transition(self, ctl, previous, current) -> None:  # noqa: ANN001
+        now = time.perf_counter()
+        if previous is RunState.CHECKPOINTING and self.entered is not None:
+            self.seconds.append(now - self.entered)
+        self.entered = now if current is RunState.CHECKPOINTING else None
+
+
+def loop_cost(size: int, every: int, out: Path) -> dict:
+    cfg = parse_config(RUN.format(size=size, every=every))
+    timer = CheckpointTimer()
+    ctl = Controller(cfg, out_dir=out, splits=load_dataset(cfg.data), callbacks=[timer])
+    ctl.run_to_end()
+    in_flow = timer.seconds[:-1]
+    return {
+        "in_flow_median_s": statistics.median(in_flow) if in_flow else None,
+        "final_s": timer.seconds[-1],
+        "published": ctl.checkpoints_written,
+        "failed": ctl.checkpoints.failed,
+    }
 
 
 def recovery(size: int, out: Path) -> float:
@@ -179,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
                 flush=True,
             )
         rec = recovery(args.size, tmp / "recovery")
+        cost = loop_cost(args.size, args.checkpoint_every, tmp / "cost")
         ckpt = checkpoint_speed(tmp / "ckpt")
     finally:
         ray.shutdown()
@@ -191,12 +223,17 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio": served_rate / plain_rate,
         "recovery_seconds": rec,
         "checkpoint": ckpt,
+        "checkpoint_loop": cost,
     }
     print(
         f"served / plain samples/s: {result['ratio']:.3f} (with /metrics, a checkpoint every "
         f"{args.checkpoint_every} steps, {args.watchers} watchers)"
     )
     print(f"recovery after a stage kill: {rec:.1f} s to training again")
+    print(
+        f"the loop's time per checkpoint: {1e3 * (cost['in_flow_median_s'] or 0):.1f} ms in flow, "
+        f"{1e3 * cost['final_s']:.0f} ms for the final one (drained, written, waited for)"
+    )
     print(
         f"checkpoint: {ckpt['megabytes']:.1f} MB in {ckpt['seconds']:.2f} s "
         f"({1e3 * ckpt['seconds_per_mb']:.1f} ms/MB)"
