@@ -27,24 +27,34 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import ray
 
-from bench.chaos_faults import FullStore, SmallDisk, Stopped, actor_pid, alive, signal_worker
-from bench.chaos_plan import Fault, compare_states, make_plan, table
+from bench.chaos_faults import (
+    FullStore,
+    SmallDisk,
+    Stopped,
+    actor_pid,
+    alive,
+    names,
+    signal_worker,
+)
+from bench.chaos_plan import Fault, Watch, compare_states, make_plan, table
 from driver.config import Config, load_config
 from driver.data.common import DatasetSplits
 from driver.data.load import load_dataset
 from driver.run import checkpoint
-from driver.run.callbacks import Callback
 from driver.run.controller import Controller, RunFailed, RunState
 
 BOUNDS = {2: "[2]", 3: "[1, 3]"}
-ENOSPC_TEXT = ("no space left", "enospc", "errno 28")
 
 
-def chaos_config(stages: int, epochs: int, every: int, timeout_s: float) -> Config:
-    """A tiny digits run (ResNet width 4, float64, sync) whose weights compare bitwise."""
+def chaos_config(
+    stages: int, epochs: int, every: int, timeout_s: float, transport: str = "object_store"
+) -> Config:
+    """A tiny digits run (ResNet width 4, float64, sync) whose weights compare bitwise. The
+    object store carries activations by default: a gloo group is made under the same
+    pipeline.step_timeout_s, which a few seconds (as the SIGSTOP needs) do not cover on a busy
+    2-core machine, so every start would wait the deadline out before falling back."""
     return load_config(
         None,
         [
@@ -61,34 +71,9 @@ def chaos_config(stages: int, epochs: int, every: int, timeout_s: float) -> Conf
             "pipeline.micro_batches=2",
             'pipeline.schedule="sync"',
             f"pipeline.step_timeout_s={timeout_s}",
+            f'pipeline.transport="{transport}"',
         ],
     )
-
-
-class Watch(Callback, logging.Handler):
-    """What the driving thread reports: the step each restart went back to, checkpoints
-    written, and checkpoint writes that failed for lack of space (from the log)."""
-
-    def __init__(self) -> None:
-        logging.Handler.__init__(self, logging.WARNING)
-        self.restored: list[int] = []
-        self.written: list[tuple[float, int]] = []
-        self.enospc: list[tuple[float, int, str]] = []  # (when, steps trained, message)
-        self.ctl: Any = None
-
-    def on_restart(self, ctl: Any) -> None:
-        self.restored.append(ctl.run.steps)
-
-    def after_checkpoint(self, ctl: Any, path: Path | str) -> None:
-        self.written.append((time.perf_counter(), ctl.run.steps))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        text = record.getMessage()
-        exc = str(record.exc_info[1]) if record.exc_info else ""
-        text += f" ({exc})" if exc and exc not in text else ""
-        if any(t in text.lower() for t in ENOSPC_TEXT):
-            steps = self.ctl.run.steps if self.ctl is not None else -1
-            self.enospc.append((time.perf_counter(), steps, text.splitlines()[0][:300]))
 
 
 def _wait(cond, timeout_s: float, poll_s: float = 0.005) -> bool:  # noqa: ANN001
@@ -125,6 +110,11 @@ def _inject(
         f.recovered = ctl.run.steps > f.step and ctl.state is not RunState.FAILED
         if f.recovered:
             f.seconds = time.perf_counter() - t0
+        # recovered also means: the location takes checkpoints again once it has space
+        _wait(lambda: any(s > f.step for _, s in watch.written) or ctl.done, 300)
+        later = [s for _, s in watch.written if s > f.step]
+        f.recovered = f.recovered and bool(later)
+        f.note += f"; next good checkpoint: step {later[0]}" if later else "; none after"
         return
     runner = ctl.runner
     if runner is None:
@@ -152,16 +142,11 @@ def _inject(
         f.note = (f.note + f" run {ctl.state}: {ctl.error}").strip()
 
 
-def _names(where: str | Path) -> list[str]:
-    """The file names in a local directory or under a URI."""
-    if isinstance(where, Path):
-        return sorted(p.name for p in where.iterdir())
-    fs, path = fsspec.core.url_to_fs(where)
-    return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-
-
-def soak(cfg: Config, splits: DatasetSplits, plan: list[Fault], work: Path) -> dict[str, Any]:
-    """The reference run, then the same run under `plan`'s faults; their figures."""
+def soak(
+    cfg: Config, splits: DatasetSplits, plan: list[Fault], work: Path, store: str = "tmpfs"
+) -> dict[str, Any]:
+    """The reference run, then the same run under `plan`'s faults; their figures. `store`:
+    where the checkpoints run out of space, a "tmpfs" (if it can be mounted) or "fsspec"."""
     t_start = time.perf_counter()
     ref = Controller(cfg, out_dir=work / "ref", splits=splits, callbacks=[])
     ref.run_to_end()
@@ -169,11 +154,13 @@ def soak(cfg: Config, splits: DatasetSplits, plan: list[Fault], work: Path) -> d
     t_ref = time.perf_counter() - t_start
     watch = Watch()
     out: str | Path = work / "chaos"
-    disk: SmallDisk | FullStore
-    try:  # a real filesystem that runs out of space: a small tmpfs under the checkpoints
-        disk = SmallDisk(work / "chaos" / cfg.rule.name / "checkpoints", 32 << 20)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        logging.warning("chaos: cannot mount a tmpfs (%s); using an fsspec store", exc)
+    disk: SmallDisk | FullStore | None = None
+    if store != "fsspec":  # a real filesystem that runs out of space: a small tmpfs
+        try:
+            disk = SmallDisk(work / "chaos" / cfg.rule.name / "checkpoints", 32 << 20)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            logging.warning("chaos: cannot mount a tmpfs (%s); using an fsspec store", exc)
+    if disk is None:
         disk = FullStore()
         out = f"{disk.protocol}://{work.name}/chaos"
     ctl = Controller(cfg, out_dir=out, splits=splits, callbacks=[watch])
@@ -221,7 +208,7 @@ def soak(cfg: Config, splits: DatasetSplits, plan: list[Fault], work: Path) -> d
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             last_good = {"ok": False, "error": str(exc)}
             equal, diff = False, float("inf")
-        leftovers = [n for n in _names(ctl.ckpt_dir) if ".tmp" in n]
+        leftovers = [n for n in names(ctl.ckpt_dir) if ".tmp" in n]
     finally:
         root.removeHandler(watch)
         if driver.is_alive():
@@ -237,6 +224,7 @@ def soak(cfg: Config, splits: DatasetSplits, plan: list[Fault], work: Path) -> d
         "stages": cfg.pipeline.stages,
         "checkpoint_every": every,
         "step_timeout_s": timeout_s,
+        "transport": cfg.pipeline.transport,
         "enospc_method": "tmpfs" if isinstance(disk, SmallDisk) else "fsspec",
         "faults_injected": len(injected),
         "faults_survived": sum(f.recovered for f in plan),
@@ -252,7 +240,9 @@ def soak(cfg: Config, splits: DatasetSplits, plan: list[Fault], work: Path) -> d
         "max_abs_diff": diff,
         "restarts": ctl.restarts,
         "unplanned_restarts": ctl.restarts - sum(f.restored_to >= 0 for f in plan),
-        "checkpoint_write_failures": len(watch.enospc),
+        "checkpoint_write_failures": getattr(
+            getattr(ctl, "checkpoints", None), "failed", len(watch.enospc)
+        ),
         "error": ctl.error if ctl.state is RunState.FAILED else None,
         "last_good_checkpoint": last_good,
         "leftover_tmp_files": leftovers,
@@ -272,16 +262,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--checkpoint-every", type=int, default=4)
     p.add_argument("--step-timeout", type=float, default=6.0, help="pipeline.step_timeout_s")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--transport", default="object_store", help="pipeline.transport")
+    p.add_argument("--store", choices=("tmpfs", "fsspec"), default="tmpfs", help="for ENOSPC")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg = chaos_config(args.stages, args.epochs, args.checkpoint_every, args.step_timeout)
+    cfg = chaos_config(
+        args.stages, args.epochs, args.checkpoint_every, args.step_timeout, args.transport
+    )
     splits = load_dataset(cfg.data)
     n = len(splits.train)  # type: ignore[arg-type]
     total = args.epochs * -(-n // cfg.train.batch_size)
     plan = make_plan(args.seed, args.stages, total, args.checkpoint_every + 2)
     ray.init(num_cpus=4, include_dashboard=False, namespace="reclra-chaos")
     try:
-        result = soak(cfg, splits, plan, Path(tempfile.mkdtemp(prefix="reclra-chaos-")))
+        result = soak(cfg, splits, plan, Path(tempfile.mkdtemp(prefix="reclra-chaos-")), args.store)
     finally:
         ray.shutdown()
     result["seed"] = args.seed

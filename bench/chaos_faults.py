@@ -1,6 +1,6 @@
 """The faults bench.chaos injects into a live run: signals to a stage's worker process, and a
 checkpoint location that runs out of space (a small tmpfs filled up, or, where mounting is not
-allowed, an fsspec filesystem that fails its next write with ENOSPC)."""
+allowed, bench.faults' enospc:// filesystem failing the next checkpoint write)."""
 
 from __future__ import annotations
 
@@ -138,32 +138,32 @@ class SmallDisk:
 
 
 class FullStore:
-    """Where no tmpfs can be mounted: the run's outputs go to `protocol`:// (fsspec's memory
-    filesystem underneath), and fill() makes the next checkpoint write there fail with
-    OSError(ENOSPC). The same fill() / free() / close() as SmallDisk."""
+    """Where no tmpfs can be mounted: the run's outputs go to bench.faults' enospc:// (memory
+    underneath), and fill() makes its next checkpoint write fail with OSError(ENOSPC). The same
+    fill() / free() / close() as SmallDisk."""
 
-    def __init__(self, protocol: str = "chaosfull") -> None:
-        import fsspec
-        from fsspec.implementations.memory import MemoryFileSystem
+    protocol = "enospc"
 
-        class FullFileSystem(MemoryFileSystem):  # type: ignore[misc]
-            armed = False
+    def __init__(self) -> None:
+        from bench.faults import FullFileSystem
 
-            def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
-                if "r" not in mode and type(self).armed and "/checkpoints/" in path:
-                    type(self).armed = False
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
-                return super()._open(path, mode, **kwargs)
-
-        FullFileSystem.protocol = (protocol,)
-        fsspec.register_implementation(protocol, FullFileSystem, clobber=True)
-        self.fs, self.protocol = FullFileSystem, protocol
+        self.fs = FullFileSystem
 
     def fill(self) -> None:
-        self.fs.armed = True
+        self.fs.fail_next(1, "/checkpoints/")
 
     def free(self) -> None:
-        self.fs.armed = False
+        self.fs.reset()
 
     def close(self) -> None:
-        self.free()
+        self.fs.reset()
+
+
+def names(where: str | Path) -> list[str]:
+    """The file names in a local directory or under a URI."""
+    if isinstance(where, Path):
+        return sorted(p.name for p in where.iterdir())
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(where)
+    return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))

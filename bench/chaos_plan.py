@@ -1,15 +1,22 @@
-"""bench.chaos's plan (which fault, where, when: seeded) and its report (the weights compared,
-the table)."""
+"""bench.chaos's plan (which fault, where, when: seeded), what it watches of the run (a
+callback and a log handler) and its report (the weights compared, the table)."""
 
 from __future__ import annotations
 
+import logging
 import random
+import re
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from driver.run.callbacks import Callback
+
 KINDS = ("kill",) * 5 + ("stop", "enospc")
+ENOSPC_TEXT = ("no space left", "enospc", "errno 28")
 
 
 @dataclass
@@ -39,6 +46,34 @@ def make_plan(seed: int, stages: int, total: int, gap: int, kinds=KINDS) -> list
         Fault(k, -1 if k == "enospc" else rng.randrange(stages), s)
         for k, s in zip(order, steps, strict=True)
     ]
+
+
+class Watch(Callback, logging.Handler):
+    """What the driving thread reports: the step each restart went back to, checkpoints
+    written, and checkpoint writes that failed for lack of space (from the log)."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self, logging.WARNING)
+        self.restored: list[int] = []
+        self.written: list[tuple[float, int]] = []
+        self.enospc: list[tuple[float, int, str]] = []  # (when, steps trained, message)
+        self.ctl: Any = None
+
+    def on_restart(self, ctl: Any) -> None:
+        self.restored.append(ctl.run.steps)
+
+    def after_checkpoint(self, ctl: Any, path: Path | str) -> None:
+        step = re.search(r"ckpt-(\d+)", str(path))
+        self.written.append((time.perf_counter(), int(step.group(1)) if step else -1))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        exc = str(record.exc_info[1]) if record.exc_info else ""
+        text += f" ({exc})" if exc and exc not in text else ""
+        if any(t in text.lower() for t in ENOSPC_TEXT):
+            step = re.search(r"step (\d+)", text)  # the failed checkpoint's, else the run's
+            steps = int(step.group(1)) if step else self.ctl.run.steps if self.ctl else -1
+            self.enospc.append((time.perf_counter(), steps, text.splitlines()[0][:300]))
 
 
 def compare_states(a: Any, b: Any) -> tuple[bool, float]:
