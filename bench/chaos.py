@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import statistics
 import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +136,7 @@ def _inject(
     f.recovered = f.recovered and ctl.restarts > r0 and ctl.run.steps > f.step
     if f.recovered:
         f.seconds = time.perf_counter() - t0
+    f.restarts = ctl.restarts - r0
     if len(watch.restored) > n0:
         f.restored_to = watch.restored[n0]
         f.steps_replayed = f.step - f.restored_to
@@ -147,8 +149,10 @@ def soak(
 ) -> dict[str, Any]:
     """The reference run, then the same run under `plan`'s faults; their figures. `store`:
     where the checkpoints run out of space, a "tmpfs" (if it can be mounted) or "fsspec"."""
-    t_start = time.perf_counter()
-    ref = Controller(cfg, out_dir=work / "ref", splits=splits, callbacks=[])
+    t_start, load = time.perf_counter(), os.getloadavg()
+    # the same run, uninterrupted (its deadline at the default: starts may be slow here)
+    ref_cfg = replace(cfg, pipeline=replace(cfg.pipeline, step_timeout_s=300.0))
+    ref = Controller(ref_cfg, out_dir=work / "ref", splits=splits, callbacks=[])
     ref.run_to_end()
     ref_state = checkpoint.load(ref.ckpt_dir)["runner"]
     t_ref = time.perf_counter() - t_start
@@ -233,6 +237,10 @@ def soak(
         "recovery_seconds": secs,
         "recovery_seconds_median": statistics.median(secs) if secs else None,
         "recovery_seconds_max": max(secs) if secs else None,
+        "recovery_seconds_by_kind": {
+            k: [f.seconds for f in plan if f.kind == k and f.seconds is not None]
+            for k in sorted({f.kind for f in plan})
+        },
         "final_state": str(ctl.state),
         "final_steps": ctl.run.steps,
         "expected_steps": expected,
@@ -251,6 +259,7 @@ def soak(
         "reference_seconds": t_ref,
         "chaos_seconds": chaos_s,
         "wall_seconds": time.perf_counter() - t_start,
+        "load_average_before_after": [load[0], os.getloadavg()[0]],
     }
 
 
@@ -260,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--stages", type=int, choices=(2, 3), default=3)
     p.add_argument("--epochs", type=int, default=4, help="digits epochs (19 steps each)")
     p.add_argument("--checkpoint-every", type=int, default=4)
-    p.add_argument("--step-timeout", type=float, default=6.0, help="pipeline.step_timeout_s")
+    p.add_argument("--step-timeout", type=float, default=10.0, help="pipeline.step_timeout_s")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--transport", default="object_store", help="pipeline.transport")
     p.add_argument("--store", choices=("tmpfs", "fsspec"), default="tmpfs", help="for ENOSPC")

@@ -27,6 +27,7 @@ class Fault:
     step: int = -1  # steps trained when injected (enospc: when the write failed)
     restored_to: int = -1  # the checkpoint step the run went back to (-1: none)
     steps_replayed: int = 0
+    restarts: int = 0  # the run's restarts until it recovered (more than 1: a start timed out)
     recovered: bool = False
     seconds: float | None = None
     note: str = ""
@@ -97,14 +98,15 @@ def compare_states(a: Any, b: Any) -> tuple[bool, float]:
 
 def table(result: dict[str, Any]) -> str:
     rows = [
-        "| # | fault | stage | step | back to | replayed | recovered | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| # | fault | stage | step | back to | replayed | restarts | recovered | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for i, f in enumerate(result["faults"], 1):
         sec = f"{f['seconds']:.2f}" if f["seconds"] is not None else "-"
         rows.append(
             f"| {i} | {f['kind']} | {f['stage'] if f['stage'] >= 0 else 'ckpt'} | {f['step']} | "
             f"{f['restored_to'] if f['restored_to'] >= 0 else '-'} | {f['steps_replayed']} | "
+            f"{f['restarts']} | "
             f"{'yes' if f['recovered'] else 'NO'} | {sec} |"
         )
     r = result
