@@ -4,7 +4,7 @@
 
 1. Samples/s of a K = 2 Ray run with /metrics served, checkpoints every N steps and W gRPC
    watchers streaming its progress, as a ratio to the same run with none of them (in
-   alternation, twice each, on the same machine).
+   alternation, --rounds times each, on the same machine).
 2. Recovery: seconds from SIGKILL of a stage's worker process to training again.
 3. Checkpoint write time per MB, for a ResNet-18's full state (weights, synapses, AdamW).
 4. What a checkpoint costs the training loop (the checkpointing state's seconds): a cut in flow
@@ -194,12 +194,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", type=int, default=1024, help="synthetic training samples per run")
     p.add_argument("--watchers", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=2, help="plain/served pairs (medians taken)")
     args = p.parse_args(argv)
     ray.init(num_cpus=4, include_dashboard=False)
     tmp = Path(tempfile.mkdtemp(prefix="reclra-bench-service-"))
     try:
         rates: dict[str, list[float]] = {"plain": [], "served": []}
-        for i in range(2):
+        for i in range(args.rounds):
             rates["plain"].append(plain(args.size, tmp / f"plain{i}"))
             rates["served"].append(
                 served(args.size, args.checkpoint_every, args.watchers, tmp / f"served{i}")

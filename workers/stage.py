@@ -286,3 +286,7 @@ class Stage:
 
     def drop_cache(self) -> None:
         self._cache.clear()
+
+    @property
+    def cached(self) -> int:
+        return len(self._cache)
