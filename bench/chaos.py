@@ -15,6 +15,7 @@ count minus the steps the run ended with (0: nothing skipped, nothing left untra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -39,42 +41,12 @@ from bench.chaos_faults import (
     names,
     signal_worker,
 )
-from bench.chaos_plan import Fault, Watch, compare_states, make_plan, table
-from driver.config import Config, load_config
+from bench.chaos_plan import Fault, Watch, chaos_config, compare_states, make_plan, table
+from driver.config import Config
 from driver.data.common import DatasetSplits
 from driver.data.load import load_dataset
 from driver.run import checkpoint
 from driver.run.controller import Controller, RunFailed, RunState
-
-BOUNDS = {2: "[2]", 3: "[1, 3]"}
-
-
-def chaos_config(
-    stages: int, epochs: int, every: int, timeout_s: float, transport: str = "object_store"
-) -> Config:
-    """A tiny digits run (ResNet width 4, float64, sync) whose weights compare bitwise. The
-    object store carries activations by default: a gloo group is made under the same
-    pipeline.step_timeout_s, which a few seconds (as the SIGSTOP needs) do not cover on a busy
-    2-core machine, so every start would wait the deadline out before falling back."""
-    return load_config(
-        None,
-        [
-            "model.width=4",
-            f"train.epochs={epochs}",
-            "train.batch_size=64",
-            "train.compare=[]",
-            'train.dtype="float64"',
-            "train.log_every=100000",
-            f"train.checkpoint_every={every}",
-            "train.max_restarts=50",
-            f"pipeline.stages={stages}",
-            f"pipeline.boundaries={BOUNDS[stages]}",
-            "pipeline.micro_batches=2",
-            'pipeline.schedule="sync"',
-            f"pipeline.step_timeout_s={timeout_s}",
-            f'pipeline.transport="{transport}"',
-        ],
-    )
 
 
 def _wait(cond, timeout_s: float, poll_s: float = 0.005) -> bool:  # noqa: ANN001
@@ -144,6 +116,20 @@ def _inject(
         f.note = (f.note + f" run {ctl.state}: {ctl.error}").strip()
 
 
+def _start(make: Callable[[], Controller], tries: int = 3) -> tuple[Controller, int]:
+    """The run stepped to RUNNING (its first start and checkpoint) before any fault. A busy
+    machine can start the actors past the step deadline, which fails a run that has no
+    checkpoint yet: the run is then made again (counted in `start_attempts`)."""
+    for attempt in range(1, tries + 1):
+        ctl = make()
+        while ctl.state is not RunState.RUNNING and not ctl.done:
+            ctl.step()
+        if not ctl.done:
+            return ctl, attempt
+        logging.warning("chaos: the run did not start (%s); making it again", ctl.error)
+    raise RuntimeError(f"chaos: the run did not start in {tries} attempts: {ctl.error}")
+
+
 def soak(
     cfg: Config, splits: DatasetSplits, plan: list[Fault], work: Path, store: str = "tmpfs"
 ) -> dict[str, Any]:
@@ -167,23 +153,21 @@ def soak(
     if disk is None:
         disk = FullStore()
         out = f"{disk.protocol}://{work.name}/chaos"
-    ctl = Controller(cfg, out_dir=out, splits=splits, callbacks=[watch])
-    watch.ctl = ctl
     root = logging.getLogger()
     root.addHandler(watch)
-    failure: list[BaseException] = []
     signalled: list[int] = []  # worker processes killed or stopped: all must be gone at the end
-
-    def drive() -> None:
-        try:
-            ctl.run_to_end()
-        except RunFailed as exc:
-            failure.append(exc)
-
-    driver = threading.Thread(target=drive, name="chaos-run", daemon=True)
+    driver: threading.Thread | None = None
     t0 = time.perf_counter()
     every, timeout_s = cfg.train.checkpoint_every, cfg.pipeline.step_timeout_s
     try:
+        ctl, starts = _start(lambda: Controller(cfg, out_dir=out, splits=splits, callbacks=[watch]))
+        watch.ctl = ctl
+
+        def drive() -> None:
+            with contextlib.suppress(RunFailed):  # the run's error stays in ctl.error
+                ctl.run_to_end()
+
+        driver = threading.Thread(target=drive, name="chaos-run", daemon=True)
         with Stopped() as stopped:
             driver.start()
             for f in plan:
@@ -215,7 +199,7 @@ def soak(
         leftovers = [n for n in names(ctl.ckpt_dir) if ".tmp" in n]
     finally:
         root.removeHandler(watch)
-        if driver.is_alive():
+        if driver is not None and driver.is_alive():
             ctl.request_stop()
             driver.join(120)
         disk.close()
@@ -229,6 +213,7 @@ def soak(
         "checkpoint_every": every,
         "step_timeout_s": timeout_s,
         "transport": cfg.pipeline.transport,
+        "start_attempts": starts,
         "enospc_method": "tmpfs" if isinstance(disk, SmallDisk) else "fsspec",
         "faults_injected": len(injected),
         "faults_survived": sum(f.recovered for f in plan),

@@ -1,5 +1,5 @@
-"""bench.chaos's plan (which fault, where, when: seeded), what it watches of the run (a
-callback and a log handler) and its report (the weights compared, the table)."""
+"""bench.chaos's plan (the run; which fault, where, when: seeded), what it watches of the run
+(a callback and a log handler) and its report (the weights compared, the table)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,40 @@ from typing import Any
 
 import torch
 
+from driver.config import Config, load_config
 from driver.run.callbacks import Callback
 
 KINDS = ("kill",) * 5 + ("stop", "enospc")
 ENOSPC_TEXT = ("no space left", "enospc", "errno 28")
+BOUNDS = {2: "[2]", 3: "[1, 3]"}
+
+
+def chaos_config(
+    stages: int, epochs: int, every: int, timeout_s: float, transport: str = "object_store"
+) -> Config:
+    """A tiny digits run (ResNet width 4, float64, sync) whose weights compare bitwise. The
+    object store carries activations by default: a gloo group is made under the same
+    pipeline.step_timeout_s, which a few seconds (as the SIGSTOP needs) do not cover on a busy
+    2-core machine, so every start would wait the deadline out before falling back."""
+    return load_config(
+        None,
+        [
+            "model.width=4",
+            f"train.epochs={epochs}",
+            "train.batch_size=64",
+            "train.compare=[]",
+            'train.dtype="float64"',
+            "train.log_every=100000",
+            f"train.checkpoint_every={every}",
+            "train.max_restarts=50",
+            f"pipeline.stages={stages}",
+            f"pipeline.boundaries={BOUNDS[stages]}",
+            "pipeline.micro_batches=2",
+            'pipeline.schedule="sync"',
+            f"pipeline.step_timeout_s={timeout_s}",
+            f'pipeline.transport="{transport}"',
+        ],
+    )
 
 
 @dataclass

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import ray
 
-from bench.chaos import chaos_config, soak
+from bench.chaos import soak
 from bench.chaos_faults import SmallDisk
-from bench.chaos_plan import Fault
+from bench.chaos_plan import Fault, chaos_config
 from driver.data.load import load_dataset
 
 pytestmark = pytest.mark.ray
