@@ -130,3 +130,22 @@ def test_a_hung_stage_times_out_and_is_recreated(cluster, digits, tmp_path):
     assert ctl.state is RunState.SUCCEEDED, ctl.error
     assert ctl.restarts == 1 and ctl.run.steps == 19
     assert "stage 1" in (ctl.error or "") and "pipeline.step_timeout_s" in (ctl.error or "")
+
+
+def test_a_start_that_fails_before_any_checkpoint_is_retried_up_to_max_restarts(
+    cluster, digits, tmp_path
+):
+    """Actors that cannot start in time (a deadline far too short) are lost before the first
+    checkpoint exists: nothing was trained, so the run starts them again, counting restarts,
+    and fails only when no restarts are left, saying so."""
+    cfg = load_config(
+        None,
+        [*BASE, "pipeline.stages=2", "pipeline.boundaries=[2]", "train.max_restarts=2"]
+        + ["pipeline.placement_timeout_s=0.001"],
+    )
+    ctl = Controller(cfg, out_dir=tmp_path, splits=digits, callbacks=[])
+    with pytest.raises(RunFailed, match=r"no restarts left \(train.max_restarts = 2\)"):
+        ctl.run_to_end()
+    assert ctl.restarts == 2
+    assert ctl.run.steps == 0
+    assert not checkpoint.checkpoints(tmp_path / "rec_lra" / "checkpoints")

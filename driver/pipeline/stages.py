@@ -115,9 +115,10 @@ class RayStages:
         )
         self.actors = self.group.actors
         self.step_timeout_s = step_timeout_s
+        self.start_timeout_s = placement_timeout_s  # start-up is placement's, not a step's
         self.transport = transport
         if direct:
-            why = self.group.collective(transport, step_timeout_s)
+            why = self.group.collective(transport, placement_timeout_s)
             if why:
                 log.warning(
                     "pipeline: %s transport unavailable (%s); using the object store",
@@ -167,9 +168,13 @@ class RayStages:
         return ray.put(value)
 
     def ready(self) -> None:
-        """Wait until every actor's constructor ran: its errors surface here, with a deadline."""
+        """Wait until every actor's constructor ran: its errors surface here, with the start
+        deadline (pipeline.placement_timeout_s: a step deadline short enough to catch a hung
+        stage quickly must not also bound actor start-up)."""
         pings = [(i, a.ping.remote()) for i, a in enumerate(self.actors)]
-        self.gather(pings, "start", self.step_timeout_s)
+        self.group.gather(
+            pings, timeout_s=self.start_timeout_s, key="pipeline.placement_timeout_s", what="start"
+        )
 
     def gather(
         self, futures: Sequence[tuple[int, Future]], what: str, timeout_s: float

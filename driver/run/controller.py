@@ -240,8 +240,17 @@ class Controller(TrainingWork):
         max_restarts = self.cfg.train.max_restarts
         self.checkpoints.drop()  # a cut the lost stages never finished
         self.checkpoints.publish(self, self.callbacks, wait=True)  # recovery needs it on disk
-        if self.restarts >= max_restarts or not checkpoint.checkpoints(self.ckpt_dir):
+        if self.restarts >= max_restarts:
             return self._fail(exc, f"{exc}; no restarts left (train.max_restarts = {max_restarts})")
+        if not checkpoint.checkpoints(self.ckpt_dir):
+            if self.run.steps == 0 and self._resume_state is None:  # nothing trained: start over
+                log.warning("%s; nothing trained yet, starting the actors again", exc)
+                self._close()
+                self.restarts += 1
+                for cb in self.callbacks:
+                    cb.on_restart(self)
+                return RunState.STARTING
+            return self._fail(exc, f"{exc}; no checkpoint to recover from in {self.ckpt_dir}")
         log.warning("%s; recreating the actors from the last checkpoint", exc)
         self._close()
         return RunState.RECOVERING
