@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e '.[dev]'
+	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e '.[dev,cloud]'
 	$(BIN)/python -m driver.api.protogen
 	touch $(STAMP)
 

@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--checkpoint-every", type=int, default=4)
     p.add_argument("--step-timeout", type=float, default=10.0, help="pipeline.step_timeout_s")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--transport", default="object_store", help="pipeline.transport")
+    p.add_argument("--transport", default="auto", help="pipeline.transport")
     p.add_argument("--store", choices=("tmpfs", "fsspec"), default="tmpfs", help="for ENOSPC")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

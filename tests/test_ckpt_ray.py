@@ -4,18 +4,18 @@ worker is killed, learning every micro-batch exactly once."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 
 import pytest
 import ray
-import torch
+from ckpt_helpers import assert_equal as _assert_equal
+from ckpt_helpers import batches as _batches
+from ckpt_helpers import stage_states as _stage_states
 
 from driver.config import load_config
-from driver.data.load import load_dataset, make_loader
+from driver.data.load import load_dataset
 from driver.pipeline.build import build_runner
-from driver.pipeline.stream import StreamPipeline
 from driver.run import checkpoint
 from driver.run.controller import Controller, RunState
 
@@ -32,31 +32,6 @@ BASE = [
     "pipeline.micro_batches=4",
     "rule.input_noise=0.05",  # the first stage's noise RNG is part of the cut
 ]
-
-
-def _batches(cfg, digits, n: int) -> list:
-    loader = make_loader(digits.train, cfg.train.batch_size, shuffle=True, seed=0, epoch=0)
-    return list(itertools.islice(iter(loader), n))
-
-
-def _stage_states(p: StreamPipeline) -> list[dict]:
-    futures = [(s, p.stages.state_dict(s)) for s in range(p.k)]
-    return p.stages.gather(futures, "state_dict", 60.0)
-
-
-def _assert_equal(a, b, where: str = "") -> None:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_equal(x, y, f"{where}[{i}]")
-    elif torch.is_tensor(a):
-        assert torch.equal(a, b), where
-    else:
-        assert a == b, where
 
 
 @pytest.fixture(scope="module")
