@@ -140,6 +140,12 @@ class Metrics:
             registry=r,
         )
         self.restarts = Counter("reclra_restarts", "Stage recoveries", ["run"], registry=r)
+        self.stage_count = Gauge(
+            "reclra_stages",
+            "Stages the run trains on now (fewer than asked while pipeline.elastic has shrunk it)",
+            ["run"],
+            registry=r,
+        )
 
     # -- recording ----------------------------------------------------------------------------
     def register_run(self, run: str) -> None:
@@ -175,6 +181,9 @@ class Metrics:
                 self.synapse_angle.labels(run, s, layer).set(v)
             for layer, v in st.backprop_cosine.items():  # {} between probes: keeps the last
                 self.backprop_cosine.labels(run, s, layer).set(v)
+
+    def set_stages(self, run: str, k: int) -> None:
+        self.stage_count.labels(run).set(k)
 
     def checkpoint(self, run: str) -> None:
         self.checkpoints.labels(run).inc()

@@ -120,6 +120,13 @@ def build_runner(
     return LocalRunner(specs), part
 
 
+def plan(cfg: Config, splits: DatasetSplits) -> Partition:
+    """The partition build_runner chooses for `cfg` without `bounds` (profiled and balanced,
+    or pipeline.boundaries), without building anything."""
+    names = block_names(cfg, splits)
+    return _plan(cfg, base_spec(cfg, splits, len(names)), names, splits)
+
+
 def profile_sample(cfg: Config, splits: DatasetSplits) -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-batch to profile on: the first training items (as many as a micro-batch of
     a step holds)."""

@@ -29,6 +29,9 @@ class PipelineConfig:
     # nccl between GPUs, gloo on CPU (3.6x faster than the object store, bench.transport),
     # falling back to the object store where the collective group cannot be made
     transport: str = "auto"
+    # when the stages cannot be placed again, go on from the last checkpoint on the largest
+    # stage count that fits, and back to `stages` at a checkpoint once it fits again (elastic.py)
+    elastic: bool = False
 
     def __post_init__(self) -> None:
         if self.stages != "auto" and not (

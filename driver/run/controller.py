@@ -24,7 +24,8 @@ from driver.api.metrics import Metrics
 from driver.config import Config, config_to_dict
 from driver.data.common import DatasetSplits
 from driver.data.load import load_dataset
-from driver.pipeline.build import Runner, build_runner
+from driver.pipeline.build import Runner
+from driver.pipeline.elastic import Elastic
 from driver.run import checkpoint, storage
 from driver.run.callbacks import TERMINAL, Callback, RunState
 from driver.run.ckpt_writer import Checkpoints, run_part
@@ -32,6 +33,7 @@ from driver.run.epochs import Epoch, Position
 from driver.run.errors import RECOVERABLE, RunFailed, failure_message
 from driver.run.observers import MetricsCallback, RunLogWriter
 from driver.run.progress import Progress
+from driver.run.resize import Resizing
 from driver.run.run_log import RunLog
 from driver.run.stats import StatsBook
 from driver.run.training import TrainingWork
@@ -41,7 +43,7 @@ __all__ = ["TERMINAL", "Controller", "Position", "RunFailed", "RunState"]
 log = logging.getLogger(__name__)
 
 
-class Controller(TrainingWork):
+class Controller(TrainingWork, Resizing):
     """Drives one training run: data, runner, epochs, evaluation, checkpoints, recovery.
 
     `callbacks` observe it (default: progress log lines); the run log (metrics.json) is always
@@ -70,6 +72,7 @@ class Controller(TrainingWork):
         self.book = StatsBook()
         self.pos = Position()
         self.runner: Runner | None = None
+        self.elastic = Elastic(cfg)  # the stage count trained on (pipeline.elastic)
         self.epoch: Epoch | None = None
         self.restarts = 0
         self.checkpoints = Checkpoints(keep=cfg.train.keep_checkpoints)  # written in the background
@@ -167,7 +170,7 @@ class Controller(TrainingWork):
         if self.cfg.train.threads and self._threads is None:
             self._threads = torch.get_num_threads()
             torch.set_num_threads(self.cfg.train.threads)
-        self.runner, part = build_runner(self.cfg, self.splits, self._bounds)
+        self.runner, part = self.elastic.build(self.cfg, self.splits, self._bounds)
         self._bounds = part.bounds
         self.run.partition = list(part.bounds)
         self.run.predicted_stage_seconds = list(part.stage_costs)
@@ -202,6 +205,8 @@ class Controller(TrainingWork):
         return RunState.RUNNING
 
     def _checkpointing(self) -> RunState:
+        if self._after_checkpoint is RunState.RUNNING and self._grow_due():
+            return self._grow()  # pipeline.elastic: back to the K asked for (run/resize.py)
         self._save(final=self._after_checkpoint is not RunState.RUNNING)
         return self._after_checkpoint
 

@@ -47,6 +47,8 @@ class MetricsCallback(Callback):
 
     def after_transition(self, ctl: RunView, previous: RunState, current: RunState) -> None:
         self.metrics.set_state(self.run_id, current.value)
+        if previous is RunState.STARTING and current is RunState.RUNNING:  # a runner was built
+            self.metrics.set_stages(self.run_id, len(ctl.run.partition) - 1)
 
     def after_train_step(self, ctl: RunView, seconds: float, samples: int) -> None:
         self.metrics.step(self.run_id, seconds, samples)
