@@ -111,6 +111,9 @@ class RunHandle(Callback):
         self.run_id, self.runs = run_id, runs
         self.version = 0
         self.cond = threading.Condition()
+        # the state the API reports: set when this handle's own callback runs, after the run
+        # log's (first in the list), so a watcher that sees "succeeded" finds metrics.json final
+        self.state = RunState.PENDING
         out: Any = folder if is_uri(folder) else Path(folder)  # a URI goes to the storage layer
         self.ctl = Controller(
             cfg, out_dir=out, metrics=runs.metrics, run_id=run_id, callbacks=[Progress(), self]
@@ -118,6 +121,7 @@ class RunHandle(Callback):
         self.thread = threading.Thread(target=self._drive, name=f"run-{run_id}", daemon=True)
 
     def after_transition(self, ctl: RunView, previous: RunState, current: RunState) -> None:
+        self.state = current
         self._bump()
 
     def _drive(self) -> None:
@@ -158,7 +162,7 @@ class RunHandle(Callback):
             total = min(total, c.cfg.train.max_steps) if total else c.cfg.train.max_steps
         return dict(
             run_id=self.run_id,
-            state=c.state.value,
+            state=self.state.value,
             step=c.run.steps,
             total_steps=total,
             epoch=c.pos.epoch,
