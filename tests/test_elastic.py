@@ -70,6 +70,14 @@ def test_a_smaller_k_is_cut_from_the_costs_already_profiled():
     assert el.bounds_for(2) == (0, 3, 6) and el.partition((0, 3, 6)).stage_costs == (0.0, 0.0)
 
 
+def test_without_elastic_nothing_is_checked():
+    cfg = load_config(None, ["pipeline.stages=3"])
+    el = Elastic(cfg)
+    el._remember(Partition((0, 1, 3, 6), (0.0, 0.0, 0.0), tuple("abcdef")))
+    el.k = 2
+    assert not el.on and not el.grow_due(cfg, None)  # no cluster is asked (none is connected)
+
+
 # -- a real cluster ---------------------------------------------------------------------------
 @ray.remote(num_cpus=1)
 class Hold:
