@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n = len(splits.train)  # type: ignore[arg-type]
     total = args.epochs * -(-n // cfg.train.batch_size)
     plan = make_plan(args.seed, args.stages, total, args.checkpoint_every + 2)
-    ray.init(num_cpus=4, include_dashboard=False, namespace="reclra-chaos")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="reclra-chaos")
     try:
         result = soak(cfg, splits, plan, Path(tempfile.mkdtemp(prefix="reclra-chaos-")), args.store)
     finally:

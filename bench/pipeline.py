@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = p.parse_args(argv)
     # two K = 2 pipelines stay up side by side (only one runs at a time): four CPU slots
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     result: dict = {"device": args.device, "cores": torch.get_num_threads(), "models": {}}
     try:
         for model in args.models.split(","):

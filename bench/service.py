@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--checkpoint-every", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2, help="plain/served pairs (medians taken)")
     args = p.parse_args(argv)
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     tmp = Path(tempfile.mkdtemp(prefix="reclra-bench-service-"))
     try:
         rates: dict[str, list[float]] = {"plain": [], "served": []}

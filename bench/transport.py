@@ -136,7 +136,8 @@ if __name__ == "__main__":
 
     mode, shape_text, iters_text = sys.argv[1:4]
     env = MODES[mode][2]
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env} if env else None)
+    runtime_env = {"env_vars": env} if env else None
+    ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env=runtime_env)
     shape_ = tuple(int(v) for v in shape_text.split(","))
     fn = globals()[MODES[mode][1]]
     print(json.dumps({"seconds": fn(shape_, int(iters_text))}), flush=True)

@@ -59,7 +59,13 @@ def connect(cfg: ClusterConfig) -> bool:
         if remote:
             ray.init(address=address, **kwargs)
         else:
-            local: dict[str, Any] = {"num_cpus": cfg.num_cpus or None, "include_dashboard": False}
+            # address "local": always a new Ray of this run's own, never a `ray start` cluster
+            # that happens to run on this machine (it would refuse num_cpus, or share it)
+            local: dict[str, Any] = {
+                "address": "local",
+                "num_cpus": cfg.num_cpus or None,
+                "include_dashboard": False,
+            }
             if cfg.num_gpus >= 0:
                 local["num_gpus"] = cfg.num_gpus
             ray.init(**local, **kwargs)

@@ -98,7 +98,9 @@ def test_no_diagnostics_no_cosines(digits, tmp_path):
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=4, include_dashboard=False, namespace="reclra-tests-alignment")
+    ray.init(
+        address="local", num_cpus=4, include_dashboard=False, namespace="reclra-tests-alignment"
+    )
     yield
     ray.shutdown()
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=4, include_dashboard=False, namespace="reclra-chaos-smoke")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="reclra-chaos-smoke")
     yield
     ray.shutdown()
 

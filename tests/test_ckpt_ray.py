@@ -36,7 +36,7 @@ BASE = [
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=4, include_dashboard=False, namespace="reclra-ckpt")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="reclra-ckpt")
     yield
     ray.shutdown()
 

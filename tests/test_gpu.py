@@ -65,7 +65,7 @@ def test_ray_pipeline_on_a_shared_gpu_matches_one_gpu_process():
     from driver.pipeline.config import PipelineConfig
     from driver.pipeline.stream import RayPipeline
 
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False)
     try:
         base = _base("rec_lra", "cuda")
         local = LocalRunner([base])

@@ -92,7 +92,7 @@ def test_in_process_async_equals_ray_async_bitwise(rule, bounds):
     specs = stage_specs(_base(rule), bounds)
     local = LocalPipeline(specs, cfg)
     _train(local, 4, 3)
-    ray.init(num_cpus=4, include_dashboard=False, namespace="reclra-tests-local")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="reclra-tests-local")
     try:
         remote = RayPipeline(specs, cfg)
         try:

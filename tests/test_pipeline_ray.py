@@ -31,6 +31,7 @@ SHAPE = (1, 8, 8)
 def cluster():
     here = Path(__file__).resolve().parent  # workers import this module's helper actors
     ray.init(
+        address="local",
         num_cpus=4,
         include_dashboard=False,
         namespace="reclra-tests",

@@ -35,7 +35,7 @@ BASE = [
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=4, include_dashboard=False, namespace="reclra-recovery")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="reclra-recovery")
     yield
     ray.shutdown()
 
