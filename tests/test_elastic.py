@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from prometheus_client import generate_latest
 
 from driver.api.metrics import Metrics, MetricsServer
 from driver.config import load_config
@@ -199,3 +200,41 @@ def _assert_same_weights(units: dict, ref: dict) -> None:
     for name in ref:
         for key, t in ref[name]["tensors"].items():
             torch.testing.assert_close(units[name]["tensors"][key], t, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_with_one_cpu_free_the_run_trains_in_process_then_grows_to_3(
+    cluster, digits, one_process, tmp_path
+):
+    """Two CPUs are taken before the run starts: 3 stages cannot be placed, 2 do not fit the
+    one CPU left, so the run trains in this process (K = 1) from its start. Both CPUs come back
+    at step 5 and the checkpoint at step 8 starts the 3 stages from the state trained so far."""
+    holds = [Hold.remote() for _ in range(2)]
+    assert ray.get([h.ping.remote() for h in holds], timeout=60)
+    metrics, counts = Metrics(), StageCounts()
+    ctl = Controller(
+        load_config(None, ELASTIC),
+        out_dir=tmp_path,
+        splits=digits,
+        metrics=metrics,
+        run_id="one",
+        callbacks=[counts],
+    )
+    try:
+        while not ctl.done:
+            ctl.step()
+            if holds and ctl.run.steps == 5 and ctl.state is RunState.RUNNING:
+                assert ctl.runner is not None and not hasattr(ctl.runner, "group")  # in process
+                for h in holds:
+                    ray.kill(h)
+                holds = []
+                _free_cpus_at_least(3.0)
+    finally:
+        for h in holds:
+            ray.kill(h)
+    assert ctl.state is RunState.SUCCEEDED, ctl.error
+    assert counts.built == [(0, 1), (8, 3)] and ctl.restarts == 0
+    assert 'reclra_stages{run="one"} 3.0' in generate_latest(metrics.registry).decode()
+    assert ctl.run.steps == STEPS
+    _assert_same_weights(_final_units(tmp_path), one_process)

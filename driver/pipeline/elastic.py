@@ -117,20 +117,21 @@ class Elastic:
     def shrink(self, cfg: Config, k: int, why: PlacementError) -> tuple[int, ...]:
         smaller = largest_fitting(k, stage_bundle(cfg), cfg.pipeline.strategy, free_nodes(cfg))
         where = "in this process" if smaller == 1 else "that fit the free resources"
-        log.warning("pipeline.elastic: %d stages -> %d (%s): %s", k, smaller, where, why)
+        log.warning("pipeline.elastic: %d -> %d stages (%s): %s", k, smaller, where, why)
         return self.bounds_for(smaller)
 
     def grow_due(self, cfg: Config, runner: Runner | None) -> bool:
         """Whether the run trains on fewer stages than asked and the cluster could now hold
-        them all (its free resources plus what the run's own stages hold)."""
-        if not self.on or not 0 < self.k < self.asked:
+        them all (its free resources plus what the run's own stages hold). Not when Ray is
+        not connected (K' = 1 after the run's own local Ray, which cannot grow, was stopped)."""
+        if not self.on or not 0 < self.k < self.asked or not ray.is_initialized():
             return False
         group = getattr(runner, "group", None)
         nodes = free_nodes(cfg, group.pg if group is not None else None)
         if not fits(self.asked, stage_bundle(cfg), cfg.pipeline.strategy, nodes):
             return False
         log.warning(
-            "pipeline.elastic: %d stages -> %d (the cluster can hold them again)",
+            "pipeline.elastic: %d -> %d stages (the cluster can hold them again)",
             self.k,
             self.asked,
         )
