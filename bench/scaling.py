@@ -1,0 +1,163 @@
+"""Benchmark: a calibrated scaling model of layer-parallel training.
+
+    python -m bench.scaling --json bench/results/scaling_cpu.json [--rounds 3 --steps 4]
+
+1. Measures a Ray link here (call cost, hop latency, hop bandwidth: bench.scaling_profile).
+2. Validates the simulation (bench.scaling_sim, driven by driver/pipeline/schedule.py) against
+   the real pipeline here: ResNet-8 (width 32, synthetic 32x32, batch 32, 4 micro-batches),
+   rec-LRA broadcast (skip) and mirror, K = 1, 2, 3, sync and async, predicted against measured
+   samples/s (bench.scaling_validate).
+3. Projects K = 2..64 for ImageNet-form ResNet-18/34/50 from each device profile in
+   bench/profiles (bench.scaling_project); `projection` is the --profile one.
+4. Plots speedup against K (bench/results/scaling.png) and prints the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bench.scaling_project import KS, load_profile, project, sensitivity
+
+MODELS = ["resnet18", "resnet34", "resnet50"]
+RULES_SHOWN = ["rec_lra", "rec_lra_mirror", "backprop_1f1b", "backprop_gpipe", "rec_lra_async"]
+
+
+def plot(projections: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(projections)
+    fig, axes = plt.subplots(
+        len(names), len(MODELS), figsize=(4 * len(MODELS), 3.4 * len(names)), squeeze=False
+    )
+    for i, prof in enumerate(names):
+        for j, model in enumerate(MODELS):
+            ax = axes[i][j]
+            entry = projections[prof][model]
+            for rule in RULES_SHOWN:
+                ks = [k for k in (1, *KS) if entry[rule].get(str(k))]
+                sp = [k * entry[rule][str(k)]["efficiency"] for k in ks]
+                ax.plot(ks, sp, marker="o", ms=3, label=rule)
+            top = max(k for k in (1, *KS) if entry["rec_lra"].get(str(k)))
+            ax.plot([1, top], [1, top], "k:", lw=0.8, label="ideal")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            ax.set_title(f"{model}, {prof} (M={entry['micro_batches']})", fontsize=9)
+            ax.set_xlabel("stages K")
+            ax.set_ylabel("speedup over K = 1")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def tables(result: dict) -> str:
+    lines = []
+    val = result.get("validation")
+    if val:
+        lines.append(
+            "validation (samples/s)         measured  predicted  rel.error   raw pred  raw error"
+        )
+        for rule, res in val.items():
+            for k in sorted(x for x in res if x.isdigit()):
+                for sched, v in res[k].items():
+                    lines.append(
+                        f"  {rule:<15} K={k} {sched:<5} {v['measured_samples_per_s']:9.1f}"
+                        f" {v['predicted_samples_per_s']:10.1f} {v['relative_error']:+9.1%}"
+                        f" {v.get('predicted_raw_samples_per_s', 0):10.1f}"
+                        f" {v.get('relative_error_raw', 0):+9.1%}"
+                    )
+    for prof, proj in result["projections"].items():
+        ks = [k for k in KS if k <= 18]
+        lines.append(f"projection {prof}: efficiency (speedup / K)")
+        lines.append("  model    rule           " + "".join(f"{'K=' + str(k):>7}" for k in ks))
+        for model in MODELS:
+            for rule in RULES_SHOWN:
+                row = proj[model][rule]
+                cells = [
+                    f"{row[str(k)]['efficiency']:7.2f}" if row.get(str(k)) else "      -"
+                    for k in ks
+                ]
+                lines.append(f"  {model:<8} {rule:<14} " + "".join(cells))
+    return "\n".join(lines)
+
+
+def headline(val: dict, rule: str = "rec_lra", sched: str = "sync") -> None:
+    """validation.<K> = the rec-LRA broadcast (skip) sync run at K (all runs stay under
+    validation.<rule>.<K>.<schedule>)."""
+    for k, v in list(val[rule].items()):
+        if k.isdigit():
+            val[k] = {"rule": rule, "schedule": sched, **v[sched]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", required=True)
+    p.add_argument("--plot", default="bench/results/scaling.png")
+    p.add_argument("--profiles", default="bench/profiles")
+    p.add_argument("--profile", default="a100", help="the profile reported as `projection`")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per run and round")
+    p.add_argument("--ks", default="1,2,3", help="validation stage counts")
+    p.add_argument("--cores", type=float, default=0, help="cores in validation (0: this CPU's)")
+    p.add_argument("--skip-validation", action="store_true")
+    p.add_argument("--measure-profile", default="", help="write a cpu_here profile TOML here")
+    args = p.parse_args(argv)
+    result: dict = {}
+    if not args.skip_validation or args.measure_profile:
+        import os
+
+        import ray
+
+        from bench.scaling_profile import measure_link
+
+        ray.init(address="local", num_cpus=16, include_dashboard=False)  # our own
+        try:
+            link = measure_link()
+            print(f"link: {link}", flush=True)
+            result["link"] = link
+            if args.measure_profile:
+                from bench.scaling_toml import measure, write
+
+                write(args.measure_profile, measure(64, 8, 2), link, 64, 8)
+            if not args.skip_validation:
+                from bench.scaling_validate import validate
+
+                cores = args.cores or float(os.cpu_count() or 1)
+                result["validation_cores"] = cores
+                result["validation"] = validate(
+                    link,
+                    ks=tuple(int(k) for k in args.ks.split(",")),
+                    rounds=args.rounds,
+                    steps=args.steps,
+                    cores=cores,
+                )
+                headline(result["validation"])
+        finally:
+            ray.shutdown()
+    result["projections"] = {}
+    for path in sorted(Path(args.profiles).glob("*.toml")):
+        prof = load_profile(path)
+        result["projections"][path.stem] = {
+            **project(prof, MODELS),
+            "source": str(path),
+            "micro_batch": prof["micro_batch"],
+            "micro_batches": prof["micro_batches"],
+            "sensitivity_k8": {m: sensitivity(prof, m, 8) for m in MODELS},
+        }
+    if args.profile in result["projections"]:
+        result["projection"] = result["projections"][args.profile]
+    print(tables(result))
+    plot({k: v for k, v in result["projections"].items()}, args.plot)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""A discrete-event simulation of the pipeline's real schedules (driver/pipeline/schedule.py).
+
+Each stage runs its ops in the order `schedule.stage_ops` gives; an op starts when its stage is
+free and every op it depends on (`schedule.dependencies`, chained or broadcast) has finished,
+plus the hop time (latency + bytes / bandwidth) for an input made on another stage. At most
+`cores` ops compute at once: with more running, they share the cores equally (processor
+sharing, as the OS scheduler shares cores between single-threaded actors).
+
+Rules as schedules (all from schedule.py, none re-implemented here):
+- rec-LRA, e_L broadcast (`topology = "skip"`): chained=False, window K (the default).
+- rec-LRA, mirror (the default topology): chained=True, window K.
+- backprop 1F1B (PipeDream-Flush): chained=True, window K: stage s warms up K - s forwards,
+  then alternates one learn (backward) and one forward, then drains.
+- backprop GPipe: chained=True, window M + K - 1, so that `warmup` gives every stage all M
+  forwards before its first learn (backward): all forwards, then all backwards.
+`sync` appends each stage's apply and flushes: the step ends when the last op ends. `async`
+streams `steps` x M micro-batches with no apply op (each learn applies its own update, so its
+cost belongs in the learn) and no flush.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from driver.pipeline.schedule import APPLY, FORWARD, LEARN, Op, dependencies, stage_ops
+
+EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class StageCosts:
+    """Seconds per micro-batch of each of K stages, and what crossing into it costs."""
+
+    forward: tuple[float, ...]
+    learn: tuple[float, ...]
+    apply: tuple[float, ...] = ()  # per step (sync); () for none
+    call: float = 0.0  # one actor call's own work on its stage (0: in one process)
+    latency: float = 0.0  # seconds per cross-stage hop
+    bandwidth: float = float("inf")  # bytes per second of a hop
+    fwd_bytes: tuple[float, ...] = ()  # bytes of the activation stage s receives (s >= 1)
+    signal_bytes: tuple[float, ...] = ()  # bytes of the signal stage s learns from (s < K-1)
+    fused_top: bool = True  # the last stage's forward and learn are one call (stream.py)
+    node_size: int = 0  # stages per node (0: one link for all hops)
+    intra_bandwidth: float = float("inf")  # bytes per second of a hop within a node
+    signal_bandwidth: float = 0.0  # bytes per second of a learn signal's hop (0: as activations)
+
+    def bandwidth_between(self, a: int, b: int) -> float:
+        same = self.node_size > 0 and a // self.node_size == b // self.node_size
+        return self.intra_bandwidth if same else self.bandwidth
+
+    @property
+    def k(self) -> int:
+        return len(self.forward)
+
+    def hop(self, nbytes: float, bandwidth: float | None = None) -> float:
+        return self.latency + nbytes / (self.bandwidth if bandwidth is None else bandwidth)
+
+    def work(self, op: Op) -> float:
+        """Seconds of compute (on one core) op takes, its call included."""
+        s, top = op.stage, op.stage == self.k - 1
+        if op.kind == FORWARD:
+            return self.forward[s] + self.call
+        if op.kind == LEARN:
+            return self.learn[s] + (0.0 if top and self.fused_top else self.call)
+        return (self.apply[s] if self.apply else 0.0) + self.call
+
+    def transfer(self, dep: Op, op: Op) -> float:
+        """Hop time from dep's stage to op's (0 on the same stage)."""
+        if dep.stage == op.stage:
+            return 0.0
+        bw = self.bandwidth_between(dep.stage, op.stage)
+        if op.kind == FORWARD:
+            return self.hop(self.fwd_bytes[op.stage] if self.fwd_bytes else 0.0, bw)
+        if self.signal_bandwidth and bw == self.bandwidth:
+            bw = self.signal_bandwidth
+        return self.hop(self.signal_bytes[op.stage] if self.signal_bytes else 0.0, bw)
+
+
+@dataclass
+class Trace:
+    start: dict[Op, float] = field(default_factory=dict)
+    end: dict[Op, float] = field(default_factory=dict)
+
+    @property
+    def makespan(self) -> float:
+        return max(self.end.values(), default=0.0)
+
+
+def simulate(
+    costs: StageCosts,
+    n: int,
+    window: int,
+    *,
+    chained: bool,
+    sync: bool,
+    cores: float = float("inf"),
+) -> Trace:
+    """Run one stream of `n` micro-batches through K stages; each op's start and end."""
+    k = costs.k
+    queues = [list(stage_ops(s, n, window, apply_at_end=sync)) for s in range(k)]
+    heads = [0] * k
+    running: dict[int, list] = {}  # stage -> [op, remaining work]
+    trace = Trace()
+    t = 0.0
+    while True:
+        wake = float("inf")
+        for s in range(k):
+            if s in running or heads[s] == len(queues[s]):
+                continue
+            op = queues[s][heads[s]]
+            deps = dependencies(op, k, chained=chained)
+            if not all(d in trace.end for d in deps):
+                continue
+            ready = max((trace.end[d] + costs.transfer(d, op) for d in deps), default=0.0)
+            if ready <= t + EPS:
+                running[s] = [op, costs.work(op)]
+                trace.start[op] = t
+                heads[s] += 1
+            else:
+                wake = min(wake, ready)
+        if not running:
+            if wake == float("inf"):
+                break
+            t = wake
+            continue
+        rate = min(1.0, cores / len(running))
+        dt = min(min(w for _, w in running.values()) / rate, wake - t)
+        t += dt
+        for s in list(running):
+            running[s][1] -= dt * rate
+            if running[s][1] <= EPS:
+                trace.end[running.pop(s)[0]] = t
+    left = sum(len(q) - h for q, h in zip(queues, heads, strict=True))
+    if left:
+        raise RuntimeError(f"simulate: {left} ops never became ready (a dependency cycle)")
+    return trace
+
+
+@dataclass(frozen=True)
+class Rule:
+    chained: bool
+    window: str  # "k": the stage count (1F1B); "all": M + K - 1 (GPipe, all forwards first)
+
+
+RULES = {
+    "rec_lra": Rule(chained=False, window="k"),  # e_L broadcast (topology = "skip")
+    "rec_lra_mirror": Rule(chained=True, window="k"),  # the default topology
+    "backprop_1f1b": Rule(chained=True, window="k"),
+    "backprop_gpipe": Rule(chained=True, window="all"),
+}
+
+
+def window_of(rule: Rule, k: int, m: int) -> int:
+    return k if rule.window == "k" else m + k - 1
+
+
+def step_seconds(
+    costs: StageCosts,
+    rule: Rule,
+    m: int,
+    *,
+    sync: bool,
+    cores: float = float("inf"),
+    steps: int = 4,
+    step_overhead: float = 0.0,
+) -> float:
+    """Seconds per step of M micro-batches: one flushed stream (sync), or the steady share of
+    a `steps`-step stream (async)."""
+    w = window_of(rule, costs.k, m)
+    if sync:
+        return (
+            simulate(costs, m, w, chained=rule.chained, sync=True, cores=cores).makespan
+            + step_overhead
+        )
+    trace = simulate(costs, m * steps, w, chained=rule.chained, sync=False, cores=cores)
+    return trace.makespan / steps + step_overhead
+
+
+def one_process(costs: StageCosts, m: int) -> float:
+    """K = 1 in one process: every op in order, no calls, no hops."""
+    return m * (sum(costs.forward) + sum(costs.learn)) + sum(costs.apply)
+
+
+def ops_of(k: int, n: int, window: int, *, sync: bool) -> list[list[Op]]:
+    return [list(stage_ops(s, n, window, apply_at_end=sync)) for s in range(k)]
+
+
+__all__ = [
+    "APPLY",
+    "FORWARD",
+    "LEARN",
+    "RULES",
+    "Rule",
+    "StageCosts",
+    "Trace",
+    "one_process",
+    "ops_of",
+    "simulate",
+    "step_seconds",
+    "window_of",
+]

@@ -1,0 +1,166 @@
+"""Measure bench/profiles/cpu_here.toml: ImageNet-form ResNet-18/34 blocks timed here at a small
+input and scaled to 224x224 by pixel count; ResNet-50 (not in workers/models.py) derived from
+ResNet-34's measured seconds per MAC per layer group and its own MACs (scaling_project)."""
+
+from __future__ import annotations
+
+from bench.scaling_profile import config_of, profile_blocks
+from bench.scaling_project import resnet_blocks
+
+FAMILIES = {"rec_lra": "rec_lra:topology=skip", "rec_lra_mirror": "rec_lra", "backprop": "backprop"}
+
+
+def measure(size: int, batch: int, reps: int) -> dict:
+    scale = (224 / size) ** 2
+    models: dict = {}
+    for model in ("resnet18", "resnet34"):
+        ov = [
+            f"model.name={model}",
+            'model.form="imagenet"',
+            "model.width=64",
+            "data.name=synthetic",
+            f"data.synthetic_shape=[3, {size}, {size}]",
+            f"train.batch_size={batch}",
+            "pipeline.micro_batches=1",
+        ]
+        entry: dict = {}
+        for fam, spec in FAMILIES.items():
+            p = profile_blocks(config_of(ov, spec), reps=reps, micro_batches=1)
+            entry[fam] = {
+                "forward_s": [scale * v / batch for v in p.forward],
+                "learn_s": [scale * v / batch for v in p.learn],
+                "apply_s": list(p.apply),  # weights: independent of the input size
+            }
+            print(f"  {model} {fam}: {sum(entry[fam]['forward_s']) * 1e3:.2f} ms/sample fwd")
+        entry["out_bytes"] = [4.0 * b["out"] for b in resnet_blocks(model)]
+        models[model] = entry
+    models["resnet50"] = derive_resnet50(models["resnet34"])
+    return models
+
+
+def _group(name: str) -> str:
+    return name.split(".")[0]
+
+
+def derive_resnet50(r34: dict) -> dict:
+    """ResNet-50 per block: ResNet-34's measured seconds per MAC in the same layer group
+    (stem, layer1..4, head) times ResNet-50's MACs; apply seconds scale with parameter count
+    (~25.6M against 21.8M)."""
+    b34, b50 = resnet_blocks("resnet34"), resnet_blocks("resnet50")
+    out: dict = {"out_bytes": [4.0 * b["out"] for b in b50]}
+    for fam in FAMILIES:
+        per_mac: dict[str, dict[str, list[float]]] = {}
+        for kind in ("forward_s", "learn_s"):
+            for blk, t in zip(b34, r34[fam][kind], strict=True):
+                per_mac.setdefault(kind, {}).setdefault(_group(blk["name"]), []).append(
+                    t / blk["macs"]
+                )
+        e: dict = {}
+        for kind in ("forward_s", "learn_s"):
+            rate = {g: sum(v) / len(v) for g, v in per_mac[kind].items()}
+            e[kind] = [rate[_group(b["name"])] * b["macs"] for b in b50]
+        total = sum(r34[fam]["apply_s"]) * 25.6 / 21.8
+        macs = sum(b["macs"] for b in b50)
+        e["apply_s"] = [total * b["macs"] / macs for b in b50]
+        out[fam] = e
+    return out
+
+
+def write(path: str, models: dict, link: dict, size: int, batch: int) -> None:
+    def arr(v: list[float]) -> str:
+        return "[" + ", ".join(f"{x:.6g}" for x in v) + "]"
+
+    lines = [
+        "# Measured here (python -m bench.scaling --measure-profile): a 2-core CPU VM, one torch",
+        f"# thread per block. ResNet-18/34 ImageNet form timed at {size}x{size},",
+        f"# micro-batch {batch},"
+        f"# scaled to 224x224 by pixel count (x{(224 / size) ** 2:.2f}); ResNet-50 is not in",
+        "# workers/models.py: derived from ResNet-34's seconds per MAC per layer group and",
+        "# ResNet-50's MACs (bench/scaling_project.resnet_blocks). Link: Ray on this machine.",
+        "# Projected with one core per stage (cores unlimited), i.e. a cluster of such cores.",
+        'name = "cpu_here"',
+        "micro_batch = 8        # samples per micro-batch projected",
+        "micro_batches = 32     # per step (the same for every K and rule)",
+        "",
+        "[link]",
+        f"call_s = {link['call_s']:.6g}        # one Ray actor call's own work (measured)",
+        f"latency_s = {link['latency_s']:.6g}     # per hop (measured)",
+        f"bandwidth_Bps = {link['bandwidth_Bps']:.6g}  # per hop, via {link['bandwidth_via']}",
+    ]
+    for model, entry in models.items():
+        lines += ["", f"[models.{model}]", "# float32 activation bytes per sample, per block"]
+        lines.append(f"out_bytes = {arr(entry['out_bytes'])}")
+        for fam in FAMILIES:
+            e = entry[fam]
+            lines += ["", f"[models.{model}.{fam}]  # seconds per sample; apply: per step"]
+            lines += [f"{k} = {arr(e[k])}" for k in ("forward_s", "learn_s", "apply_s")]
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+A100 = {  # published figures, named in the written profile's header
+    "r50_images_per_s": 2470.0,  # 1x A100 80GB, AMP, ResNet-50 v1.5 PyTorch, batch 256
+    "fwd_share": 1 / 3,  # forward : backward = 1 : 2 (backward: input and weight gradients)
+    "rec_lra_over_backprop": 1.21,  # one-process step ratio measured here (README, ResNet-18)
+    "apply_s": 0.3e-3,  # SGD/AdamW over ~25M fp32 params at ~2 TB/s HBM: ~0.3 ms per step
+    "act_bytes": 2.0,  # fp16 activations
+}
+
+
+def derive_gpu(path: str, link: dict) -> None:
+    """An A100 profile: ResNet-50's published training throughput spread over its blocks by
+    forward MACs (uniform seconds per MAC), the same seconds per MAC for ResNet-18/34."""
+    a = A100
+    r50 = resnet_blocks("resnet50")
+    per_mac = (1.0 / a["r50_images_per_s"]) / sum(b["macs"] for b in r50)  # F + B, per sample
+    models: dict = {}
+    for model in ("resnet18", "resnet34", "resnet50"):
+        blocks = resnet_blocks(model)
+        total = sum(b["macs"] for b in blocks)
+        fwd = [per_mac * a["fwd_share"] * b["macs"] for b in blocks]
+        bwd = [per_mac * (1 - a["fwd_share"]) * b["macs"] for b in blocks]
+        # rec-LRA's learn: its step is r x backprop's, forward unchanged: learn = r(F+B) - F
+        r = a["rec_lra_over_backprop"]
+        rec = [r * (f + b) - f for f, b in zip(fwd, bwd, strict=True)]
+        apply = [a["apply_s"] * b["macs"] / total for b in blocks]
+        entry: dict = {"out_bytes": [a["act_bytes"] * b["out"] for b in blocks]}
+        entry["backprop"] = {"forward_s": fwd, "learn_s": bwd, "apply_s": apply}
+        for fam in ("rec_lra", "rec_lra_mirror"):
+            entry[fam] = {"forward_s": fwd, "learn_s": rec, "apply_s": apply}
+        models[model] = entry
+    header = [
+        "# Derived, not measured (python -c 'from bench.scaling_toml import *; derive_gpu(...)').",
+        "# Sources: ResNet-50 v1.5 training, 1x A100 80GB, mixed precision: 2470 img/s",
+        "#   (NVIDIA DeepLearningExamples, PyTorch/Classification/ConvNets/resnet50v1.5/README.md,",
+        "#   'Training performance: NVIDIA DGX A100 (8x A100 80GB)', pytorch-21.03 NGC).",
+        "# Per-block split: by forward MACs (bench/scaling_project.resnet_blocks), assuming",
+        "#   uniform seconds per MAC; ResNet-18/34 at ResNet-50's seconds per MAC.",
+        "# forward : backward = 1 : 2. rec-LRA's step = 1.21 x backprop's (measured here, README",
+        "#   'The single-process step'), the extra in its learn. fp16 activations (2 bytes).",
+        "# Link: one stage per GPU, 8 per node (DGX A100): within a node NVLink 3, 300 GB/s per",
+        "#   direction (600 GB/s total); across nodes HDR InfiniBand 200 Gb/s = 25 GB/s, one HCA",
+        "#   per GPU; latency 20 us (NCCL point-to-point order); call_s: one Ray actor call's",
+        "#   own work as measured on this machine (not overlapped with GPU work: conservative).",
+        "# Micro-batch 64 samples, 32 micro-batches per step (batch 2048) for every K and rule.",
+    ]
+    lines = [*header, 'name = "a100"', "micro_batch = 64", "micro_batches = 32", ""]
+    lines += [
+        "[link]",
+        f"call_s = {link['call_s']:.6g}",
+        "latency_s = 2e-05",
+        "bandwidth_Bps = 2.5e10        # between nodes: HDR InfiniBand, 200 Gb/s per GPU",
+        "intra_bandwidth_Bps = 3e11    # within a node: NVLink 3, 300 GB/s per direction",
+        "stages_per_node = 8           # a DGX A100: 8 GPUs, one stage each",
+    ]
+
+    def arr(v: list[float]) -> str:
+        return "[" + ", ".join(f"{x:.6g}" for x in v) + "]"
+
+    for model, entry in models.items():
+        lines += ["", f"[models.{model}]", f"out_bytes = {arr(entry['out_bytes'])}"]
+        for fam in FAMILIES:
+            e = entry[fam]
+            lines += ["", f"[models.{model}.{fam}]  # seconds per sample; apply: per step"]
+            lines += [f"{k} = {arr(e[k])}" for k in ("forward_s", "learn_s", "apply_s")]
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")

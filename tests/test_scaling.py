@@ -1,0 +1,129 @@
+"""The scaling simulator (bench.scaling_sim) on hand-checkable cases; no Ray, no timing."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.scaling_sim import RULES, StageCosts, one_process, simulate, step_seconds, window_of
+from driver.pipeline.schedule import FORWARD, LEARN, Op, ticks
+
+
+def uniform(k: int, f: float = 1.0, b: float = 1.0, **kw) -> StageCosts:
+    return StageCosts(forward=(f,) * k, learn=(b,) * k, **kw)
+
+
+def test_one_stage_is_the_sum_of_its_ops() -> None:
+    c = StageCosts(forward=(0.3,), learn=(0.7,), apply=(0.05,))
+    for m in (1, 4, 7):
+        assert simulate(c, m, 1, chained=True, sync=True).makespan == pytest.approx(m * 1.0 + 0.05)
+        assert one_process(c, m) == pytest.approx(m * 1.0 + 0.05)
+
+
+@pytest.mark.parametrize("k,n,window", [(2, 4, 2), (3, 5, 3), (4, 6, 4), (3, 4, 6), (4, 3, 1)])
+@pytest.mark.parametrize("chained", [True, False])
+@pytest.mark.parametrize("sync", [True, False])
+def test_unit_costs_match_schedule_ticks(
+    k: int, n: int, window: int, chained: bool, sync: bool
+) -> None:
+    """Unit-time ops, free hops and calls: the simulation is schedule.ticks' table."""
+    c = StageCosts(forward=(1.0,) * k, learn=(1.0,) * k, apply=(1.0,) * k if sync else ())
+    trace = simulate(c, n, window, chained=chained, sync=sync)
+    rows = ticks(k, n, window, chained=chained, sync=sync)
+    assert trace.makespan == pytest.approx(len(rows))
+    for t, row in enumerate(rows):
+        for op in row:
+            if op is not None:
+                assert trace.start[op] == pytest.approx(t)
+
+
+@pytest.mark.parametrize("k,m", [(2, 4), (2, 8), (3, 6), (4, 8)])
+@pytest.mark.parametrize("rule", ["backprop_gpipe", "backprop_1f1b"])
+def test_textbook_fill_and_drain(k: int, m: int, rule: str) -> None:
+    """Equal stages (forward f, backward b): GPipe and 1F1B both take (M + K - 1)(f + b)."""
+    f, b = 1.0, 2.0
+    t = step_seconds(uniform(k, f, b), RULES[rule], m, sync=True)
+    assert t == pytest.approx((m + k - 1) * (f + b))
+
+
+def test_gpipe_runs_all_forwards_first() -> None:
+    k, m = 3, 4
+    w = window_of(RULES["backprop_gpipe"], k, m)
+    trace = simulate(uniform(k), m, w, chained=True, sync=True)
+    for s in range(k):
+        last_f = max(trace.start[Op(FORWARD, s, i)] for i in range(m))
+        first_l = min(trace.start[Op(LEARN, s, i)] for i in range(m))
+        assert last_f < first_l
+
+
+def test_broadcast_learns_in_parallel_chained_in_turn() -> None:
+    """One micro-batch on 3 stages: the chained error walks down (3f + 3l), the broadcast one
+    reaches both lower stages at once (3f + 2l); each chained hop pays the latency."""
+    f, b = 1.0, 2.0
+    c = uniform(3, f, b)
+    assert simulate(c, 1, 3, chained=True, sync=False).makespan == pytest.approx(3 * f + 3 * b)
+    assert simulate(c, 1, 3, chained=False, sync=False).makespan == pytest.approx(3 * f + 2 * b)
+    h = 0.25
+    c = uniform(3, f, b, latency=h)
+    # 2 forward hops, then 2 signal hops in turn (chained) or 1 (broadcast)
+    assert simulate(c, 1, 3, chained=True, sync=False).makespan == pytest.approx(
+        3 * f + 3 * b + 4 * h
+    )
+    assert simulate(c, 1, 3, chained=False, sync=False).makespan == pytest.approx(
+        3 * f + 2 * b + 3 * h
+    )
+
+
+def test_hop_time_is_latency_plus_bytes_over_bandwidth() -> None:
+    c = StageCosts(
+        forward=(1.0, 1.0),
+        learn=(1.0, 1.0),
+        latency=0.1,
+        bandwidth=100.0,
+        fwd_bytes=(0.0, 50.0),
+        signal_bytes=(20.0, 0.0),
+    )
+    # F0 [0,1], hop 0.6, F1+L1 [1.6,3.6], hop 0.3, L0 [3.9,4.9]
+    assert simulate(c, 1, 2, chained=True, sync=False).makespan == pytest.approx(4.9)
+
+
+def test_core_limit_shares_the_cores() -> None:
+    """Two learns ready at once on one core take twice as long; on two cores, no longer."""
+    c = uniform(3, 1.0, 2.0)
+    assert simulate(c, 1, 3, chained=False, sync=False, cores=1).makespan == pytest.approx(
+        3 + 3 * 2.0
+    )
+    assert simulate(c, 1, 3, chained=False, sync=False, cores=2).makespan == pytest.approx(
+        3 + 2 * 2.0
+    )
+    # a long stream on one core: the total work, whatever K (nothing idles while work waits)
+    c = uniform(2, 1.0, 1.0)
+    assert simulate(c, 8, 2, chained=False, sync=False, cores=1).makespan == pytest.approx(8 * 4.0)
+
+
+def test_calls_cost_on_their_stage_and_the_top_fuses_forward_and_learn() -> None:
+    c = uniform(2, 1.0, 1.0, call=0.1)
+    # F0 1.1 | top F+L: 1.1 + 1.0 | L0 1.1
+    assert simulate(c, 1, 2, chained=True, sync=False).makespan == pytest.approx(1.1 + 2.1 + 1.1)
+
+
+def test_async_stream_has_no_bubble_in_the_steady_state() -> None:
+    """Broadcast, equal stages: the per-step time of a long async stream nears M (f + l)."""
+    c = uniform(4, 1.0, 2.0)
+    t = step_seconds(c, RULES["rec_lra"], 8, sync=False, steps=16)
+    assert 8 * 3.0 <= t <= 8 * 3.0 * 1.1
+
+
+def test_hops_within_a_node_use_the_intra_node_bandwidth() -> None:
+    """4 stages, 2 per node: the hop 0 -> 1 is within a node, 1 -> 2 crosses nodes."""
+    c = StageCosts(
+        forward=(1.0,) * 4,
+        learn=(0.0,) * 4,
+        bandwidth=10.0,
+        intra_bandwidth=1000.0,
+        node_size=2,
+        fwd_bytes=(0.0, 100.0, 100.0, 100.0),
+    )
+    trace = simulate(c, 1, 4, chained=True, sync=False)
+    assert trace.start[Op(FORWARD, 1, 0)] == pytest.approx(1.1)
+    assert trace.start[Op(FORWARD, 2, 0)] == pytest.approx(2.1 + 10.0)
+    assert trace.start[Op(FORWARD, 3, 0)] == pytest.approx(13.1 + 0.1)
