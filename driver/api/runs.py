@@ -137,13 +137,10 @@ class RunHandle(Callback):
 
     def cancel(self) -> None:
         """End a run that never started: pending -> stopped, through its callbacks."""
-        ctl = self.ctl
-        ctl.state = RunState.STOPPED
-        for cb in ctl.callbacks:
-            try:
-                cb.after_transition(ctl, RunState.PENDING, RunState.STOPPED)
-            except Exception:
-                log.exception("run %s: a callback failed as it was stopped", self.run_id)
+        try:
+            self.ctl.cancel()
+        except Exception:
+            log.exception("run %s: a callback failed as it was stopped", self.run_id)
 
     def _bump(self) -> None:
         with self.cond:

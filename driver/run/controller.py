@@ -113,6 +113,12 @@ class Controller(TrainingWork, Resizing):
         """Graceful stop: the run checkpoints at the next transition, then stops."""
         self._stop = True
 
+    def cancel(self) -> None:
+        """End a run that was never stepped (a queued one): pending -> stopped, one path."""
+        if self.state is not RunState.PENDING:
+            raise RuntimeError(f"cancel: the run is {self.state.value}; use request_stop")
+        self._enter(RunState.PENDING, RunState.STOPPED)
+
     def run_to_end(self) -> RunLog:
         """Step until the run ends; raise RunFailed (from the error) when it failed."""
         try:
