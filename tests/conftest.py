@@ -19,3 +19,12 @@ def digits_tensors():
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x / 16.0, dtype=torch.float32).view(-1, 1, 8, 8)
     return (x - x.mean()) / x.std(), torch.tensor(y)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The default config's dataset (the real digits: train, val and test splits)."""
+    from driver.config import load_config
+    from driver.data.load import load_dataset
+
+    return load_dataset(load_config().data)

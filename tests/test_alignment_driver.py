@@ -13,7 +13,6 @@ import torch
 
 from driver.config import Config, load_config
 from driver.data.common import DatasetSplits
-from driver.data.load import load_dataset
 from driver.pipeline.build import base_spec
 from driver.pipeline.config import PipelineConfig
 from driver.pipeline.stream import RayPipeline
@@ -28,11 +27,6 @@ from workers.spec import StageSpec
 from workers.stage import Stage
 
 TINY = ["train.epochs=1", "train.max_steps=6", "model.width=4", "train.compare=[]"]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(load_config().data)
 
 
 def _layers(cfg: Config, digits: DatasetSplits) -> tuple[set[str], set[str]]:

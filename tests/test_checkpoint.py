@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from driver.config import load_config
-from driver.data.load import load_dataset
 from driver.run import checkpoint
 from driver.run.checkpoint import CheckpointError
 from driver.run.train import train
@@ -21,11 +20,6 @@ BASE = [
     'train.dtype="float64"',
     "train.keep_checkpoints=0",
 ]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(load_config().data)
 
 
 def _units(path):

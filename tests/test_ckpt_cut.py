@@ -9,7 +9,6 @@ from ckpt_helpers import batches as _batches
 from ckpt_helpers import stage_states as _stage_states
 
 from driver.config import load_config
-from driver.data.load import load_dataset
 from driver.pipeline.build import build_runner
 from driver.pipeline.stream import StreamPipeline
 from driver.run import checkpoint
@@ -32,11 +31,6 @@ SHAPES = [  # (stages, boundaries, topology): chained, 3 stages, broadcast error
     (3, "[1, 3]", "mirror"),
     (2, "[2]", "skip"),
 ]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(load_config().data)
 
 
 def _cfg(stages: int, bounds: str, topology: str, *extra: str):

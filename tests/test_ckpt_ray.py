@@ -14,7 +14,6 @@ from ckpt_helpers import batches as _batches
 from ckpt_helpers import stage_states as _stage_states
 
 from driver.config import load_config
-from driver.data.load import load_dataset
 from driver.pipeline.build import build_runner
 from driver.run import checkpoint
 from driver.run.controller import Controller, RunState
@@ -39,11 +38,6 @@ def cluster():
     ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="reclra-ckpt")
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(load_config().data)
 
 
 def _cfg(backend: str, *extra: str):

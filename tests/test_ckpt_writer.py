@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from driver.config import load_config
-from driver.data.load import load_dataset
 from driver.run import checkpoint
 from driver.run.callbacks import Callback
 from driver.run.controller import Controller, RunFailed, RunState
@@ -29,11 +28,6 @@ BASE = [
     "train.compare=[]",
     "train.keep_checkpoints=0",
 ]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(load_config().data)
 
 
 class Published(Callback):

@@ -19,7 +19,6 @@ from prometheus_client import generate_latest
 
 from driver.api.metrics import Metrics, MetricsServer
 from driver.config import load_config
-from driver.data.load import load_dataset
 from driver.pipeline.elastic import Elastic, largest_fitting
 from driver.pipeline.partition import Partition
 from driver.run import checkpoint
@@ -104,11 +103,6 @@ def cluster():
     ray.init(address="local", num_cpus=3, include_dashboard=False, namespace="reclra-elastic")
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(load_config().data)
 
 
 @pytest.fixture(scope="module")

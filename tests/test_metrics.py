@@ -5,18 +5,11 @@ from __future__ import annotations
 import json
 import urllib.request
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from driver.api.metrics import STATE_CODES, Metrics, MetricsServer
 from driver.config import load_config
-from driver.data.load import load_dataset
 from driver.run.controller import Controller
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(load_config().data)
 
 
 def _scrape(url: str) -> dict[tuple[str, tuple], float]:

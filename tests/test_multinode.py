@@ -18,7 +18,6 @@ from cluster.errors import PlacementError
 from cluster.group import ActorGroup
 from cluster.placement import cluster_can_grow, never_fits, node_resources
 from driver.config import load_config
-from driver.data.load import load_dataset
 from driver.run import checkpoint
 from driver.run.controller import Controller, RunState
 from driver.run.train import train
@@ -68,11 +67,6 @@ def nodes():
     finally:
         ray.shutdown()
         cluster.shutdown()
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(load_config().data)
 
 
 @pytest.fixture(scope="module")

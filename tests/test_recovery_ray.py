@@ -14,7 +14,6 @@ from prometheus_client import generate_latest
 
 from driver.api.metrics import Metrics
 from driver.config import load_config
-from driver.data.load import load_dataset
 from driver.run import checkpoint
 from driver.run.controller import Controller, RunFailed, RunState
 from driver.run.train import train
@@ -38,11 +37,6 @@ def cluster():
     ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="reclra-recovery")
     yield
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(load_config().data)
 
 
 def _kill_worker(actor) -> int:  # noqa: ANN001

@@ -15,17 +15,11 @@ import torch
 import bench.faults as faults
 from driver.cli import main
 from driver.config import ConfigError, load_config
-from driver.data.load import load_dataset
 from driver.run import checkpoint, storage
 from driver.run.checkpoint import CheckpointError
 from driver.run.train import train
 
 TINY = ["model.width=4", "train.epochs=1", "train.max_steps=3", "train.compare=[]"]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(load_config().data)
 
 
 def test_locations_keep_local_paths_as_paths():

@@ -24,7 +24,6 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
 from driver.config import load_config  # noqa: E402
-from driver.data.load import load_dataset  # noqa: E402
 from driver.run import checkpoint, storage  # noqa: E402
 from driver.run.checkpoint import CheckpointError  # noqa: E402
 from driver.run.train import train  # noqa: E402
@@ -145,11 +144,6 @@ def s3():
                 os.environ[k] = v
         proxy.shutdown()
         server.stop()
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(load_config().data)
 
 
 def _units(where) -> dict:

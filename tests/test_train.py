@@ -10,13 +10,7 @@ from dataclasses import replace
 import pytest
 
 from driver.config import load_config, with_rule
-from driver.data.load import load_dataset
 from driver.run.train import train
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset(load_config().data)
 
 
 @pytest.mark.parametrize("rule", ["rec_lra", "lra_e", "dfa", "fa", "backprop"])
