@@ -5,7 +5,7 @@ on where it is: nothing is replayed. The Controller inherits it."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from driver.config import Config
 from driver.pipeline.build import Runner
@@ -15,8 +15,8 @@ from driver.run.ckpt_writer import Checkpoints
 from driver.run.epochs import Epoch
 
 
-class Resizing:
-    """The grow-back step; what it uses of the Controller is declared here."""
+class _Growing(Protocol):
+    """What the grow-back step uses of the Controller that inherits it."""
 
     cfg: Config
     runner: Runner | None
@@ -26,16 +26,20 @@ class Resizing:
     _bounds: tuple[int, ...] | None
     _resume_state: dict[str, Any] | None
 
-    def _save(self, *, final: bool) -> None:
-        raise NotImplementedError
+    def _save(self, *, final: bool) -> None: ...
+    def _close(self) -> None: ...
 
-    def _close(self) -> None:
-        raise NotImplementedError
 
-    def _grow_due(self) -> bool:
+class Resizing:
+    """The grow-back step, inherited by the Controller (which provides what _Growing lists)."""
+
+    _bounds: tuple[int, ...] | None
+    _resume_state: dict[str, Any] | None
+
+    def _grow_due(self: _Growing) -> bool:
         return self.elastic.grow_due(self.cfg, self.runner)
 
-    def _grow(self) -> RunState:
+    def _grow(self: _Growing) -> RunState:
         """The checkpoint due now, then the K' stages drained; their state (what a drained
         checkpoint would hold) is loaded into the K stages the next start builds."""
         assert self.runner is not None
