@@ -66,10 +66,24 @@ def derive_resnet50(r34: dict) -> dict:
     return out
 
 
-def write(path: str, models: dict, link: dict, size: int, batch: int) -> None:
-    def arr(v: list[float]) -> str:
-        return "[" + ", ".join(f"{x:.6g}" for x in v) + "]"
+def _arr(v: list[float]) -> str:
+    return "[" + ", ".join(f"{x:.6g}" for x in v) + "]"
 
+
+def _write_models(path: str, lines: list[str], models: dict, note: str = "") -> None:
+    """Append each model's per-block tables to `lines` and write the profile."""
+    for model, entry in models.items():
+        lines += ["", f"[models.{model}]"] + ([note] if note else [])
+        lines.append(f"out_bytes = {_arr(entry['out_bytes'])}")
+        for fam in FAMILIES:
+            e = entry[fam]
+            lines += ["", f"[models.{model}.{fam}]  # seconds per sample; apply: per step"]
+            lines += [f"{k} = {_arr(e[k])}" for k in ("forward_s", "learn_s", "apply_s")]
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def write(path: str, models: dict, link: dict, size: int, batch: int) -> None:
     lines = [
         "# Measured here (python -m bench.scaling --measure-profile): a 2-core CPU VM, one torch",
         f"# thread per block. ResNet-18/34 ImageNet form timed at {size}x{size},",
@@ -87,15 +101,7 @@ def write(path: str, models: dict, link: dict, size: int, batch: int) -> None:
         f"latency_s = {link['latency_s']:.6g}     # per hop (measured)",
         f"bandwidth_Bps = {link['bandwidth_Bps']:.6g}  # per hop, via {link['bandwidth_via']}",
     ]
-    for model, entry in models.items():
-        lines += ["", f"[models.{model}]", "# float32 activation bytes per sample, per block"]
-        lines.append(f"out_bytes = {arr(entry['out_bytes'])}")
-        for fam in FAMILIES:
-            e = entry[fam]
-            lines += ["", f"[models.{model}.{fam}]  # seconds per sample; apply: per step"]
-            lines += [f"{k} = {arr(e[k])}" for k in ("forward_s", "learn_s", "apply_s")]
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    _write_models(path, lines, models, "# float32 activation bytes per sample, per block")
 
 
 A100 = {  # published figures, named in the written profile's header
@@ -153,14 +159,4 @@ def derive_gpu(path: str, link: dict) -> None:
         "stages_per_node = 8           # a DGX A100: 8 GPUs, one stage each",
     ]
 
-    def arr(v: list[float]) -> str:
-        return "[" + ", ".join(f"{x:.6g}" for x in v) + "]"
-
-    for model, entry in models.items():
-        lines += ["", f"[models.{model}]", f"out_bytes = {arr(entry['out_bytes'])}"]
-        for fam in FAMILIES:
-            e = entry[fam]
-            lines += ["", f"[models.{model}.{fam}]  # seconds per sample; apply: per step"]
-            lines += [f"{k} = {arr(e[k])}" for k in ("forward_s", "learn_s", "apply_s")]
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    _write_models(path, lines, models)
