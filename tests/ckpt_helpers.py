@@ -1,4 +1,5 @@
-"""Helpers shared by the checkpoint-cut tests: batches, every stage's state, deep equality."""
+"""Helpers shared by the checkpoint and recovery tests: the tiny float64 digits run they train,
+batches, every stage's state, deep equality."""
 
 from __future__ import annotations
 
@@ -8,6 +9,24 @@ import torch
 
 from driver.data.load import make_loader
 from driver.pipeline.stream import StreamPipeline
+
+# a tiny float64 digits run that keeps every checkpoint (exact comparisons, seconds per run)
+TINY = [
+    "model.width=4",
+    "train.epochs=1",
+    "train.batch_size=64",
+    "train.compare=[]",
+    'train.dtype="float64"',
+    "train.keep_checkpoints=0",
+]
+# the same run as an async stream in process, with input noise (its RNG is part of a cut)
+CUT = [
+    *TINY,
+    'pipeline.schedule="async"',
+    'pipeline.backend="local"',
+    "pipeline.micro_batches=4",
+    "rule.input_noise=0.05",
+]
 
 
 def batches(cfg, digits, n: int) -> list:

@@ -4,6 +4,7 @@ change to training, and a resume that learns every micro-batch exactly once."""
 from __future__ import annotations
 
 import pytest
+from ckpt_helpers import CUT
 from ckpt_helpers import assert_equal as _assert_equal
 from ckpt_helpers import batches as _batches
 from ckpt_helpers import stage_states as _stage_states
@@ -14,18 +15,7 @@ from driver.pipeline.stream import StreamPipeline
 from driver.run import checkpoint
 from driver.run.train import train
 
-BASE = [
-    "model.width=4",
-    "train.epochs=1",
-    "train.batch_size=64",
-    "train.compare=[]",
-    'train.dtype="float64"',
-    "train.keep_checkpoints=0",
-    'pipeline.schedule="async"',
-    'pipeline.backend="local"',
-    "pipeline.micro_batches=4",
-    "rule.input_noise=0.05",  # the first stage's noise RNG is part of the cut
-]
+BASE = CUT
 SHAPES = [  # (stages, boundaries, topology): chained, 3 stages, broadcast error
     (2, "[2]", "mirror"),
     (3, "[1, 3]", "mirror"),

@@ -9,6 +9,7 @@ import signal
 
 import pytest
 import ray
+from ckpt_helpers import CUT
 from ckpt_helpers import assert_equal as _assert_equal
 from ckpt_helpers import batches as _batches
 from ckpt_helpers import stage_states as _stage_states
@@ -19,18 +20,7 @@ from driver.run import checkpoint
 from driver.run.controller import Controller, RunState
 
 pytestmark = pytest.mark.ray
-BASE = [
-    "model.width=4",
-    "train.epochs=1",
-    "train.batch_size=64",
-    "train.compare=[]",
-    'train.dtype="float64"',
-    "train.keep_checkpoints=0",
-    'pipeline.schedule="async"',
-    'pipeline.backend="local"',
-    "pipeline.micro_batches=4",
-    "rule.input_noise=0.05",  # the first stage's noise RNG is part of the cut
-]
+BASE = CUT
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from ckpt_helpers import TINY
 from prometheus_client import generate_latest
 
 from driver.api.metrics import Metrics, MetricsServer
@@ -26,16 +27,7 @@ from driver.run.callbacks import Callback, RunState, RunView
 from driver.run.controller import Controller
 from driver.run.train import train
 
-BASE = [
-    "model.width=4",
-    "train.epochs=1",
-    "train.batch_size=64",
-    "train.compare=[]",
-    'train.dtype="float64"',
-    "train.checkpoint_every=4",
-    "train.keep_checkpoints=0",
-    "pipeline.micro_batches=2",
-]
+BASE = [*TINY, "train.checkpoint_every=4", "pipeline.micro_batches=2"]
 ELASTIC = [
     *BASE,
     "pipeline.stages=3",

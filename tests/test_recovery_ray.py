@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
+from ckpt_helpers import TINY
 from prometheus_client import generate_latest
 
 from driver.api.metrics import Metrics
@@ -20,16 +21,7 @@ from driver.run.train import train
 
 pytestmark = pytest.mark.ray
 
-BASE = [
-    "model.width=4",
-    "train.epochs=1",
-    "train.batch_size=64",
-    "train.compare=[]",
-    'train.dtype="float64"',
-    "train.checkpoint_every=5",
-    "train.keep_checkpoints=0",
-    "pipeline.micro_batches=2",
-]
+BASE = [*TINY, "train.checkpoint_every=5", "pipeline.micro_batches=2"]
 
 
 @pytest.fixture(scope="module")
