@@ -37,7 +37,9 @@ class LocalStages:
     ) -> tuple[Future, Future]:
         return self.stages[i].forward_learn(mb, x, signal, apply=apply)
 
-    def learn(self, i: int, mb: int, signal: Future, *, apply: bool) -> Future:
+    def learn(
+        self, i: int, mb: int, signal: Future, *, apply: bool, direct: bool = False
+    ) -> Future:
         return self.stages[i].learn(mb, signal, apply=apply)
 
     def apply(self, i: int) -> Future:
@@ -130,8 +132,18 @@ class RayStages:
     def __len__(self) -> int:
         return len(self.actors)
 
+    def _direct(self, method: Any) -> Any:
+        """`method` sending its result by the direct transport (gloo, nccl): only for results
+        another stage takes as an argument; the driver cannot receive them (two-sided
+        transports need both ends in the collective group), so it never gathers one."""
+        if self.transport == "object_store":
+            return method
+        return method.options(tensor_transport=self.transport)
+
     def forward(self, i: int, mb: int, x: Future) -> Future:
-        return self.actors[i].forward.remote(mb, x)
+        """Stage i's forward, its activation for stage i + 1 (the top stage's forward_learn
+        returns two results, logits for the driver, so it stays on the object store)."""
+        return self._direct(self.actors[i].forward).remote(mb, x)
 
     def forward_learn(
         self, i: int, mb: int, x: Future, signal: ErrorSignal, *, apply: bool
@@ -140,8 +152,12 @@ class RayStages:
             self.actors[i].forward_learn.options(num_returns=2).remote(mb, x, signal, apply=apply)
         )
 
-    def learn(self, i: int, mb: int, signal: Future, *, apply: bool) -> Future:
-        return self.actors[i].learn.remote(mb, signal, apply=apply)
+    def learn(
+        self, i: int, mb: int, signal: Future, *, apply: bool, direct: bool = False
+    ) -> Future:
+        """`direct`: the result is a boundary only the stage below takes (never gathered)."""
+        method = self.actors[i].learn
+        return (self._direct(method) if direct else method).remote(mb, signal, apply=apply)
 
     def apply(self, i: int) -> Future:
         return self.actors[i].apply.remote()

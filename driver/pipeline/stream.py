@@ -107,11 +107,19 @@ class StreamPipeline:
         if s == self.k - 1:
             return self._last_learn.pop(m)
         signal = self._refs[Op(LEARN, signal_source(s, self.k, self.chained), m)]
-        return st.learn(s, m, signal, apply=not self.sync)
+        return st.learn(s, m, signal, apply=not self.sync, direct=self._relayed(s))
+
+    def _relayed(self, s: int) -> bool:
+        """Whether stage s's learn result is a boundary that only the stage below takes (a
+        chained stage between the bottom and the top): it goes by the direct transport, and
+        the driver never waits on it. A failure there reaches the driver through the stage
+        below's learn, which takes it as its argument (Ray fails a call whose argument failed)."""
+        return self.chained and 0 < s < self.k - 1
 
     def _retire(self, mb: int) -> None:
         """Every op of `mb` is submitted: keep only its learn refs (to wait on), drop the rest."""
-        learned = [(s, self._refs.pop(Op(LEARN, s, mb))) for s in range(self.k)]
+        refs = [(s, self._refs.pop(Op(LEARN, s, mb))) for s in range(self.k)]
+        learned = [(s, ref) for s, ref in refs if not self._relayed(s)]
         for s in range(self.k):
             self._refs.pop(Op(FORWARD, s, mb), None)
         self._learned.append((mb, learned))
