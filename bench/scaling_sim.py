@@ -42,7 +42,12 @@ class StageCosts:
     fused_top: bool = True  # the last stage's forward and learn are one call (stream.py)
     node_size: int = 0  # stages per node (0: one link for all hops)
     intra_bandwidth: float = float("inf")  # bytes per second of a hop within a node
-    signal_bandwidth: float = 0.0  # bytes per second of a learn signal's hop (0: as activations)
+    # bytes per second of the top stage's learn signal (0: as activations): its fused
+    # forward + learn returns two results, which the direct transports cannot carry
+    signal_bandwidth: float = 0.0
+    # a hop's bytes / bandwidth is CPU work of the op that takes it (CPU hosts: gloo and the
+    # object store copy and serialize on the cores that compute), not only a delay
+    hop_cpu: bool = False
 
     def bandwidth_between(self, a: int, b: int) -> float:
         same = self.node_size > 0 and a // self.node_size == b // self.node_size
@@ -64,16 +69,29 @@ class StageCosts:
             return self.learn[s] + (0.0 if top and self.fused_top else self.call)
         return (self.apply[s] if self.apply else 0.0) + self.call
 
-    def transfer(self, dep: Op, op: Op) -> float:
-        """Hop time from dep's stage to op's (0 on the same stage)."""
-        if dep.stage == op.stage:
-            return 0.0
+    def _bytes_over(self, dep: Op, op: Op) -> tuple[float, float]:
+        """(bytes, bandwidth) of the hop from dep's stage to op's."""
         bw = self.bandwidth_between(dep.stage, op.stage)
         if op.kind == FORWARD:
-            return self.hop(self.fwd_bytes[op.stage] if self.fwd_bytes else 0.0, bw)
-        if self.signal_bandwidth and bw == self.bandwidth:
+            return (self.fwd_bytes[op.stage] if self.fwd_bytes else 0.0), bw
+        if self.signal_bandwidth and dep.stage == self.k - 1:
             bw = self.signal_bandwidth
-        return self.hop(self.signal_bytes[op.stage] if self.signal_bytes else 0.0, bw)
+        return (self.signal_bytes[op.stage] if self.signal_bytes else 0.0), bw
+
+    def transfer(self, dep: Op, op: Op) -> float:
+        """Hop delay from dep's stage to op's (0 on the same stage)."""
+        if dep.stage == op.stage:
+            return 0.0
+        if self.hop_cpu:
+            return self.latency
+        return self.hop(*self._bytes_over(dep, op))
+
+    def transfer_work(self, dep: Op, op: Op) -> float:
+        """CPU seconds the hop adds to op (hop_cpu only)."""
+        if dep.stage == op.stage or not self.hop_cpu:
+            return 0.0
+        nbytes, bw = self._bytes_over(dep, op)
+        return nbytes / bw
 
 
 @dataclass
@@ -113,7 +131,8 @@ def simulate(
                 continue
             ready = max((trace.end[d] + costs.transfer(d, op) for d in deps), default=0.0)
             if ready <= t + EPS:
-                running[s] = [op, costs.work(op)]
+                hops = sum(costs.transfer_work(d, op) for d in deps)
+                running[s] = [op, costs.work(op) + hops]
                 trace.start[op] = t
                 heads[s] += 1
             else:

@@ -43,8 +43,9 @@ def costs_of(p: BlockProfile, bounds: tuple[int, ...], link: dict, *, sync: bool
         call=link["call_s"],
         latency=link["latency_s"],
         bandwidth=link["bandwidth_Bps"],
-        # a learn returns an ErrorSignal dataclass: Ray sends it through the object store
+        # the top stage returns logits and its signal from one call: by the object store
         signal_bandwidth=link.get("object_store_bandwidth_Bps", 0.0),
+        hop_cpu=True,  # here hops copy on the same 2 cores that compute
         fwd_bytes=tuple(0.0 if a == 0 else p.out_bytes[a - 1] for a, _ in spans),
         signal_bytes=tuple(
             p.signal_bytes[z] if z < len(p.out_bytes) else 0.0 for _, z in spans

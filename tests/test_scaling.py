@@ -86,6 +86,39 @@ def test_hop_time_is_latency_plus_bytes_over_bandwidth() -> None:
     assert simulate(c, 1, 2, chained=True, sync=False).makespan == pytest.approx(4.9)
 
 
+def test_hop_on_cpu_is_work_of_the_receiving_op_and_shares_the_cores() -> None:
+    """hop_cpu: bytes / bandwidth is compute of the op taking the hop (only the latency
+    delays it), so on one core it adds to the total instead of overlapping."""
+    c = StageCosts(
+        forward=(1.0, 1.0),
+        learn=(1.0, 1.0),
+        latency=0.1,
+        bandwidth=100.0,
+        fwd_bytes=(0.0, 50.0),
+        signal_bytes=(20.0, 0.0),
+        hop_cpu=True,
+    )
+    # F0 [0,1], +0.1, F1+L1 with 0.5 of hop work [1.1,3.6], +0.1, L0 with 0.2 [3.7,4.9]
+    assert simulate(c, 1, 2, chained=True, sync=False).makespan == pytest.approx(4.9)
+    # a stream on one core: all compute and all hop work in turn (latencies overlap)
+    t = simulate(c, 6, 2, chained=True, sync=False, cores=1).makespan
+    assert t >= 6 * (4.0 + 0.5 + 0.2) - 1e-9
+
+
+def test_the_top_stage_signal_goes_by_its_own_bandwidth() -> None:
+    """signal_bandwidth: only the top stage's signal (its two-result call: the object store);
+    a boundary between lower stages goes by the link."""
+    c = StageCosts(
+        forward=(0.0,) * 3,
+        learn=(0.0,) * 3,
+        bandwidth=100.0,
+        signal_bandwidth=10.0,
+        signal_bytes=(10.0, 10.0, 0.0),
+    )
+    # L2 at 0, hop 2 -> 1 at 10 B/s: 1.0; hop 1 -> 0 at 100 B/s: 0.1
+    assert simulate(c, 1, 3, chained=True, sync=False).makespan == pytest.approx(1.1)
+
+
 def test_core_limit_shares_the_cores() -> None:
     """Two learns ready at once on one core take twice as long; on two cores, no longer."""
     c = uniform(3, 1.0, 2.0)
