@@ -128,6 +128,7 @@ class ActorGroup:
         still working and the config key `key` that sets the deadline."""
         deadline = time.monotonic() + timeout_s
         pending = {ref: i for i, ref in refs}
+        values: dict[ray.ObjectRef, Any] = {}
         while pending:
             left = deadline - time.monotonic()
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(left, 0.0))
@@ -140,8 +141,8 @@ class ActorGroup:
                     role=self.role,
                 )
             ref = ready[0]
-            self._check(pending.pop(ref), ref, what)
-        return [ray.get(ref) for _, ref in refs]
+            values[ref] = self._check(pending.pop(ref), ref, what)
+        return [values[ref] for _, ref in refs]
 
     def unresponsive(self, indices: Sequence[int], timeout_s: float = 3.0) -> list[int]:
         """Actors among `indices` that do not answer a probe: hung, not merely waiting for an
@@ -153,10 +154,30 @@ class ActorGroup:
         answered = set(ready)
         return [i for i, ref in probes.items() if ref not in answered]
 
-    def _check(self, i: int, ref: ray.ObjectRef, what: str) -> None:
+    def dead(self, timeout_s: float = 3.0) -> list[int]:
+        """Actors whose probe fails (their process is gone)."""
+        probes = {
+            i: a.ping.options(concurrency_group="control").remote()
+            for i, a in enumerate(self.actors)
+        }
+        ready = set(ray.wait(list(probes.values()), num_returns=len(probes), timeout=timeout_s)[0])
+        gone = []
+        for i, ref in probes.items():
+            try:
+                if ref in ready:
+                    ray.get(ref, timeout=0)
+            except Exception:  # noqa: BLE001 - any failure to answer a ping: gone
+                gone.append(i)
+        return gone
+
+    def _check(self, i: int, ref: ray.ObjectRef, what: str) -> Any:
+        """The value of the finished `ref`, or the actor's failure as an ActorError."""
         try:
-            ray.get(ref, timeout=0)
+            return ray.get(ref, timeout=0)
         except (ActorDiedError, RayActorError) as exc:
+            # a call fails with the death of an actor whose result it took: name the dead one
+            gone = self.dead()
+            i = i if i in gone or not gone else gone[0]
             raise ActorDied(
                 i, f"{what}: the actor died", type(exc).__name__, role=self.role
             ) from None

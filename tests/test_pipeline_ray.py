@@ -156,6 +156,21 @@ def test_a_failing_stage_fails_the_step_naming_it_and_nothing_is_left_running(cl
     assert all(_dead(a) for a in actors)
 
 
+def test_a_killed_middle_stage_is_named_though_the_driver_never_waits_on_it(cluster):
+    """K = 3, chained: the driver does not wait on stage 1's learn (only stage 0 takes it), and
+    every call of the others that takes stage 1's results fails with its death; the error
+    still names stage 1, the one whose process is gone."""
+    base = _base(RuleConfig(name="rec_lra"), dtype="float32")
+    cfg = PipelineConfig(stages=3, micro_batches=3, step_timeout_s=60, transport="gloo")
+    pipe = RayPipeline(stage_specs(base, [0, 1, 3, 5]), cfg)
+    x, y = _batches(1)[0]
+    pipe.step(x, y, 3)
+    ray.kill(pipe.group.actors[1], no_restart=True)
+    with pytest.raises(ActorDied) as info:
+        pipe.step(x, y, 3)
+    assert info.value.index == 1 and str(info.value).startswith("stage 1: ")
+
+
 def test_a_stage_past_its_deadline_times_out_naming_it_and_the_key(cluster):
     base = _base(RuleConfig(name="rec_lra"), dtype="float32")
     pipe = RayPipeline(stage_specs(base, [0, 2, 5]), PipelineConfig(stages=2))
@@ -182,6 +197,9 @@ class Sleeper:
     def boom(self) -> None:
         raise ValueError("boom")
 
+    def take(self, value: float) -> float:
+        return value
+
 
 def test_group_deadline_names_the_hung_actor(cluster):
     with ActorGroup(
@@ -204,6 +222,17 @@ def _dead_sleeper(group: ActorGroup) -> bool:
     except RayActorError:
         return True
     return False
+
+
+def test_a_call_failing_with_another_actors_death_names_the_dead_one(cluster):
+    """Actor 0's call takes actor 1's result; actor 1 is gone, so the call fails with its death
+    (Ray fails a call whose argument failed): the error names actor 1, not the caller."""
+    with ActorGroup(Sleeper, [(0.0,), (0.0,)], cpus=1, gpus=0, timeout_key="k") as group:
+        ray.kill(group.actors[1], no_restart=True)
+        with pytest.raises(ActorDied) as info:
+            relayed = group.actors[0].take.remote(group.actors[1].work.remote())
+            group.gather([(0, relayed)], timeout_s=30, key="k")
+        assert info.value.index == 1 and str(info.value).startswith("actor 1: ")
 
 
 def test_group_errors_keep_index_and_cause(cluster):

@@ -116,10 +116,16 @@ class StreamPipeline:
         below's learn, which takes it as its argument (Ray fails a call whose argument failed)."""
         return self.chained and 0 < s < self.k - 1
 
+    def _awaited(self, s: int) -> bool:
+        """Whether the driver waits on stage s's learn result: not on a relayed one, nor on the
+        top's (its call's logits are gathered, and every learn below takes its signal), so the
+        driver never receives a boundary or e_L it does not use."""
+        return self.k == 1 or not (self._relayed(s) or s == self.k - 1)
+
     def _retire(self, mb: int) -> None:
         """Every op of `mb` is submitted: keep only its learn refs (to wait on), drop the rest."""
         refs = [(s, self._refs.pop(Op(LEARN, s, mb))) for s in range(self.k)]
-        learned = [(s, ref) for s, ref in refs if not self._relayed(s)]
+        learned = [(s, ref) for s, ref in refs if self._awaited(s)]
         for s in range(self.k):
             self._refs.pop(Op(FORWARD, s, mb), None)
         self._learned.append((mb, learned))
@@ -154,7 +160,7 @@ class StreamPipeline:
     def _step(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int) -> Completed:
         for xs, ys in zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=True):
             m = self.stream.available
-            self._data[m] = (self.stages.put(xs), ys)
+            self._data[m] = (xs, ys)  # an argument: Ray inlines it (small) or stores it (large)
             self._labels[m] = ys
             self.stream.available += 1
         if self.sync:
