@@ -84,6 +84,9 @@ def stage_costs(prof: dict, model: str, family: str, k: int) -> tuple[StageCosts
         fwd_bytes=tuple(0.0 if a == 0 else out[a - 1] for a, _ in spans),
         # chained: the boundary signal is the size of the stage's output; broadcast: e_L
         signal_bytes=tuple((out[z - 1] if chained else e_l) for _, z in spans),
+        # the driver submits 2K - 1 calls per micro-batch (K - 1 forwards, the top's forward +
+        # learn, K - 1 learns) and gathers their results, in its own process
+        driver=float(link.get("driver_call_s", 0.0)) * (2 * k - 1) if k > 1 else 0.0,
     )
     return costs, bounds
 
@@ -131,13 +134,15 @@ def balance_bound(prof: dict, model: str, family: str, k: int) -> float:
 
 
 def sensitivity(prof: dict, model: str, k: int = 8) -> dict:
-    """Efficiency at K = k of each rule as profiled, with no call cost, with 4x larger
-    micro-batches (the same count), and both: what holds the projection below 1."""
+    """Efficiency at K = k of each rule as profiled, with no driver cost, with no per-call
+    cost at all (stages' and driver's), with 4x larger micro-batches (the same count), and
+    both: what holds the projection below 1."""
     import copy
 
     variants = {
         "as_profiled": prof,
-        "no_call_cost": {**prof, "link": {**prof["link"], "call_s": 0.0}},
+        "no_driver": {**prof, "link": {**prof["link"], "driver_call_s": 0.0}},
+        "no_call_cost": {**prof, "link": {**prof["link"], "call_s": 0.0, "driver_call_s": 0.0}},
         "micro_batch_x4": {**prof, "micro_batch": 4 * prof["micro_batch"]},
     }
     variants["no_call_cost_micro_batch_x4"] = {

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from driver.pipeline.schedule import APPLY, FORWARD, LEARN, Op, dependencies, stage_ops
 
 EPS = 1e-12
+DRIVER = "D"  # an op of the driver's (its share of one micro-batch)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class StageCosts:
     # a hop's bytes / bandwidth is CPU work of the op that takes it (CPU hosts: gloo and the
     # object store copy and serialize on the cores that compute), not only a delay
     hop_cpu: bool = False
+    # the driver's own CPU seconds per micro-batch (submitting its calls, gathering results):
+    # a process of its own, sharing the cores; stage 0 forwards micro-batch n once the driver
+    # has done n's share (0: no driver)
+    driver: float = 0.0
 
     def bandwidth_between(self, a: int, b: int) -> float:
         same = self.node_size > 0 and a // self.node_size == b // self.node_size
@@ -67,6 +72,8 @@ class StageCosts:
             return self.forward[s] + self.call
         if op.kind == LEARN:
             return self.learn[s] + (0.0 if top and self.fused_top else self.call)
+        if op.kind == DRIVER:
+            return self.driver
         return (self.apply[s] if self.apply else 0.0) + self.call
 
     def _bytes_over(self, dep: Op, op: Op) -> tuple[float, float]:
@@ -79,8 +86,8 @@ class StageCosts:
         return (self.signal_bytes[op.stage] if self.signal_bytes else 0.0), bw
 
     def transfer(self, dep: Op, op: Op) -> float:
-        """Hop delay from dep's stage to op's (0 on the same stage)."""
-        if dep.stage == op.stage:
+        """Hop delay from dep's stage to op's (0 on the same stage, or from the driver)."""
+        if dep.stage == op.stage or dep.kind == DRIVER:
             return 0.0
         if self.hop_cpu:
             return self.latency
@@ -88,7 +95,7 @@ class StageCosts:
 
     def transfer_work(self, dep: Op, op: Op) -> float:
         """CPU seconds the hop adds to op (hop_cpu only)."""
-        if dep.stage == op.stage or not self.hop_cpu:
+        if dep.stage == op.stage or dep.kind == DRIVER or not self.hop_cpu:
             return 0.0
         nbytes, bw = self._bytes_over(dep, op)
         return nbytes / bw
@@ -116,17 +123,21 @@ def simulate(
     """Run one stream of `n` micro-batches through K stages; each op's start and end."""
     k = costs.k
     queues = [list(stage_ops(s, n, window, apply_at_end=sync)) for s in range(k)]
-    heads = [0] * k
+    if costs.driver > 0:  # the driver: a queue of its own, index k
+        queues.append([Op(DRIVER, k, mb) for mb in range(n)])
+    heads = [0] * len(queues)
     running: dict[int, list] = {}  # stage -> [op, remaining work]
     trace = Trace()
     t = 0.0
     while True:
         wake = float("inf")
-        for s in range(k):
+        for s in range(len(queues)):
             if s in running or heads[s] == len(queues[s]):
                 continue
             op = queues[s][heads[s]]
-            deps = dependencies(op, k, chained=chained)
+            deps = [] if op.kind == DRIVER else dependencies(op, k, chained=chained)
+            if costs.driver > 0 and op.kind == FORWARD and op.stage == 0:
+                deps = [*deps, Op(DRIVER, k, op.mb)]
             if not all(d in trace.end for d in deps):
                 continue
             ready = max((trace.end[d] + costs.transfer(d, op) for d in deps), default=0.0)
@@ -206,6 +217,7 @@ def ops_of(k: int, n: int, window: int, *, sync: bool) -> list[list[Op]]:
 
 __all__ = [
     "APPLY",
+    "DRIVER",
     "FORWARD",
     "LEARN",
     "RULES",

@@ -100,6 +100,7 @@ def write(path: str, models: dict, link: dict, size: int, batch: int) -> None:
         f"call_s = {link['call_s']:.6g}        # one Ray actor call's own work (measured)",
         f"latency_s = {link['latency_s']:.6g}     # per hop (measured)",
         f"bandwidth_Bps = {link['bandwidth_Bps']:.6g}  # per hop, via {link['bandwidth_via']}",
+        *_driver_line(link),
     ]
     _write_models(path, lines, models, "# float32 activation bytes per sample, per block")
 
@@ -111,6 +112,14 @@ A100 = {  # published figures, named in the written profile's header
     "apply_s": 0.3e-3,  # SGD/AdamW over ~25M fp32 params at ~2 TB/s HBM: ~0.3 ms per step
     "act_bytes": 2.0,  # fp16 activations
 }
+
+
+def _driver_line(link: dict) -> list[str]:
+    """The driver's CPU per actor call, where measured (bench.scaling's validation:
+    calibration.driver_s_per_call)."""
+    if "driver_call_s" not in link:
+        return []
+    return [f"driver_call_s = {link['driver_call_s']:.6g}  # the driver's CPU per call (measured)"]
 
 
 def derive_gpu(path: str, link: dict) -> None:
@@ -157,6 +166,7 @@ def derive_gpu(path: str, link: dict) -> None:
         "bandwidth_Bps = 2.5e10        # between nodes: HDR InfiniBand, 200 Gb/s per GPU",
         "intra_bandwidth_Bps = 3e11    # within a node: NVLink 3, 300 GB/s per direction",
         "stages_per_node = 8           # a DGX A100: 8 GPUs, one stage each",
+        *_driver_line(link),
     ]
 
     _write_models(path, lines, models)

@@ -29,9 +29,12 @@ MODEL = [
 RULE_SPECS = {"rec_lra": "rec_lra:topology=skip", "rec_lra_mirror": "rec_lra"}
 
 
-def costs_of(p: BlockProfile, bounds: tuple[int, ...], link: dict, *, sync: bool) -> StageCosts:
+def costs_of(
+    p: BlockProfile, bounds: tuple[int, ...], link: dict, *, sync: bool, driver: float = 0.0
+) -> StageCosts:
     """Stage costs of profile `p` cut at `bounds`; async learns apply their own update (each
-    learn carries one apply of its blocks: apply_every = 1)."""
+    learn carries one apply of its blocks: apply_every = 1). `driver`: the driver's measured
+    CPU seconds per micro-batch."""
     spans = list(zip(bounds, bounds[1:], strict=False))
     learn = [
         sum(p.learn[a:z]) + (0.0 if sync else sum(p.apply[a:z])) for a, z in spans
@@ -46,6 +49,7 @@ def costs_of(p: BlockProfile, bounds: tuple[int, ...], link: dict, *, sync: bool
         # the top stage returns logits and its signal from one call: by the object store
         signal_bandwidth=link.get("object_store_bandwidth_Bps", 0.0),
         hop_cpu=True,  # here hops copy on the same 2 cores that compute
+        driver=driver,
         fwd_bytes=tuple(0.0 if a == 0 else p.out_bytes[a - 1] for a, _ in spans),
         signal_bytes=tuple(
             p.signal_bytes[z] if z < len(p.out_bytes) else 0.0 for _, z in spans
@@ -61,29 +65,33 @@ def median_profile(ps: list[BlockProfile]) -> BlockProfile:
     return replace(ps[0], forward=med["forward"], learn=med["learn"], apply=med["apply"])
 
 
-def predict(p: BlockProfile, k: int, link: dict, m: int, *, sync: bool, cores: float) -> dict:
+def predict(
+    p: BlockProfile, k: int, link: dict, m: int, *, sync: bool, cores: float, driver: float = 0.0
+) -> dict:
     batch = m * p.micro_batch
     if k == 1:
         t = one_process(costs_of(p, (0, len(p.forward)), link, sync=True), m)
         return {"step_s": t, "samples_per_s": batch / t, "bounds": [0, len(p.forward)]}
     bounds = best_partition([f + lr for f, lr in zip(p.forward, p.learn, strict=True)], k)
-    costs = costs_of(p, bounds, link, sync=sync)
+    costs = costs_of(p, bounds, link, sync=sync, driver=driver)
     rule = RULES["rec_lra_mirror" if p.chained else "rec_lra"]
     over = link.get("step_overhead_s", 0.0) if sync else 0.0
     t = step_seconds(costs, rule, m, sync=sync, cores=cores, steps=8, step_overhead=over)
     return {"step_s": t, "samples_per_s": batch / t, "bounds": list(bounds)}
 
 
-def _time_runner(run, x, y, m: int, steps: int) -> float:
-    """Samples/s of `steps` timed steps after one untimed."""
+def _time_runner(run, x, y, m: int, steps: int) -> tuple[float, float]:
+    """Samples/s of `steps` timed steps after one untimed, and this process's CPU seconds per
+    micro-batch meanwhile (with a pipeline: the driver's)."""
     torch.set_num_threads(1)
     run.step(x, y, m)
     run.flush()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         run.step(x, y, m)
     run.flush()
-    return steps * len(y) / (time.perf_counter() - t0)
+    cpu = (time.process_time() - c0) / (steps * m)
+    return steps * len(y) / (time.perf_counter() - t0), cpu
 
 
 def _fit(predicted, measured: float) -> float:
@@ -99,7 +107,9 @@ def calibrate_call(link: dict, *, ks: tuple[int, ...], rounds: int, steps: int, 
     """The real pipeline's own costs (its actor calls, gloo transfers, stats, the driver and the
     Ray processes' CPU): run it with a width-2 ResNet-8 (compute ~nothing) at each K, sync and
     async; fit the simulation's call cost to the async runs (median over K), then a per-step
-    overhead (the flush: the driver's gathers and the stages' stats) to the sync runs."""
+    overhead (the flush: the driver's gathers and the stages' stats) to the sync runs. The
+    driver's own CPU per micro-batch is measured in each run and simulated as its own process
+    (it shares the cores), so the fits are what remains: the stages' side of each call."""
     cfg = config_of([*MODEL, "model.width=2"], RULE_SPECS["rec_lra"])
     x, y, splits = sample(cfg)
     m = cfg.pipeline.micro_batches
@@ -107,6 +117,7 @@ def calibrate_call(link: dict, *, ks: tuple[int, ...], rounds: int, steps: int, 
     prof = profile_blocks(cfg, reps=3)
     eff = measure_cores(200, int(cores))
     meas: dict = {}
+    drv: dict = {}
     for k in (k for k in ks if k > 1):
         bounds = best_partition([f + lr for f, lr in zip(prof.forward, prof.learn, strict=True)], k)
         for sched in ("sync", "async"):
@@ -115,17 +126,21 @@ def calibrate_call(link: dict, *, ks: tuple[int, ...], rounds: int, steps: int, 
             )
             run = RayPipeline(stage_specs(base, list(bounds)), pc)
             try:
-                meas[(k, sched)] = statistics.median(
-                    _time_runner(run, x, y, m, steps) for _ in range(rounds)
-                )
+                timed = [_time_runner(run, x, y, m, steps) for _ in range(rounds)]
             finally:
                 run.close()
-            print(f"  calibration K={k} {sched}: {meas[(k, sched)]:.1f}/s", flush=True)
+            meas[(k, sched)] = statistics.median(v for v, _ in timed)
+            drv[(k, sched)] = statistics.median(c for _, c in timed)
+            print(
+                f"  calibration K={k} {sched}: {meas[(k, sched)]:.1f}/s, "
+                f"driver {1e3 * drv[(k, sched)]:.2f} ms CPU per micro-batch",
+                flush=True,
+            )
     calls = [
         _fit(
-            lambda c, k=k: predict(prof, k, {**link, "call_s": c}, m, sync=False, cores=eff)[
-                "samples_per_s"
-            ],
+            lambda c, k=k: predict(
+                prof, k, {**link, "call_s": c}, m, sync=False, cores=eff, driver=drv[(k, "async")]
+            )["samples_per_s"],
             v,
         )
         for (k, sched), v in meas.items()
@@ -135,7 +150,13 @@ def calibrate_call(link: dict, *, ks: tuple[int, ...], rounds: int, steps: int, 
     overs = [
         _fit(
             lambda o, k=k: predict(
-                prof, k, {**link, "call_s": call, "step_overhead_s": o}, m, sync=True, cores=eff
+                prof,
+                k,
+                {**link, "call_s": call, "step_overhead_s": o},
+                m,
+                sync=True,
+                cores=eff,
+                driver=drv[(k, "sync")],
             )["samples_per_s"],
             v,
         )
@@ -147,6 +168,10 @@ def calibrate_call(link: dict, *, ks: tuple[int, ...], rounds: int, steps: int, 
     runs = {
         "effective_cores": eff,
         "measured_samples_per_s": {f"{k}_{s}": v for (k, s), v in meas.items()},
+        "driver_cpu_per_micro_batch_s": {f"{k}_{s}": v for (k, s), v in drv.items()},
+        # the driver's CPU per actor call: a micro-batch takes 2K - 1 calls (K - 1 forwards,
+        # the top's forward + learn, K - 1 learns)
+        "driver_s_per_call": statistics.median(v / (2 * k - 1) for (k, _), v in drv.items()),
         "call_fits_s": calls,
         "step_overhead_fits_s": overs,
     }
@@ -195,7 +220,7 @@ def validate(link: dict, *, ks: tuple[int, ...], rounds: int, steps: int, cores:
                 for name, runner in runners.items():
                     run = runner[0] if isinstance(runner, tuple) else runner
                     measured[name].append(_time_runner(run, x, y, m, steps))
-                    print(f"  {key:<15} K={name[0]} {name[1]:<5} {measured[name][-1]:7.1f}/s")
+                    print(f"  {key:<15} K={name[0]} {name[1]:<5} {measured[name][-1][0]:7.1f}/s")
                 profiles.append(profile_blocks(cfg, reps=3))
         finally:
             for runner in runners.values():
@@ -203,7 +228,7 @@ def validate(link: dict, *, ks: tuple[int, ...], rounds: int, steps: int, cores:
         prof = median_profile(profiles)
         # the machine is shared: calibrate compute speed by the one-process runs of the same
         # rounds (K = 1 then matches by construction), and cores by measure_cores
-        k1 = statistics.median(measured[(1, "sync")])
+        k1 = statistics.median(v for v, _ in measured[(1, "sync")])
         scale = predict(prof, 1, link, m, sync=True, cores=cores)["samples_per_s"] / k1
         calib = replace(
             prof,
@@ -220,13 +245,16 @@ def validate(link: dict, *, ks: tuple[int, ...], rounds: int, steps: int, cores:
             "effective_cores": eff,
             "nominal_cores": cores,
         }
-        for (k, sched), samples in measured.items():
-            pred = predict(calib, k, link, m, sync=sched == "sync", cores=eff)
+        for (k, sched), timed in measured.items():
+            samples = [v for v, _ in timed]
+            driver = statistics.median(c for _, c in timed) if k > 1 else 0.0
+            pred = predict(calib, k, link, m, sync=sched == "sync", cores=eff, driver=driver)
             raw = predict(prof, k, ping, m, sync=sched == "sync", cores=cores)
             meas = statistics.median(samples)
             res.setdefault(str(k), {})[sched] = {
                 "measured_samples_per_s": meas,
                 "measured_rounds": samples,
+                "driver_cpu_per_micro_batch_s": driver,
                 "predicted_samples_per_s": pred["samples_per_s"],
                 "relative_error": (pred["samples_per_s"] - meas) / meas,
                 "predicted_raw_samples_per_s": raw["samples_per_s"],

@@ -119,6 +119,22 @@ def test_the_top_stage_signal_goes_by_its_own_bandwidth() -> None:
     assert simulate(c, 1, 3, chained=True, sync=False).makespan == pytest.approx(1.1)
 
 
+def test_a_driver_slower_than_the_stages_bounds_the_stream() -> None:
+    """The driver's share of each micro-batch runs in turn in its own process: with more of it
+    per micro-batch than a stage's work, it sets the pace (no core limit)."""
+    c = uniform(2, 0.5, 0.5, driver=2.0)
+    t = simulate(c, 8, 2, chained=False, sync=False).makespan
+    # the driver's 8 shares in turn, then the last micro-batch through both stages
+    assert t == pytest.approx(8 * 2.0 + 0.5 + 1.0 + 0.5)
+    assert simulate(uniform(2, 0.5, 0.5), 8, 2, chained=False, sync=False).makespan < 8 * 2.0
+
+
+def test_the_driver_shares_the_cores_with_the_stages() -> None:
+    """One core, one stage: every second of stage work and driver work in turn."""
+    c = uniform(1, 1.0, 1.0, driver=1.0)
+    assert simulate(c, 4, 1, chained=False, sync=False, cores=1).makespan == pytest.approx(12.0)
+
+
 def test_core_limit_shares_the_cores() -> None:
     """Two learns ready at once on one core take twice as long; on two cores, no longer."""
     c = uniform(3, 1.0, 2.0)
