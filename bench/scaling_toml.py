@@ -155,7 +155,9 @@ def derive_gpu(path: str, link: dict) -> None:
         "# Link: one stage per GPU, 8 per node (DGX A100): within a node NVLink 3, 300 GB/s per",
         "#   direction (600 GB/s total); across nodes HDR InfiniBand 200 Gb/s = 25 GB/s, one HCA",
         "#   per GPU; latency 20 us (NCCL point-to-point order); call_s: one Ray actor call's",
-        "#   own work as measured on this machine (not overlapped with GPU work: conservative).",
+        "#   own work as measured on this machine (not overlapped with GPU work: conservative);",
+        "#   driver_call_s: the driver's CPU per call, measured here (bench.scaling validation,",
+        "#   calibration.driver_s_per_call); the driver has a core of its own.",
         "# Micro-batch 64 samples, 32 micro-batches per step (batch 2048) for every K and rule.",
     ]
     lines = [*header, 'name = "a100"', "micro_batch = 64", "micro_batches = 32", ""]
