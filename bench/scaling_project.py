@@ -13,7 +13,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from bench.scaling_sim import RULES, StageCosts, one_process, step_seconds
+from bench.scaling_sim import RULES, StageCosts, calls_per_micro_batch, one_process, step_seconds
 from driver.pipeline.partition import best_partition
 
 KS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -57,7 +57,9 @@ def load_profile(path: str | Path) -> dict:
     return tomllib.loads(Path(path).read_text())
 
 
-def stage_costs(prof: dict, model: str, family: str, k: int) -> tuple[StageCosts, tuple]:
+def stage_costs(
+    prof: dict, model: str, family: str, k: int, *, sync: bool = True
+) -> tuple[StageCosts, tuple]:
     """Per-stage costs of `model` under `family` cut into k stages (the balanced cut of the
     blocks' forward + learn, driver/pipeline/partition.best_partition)."""
     mdl = prof["models"][model]
@@ -84,9 +86,13 @@ def stage_costs(prof: dict, model: str, family: str, k: int) -> tuple[StageCosts
         fwd_bytes=tuple(0.0 if a == 0 else out[a - 1] for a, _ in spans),
         # chained: the boundary signal is the size of the stage's output; broadcast: e_L
         signal_bytes=tuple((out[z - 1] if chained else e_l) for _, z in spans),
-        # the driver submits 2K - 1 calls per micro-batch (K - 1 forwards, the top's forward +
-        # learn, K - 1 learns) and gathers their results, in its own process
-        driver=float(link.get("driver_call_s", 0.0)) * (2 * k - 1) if k > 1 else 0.0,
+        # the driver submits its calls and gathers their results, in its own process
+        driver=(
+            float(link.get("driver_call_s", 0.0))
+            * calls_per_micro_batch(k, prof["micro_batches"], sync=sync)
+            if k > 1
+            else 0.0
+        ),
     )
     return costs, bounds
 
@@ -113,7 +119,7 @@ def project(prof: dict, models: list[str], ks: tuple[int, ...] = KS) -> dict:
                 if k > n:
                     row[str(k)] = None
                     continue
-                costs, bounds = stage_costs(prof, model, family, k)
+                costs, bounds = stage_costs(prof, model, family, k, sync=sync)
                 t = step_seconds(costs, spec, m, sync=sync, cores=cores, steps=4)
                 row[str(k)] = {
                     "step_s": t,

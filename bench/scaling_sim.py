@@ -206,6 +206,13 @@ def step_seconds(
     return trace.makespan / steps + step_overhead
 
 
+def calls_per_micro_batch(k: int, m: int, *, sync: bool) -> float:
+    """The driver's actor calls per micro-batch at K stages and M micro-batches a step: K - 1
+    forwards, the top's forward + learn, K - 1 learns, and per step a stats call to each stage
+    (and under sync an apply to each)."""
+    return 2 * k - 1 + (2 * k if sync else k) / m
+
+
 def one_process(costs: StageCosts, m: int) -> float:
     """K = 1 in one process: every op in order, no calls, no hops."""
     return m * (sum(costs.forward) + sum(costs.learn)) + sum(costs.apply)
@@ -225,6 +232,7 @@ __all__ = [
     "StageCosts",
     "Trace",
     "one_process",
+    "calls_per_micro_batch",
     "ops_of",
     "simulate",
     "step_seconds",

@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from bench.scaling_profile import BlockProfile, config_of, measure_cores, profile_blocks, sample
-from bench.scaling_sim import RULES, StageCosts, one_process, step_seconds
+from bench.scaling_sim import RULES, StageCosts, calls_per_micro_batch, one_process, step_seconds
 from driver.pipeline.build import base_spec, block_names
 from driver.pipeline.partition import best_partition
 from driver.pipeline.stream import RayPipeline
@@ -169,9 +169,9 @@ def calibrate_call(link: dict, *, ks: tuple[int, ...], rounds: int, steps: int, 
         "effective_cores": eff,
         "measured_samples_per_s": {f"{k}_{s}": v for (k, s), v in meas.items()},
         "driver_cpu_per_micro_batch_s": {f"{k}_{s}": v for (k, s), v in drv.items()},
-        # the driver's CPU per actor call: a micro-batch takes 2K - 1 calls (K - 1 forwards,
-        # the top's forward + learn, K - 1 learns)
-        "driver_s_per_call": statistics.median(v / (2 * k - 1) for (k, _), v in drv.items()),
+        "driver_s_per_call": statistics.median(
+            v / calls_per_micro_batch(k, m, sync=sched == "sync") for (k, sched), v in drv.items()
+        ),
         "call_fits_s": calls,
         "step_overhead_fits_s": overs,
     }

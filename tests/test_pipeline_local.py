@@ -193,3 +193,32 @@ def test_flush_after_sync_steps_takes_no_optimizer_step():
     for stage in pipe.stages.stages:  # type: ignore[union-attr]
         assert stage.step == 3 and stage.progress == 3.0
     _assert_same(before, _units(pipe))
+
+
+@pytest.mark.parametrize("schedule", ["sync", "async"])
+@pytest.mark.parametrize("k, bounds", [(2, [0, 2, 5]), (3, [0, 1, 3, 5])])
+def test_the_driver_makes_the_calls_the_scaling_model_charges(schedule, k, bounds):
+    """bench.scaling charges the driver per actor call, counted by calls_per_micro_batch; the
+    stream must make exactly that many (counted on the real in-process handle)."""
+    from bench.scaling_sim import calls_per_micro_batch
+
+    m, steps = 4, 3
+    cfg = PipelineConfig(stages=k, schedule=schedule, micro_batches=m)
+    pipe = LocalPipeline(stage_specs(_base(RuleConfig(**RANDOM)), bounds), cfg)
+    calls = {"n": 0}
+    for name in ("forward", "forward_learn", "learn", "apply", "pop_stats"):
+        call = getattr(pipe.stages, name)
+
+        def counted(*args, _call=call, **kw):
+            calls["n"] += 1
+            return _call(*args, **kw)
+
+        setattr(pipe.stages, name, counted)
+    counts = []
+    for x, y in _batches(steps, size=8):
+        pipe.step(x, y, m)
+        counts.append(calls["n"])
+    # per step in the steady state (async: the stream runs on across steps, so the first
+    # step submits fewer ops and later steps finish the previous step's)
+    per_step = calls_per_micro_batch(k, m, sync=schedule == "sync") * m
+    assert counts[-1] - counts[0] == per_step * (steps - 1)
