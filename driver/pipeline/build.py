@@ -14,6 +14,7 @@ from torch.utils.data import default_collate
 from cluster.runtime import connect
 from driver.config import Config
 from driver.data.common import DatasetSplits
+from driver.pipeline.p2p import P2PPipeline
 from driver.pipeline.partition import Partition, plan_partition, profile, time_whole
 from driver.pipeline.stage_count import choose, cluster_cores, hop_seconds, predict, warn_if_slower
 from driver.pipeline.stream import LocalPipeline, RayPipeline
@@ -70,13 +71,15 @@ def base_spec(cfg: Config, splits: DatasetSplits, n_blocks: int | None = None) -
     )
 
 
-class RayRunner(RayPipeline):
-    """A RayPipeline that also shuts down the local Ray it started."""
+class OwnsRay:
+    """A Ray runner that also shuts down the local Ray it started."""
 
     def __init__(self, specs: list[StageSpec], cfg: Config) -> None:
         self._started = connect(cfg.cluster)
         try:  # a local Ray this run started cannot grow: a placement that cannot fit fails now
-            super().__init__(specs, cfg.pipeline, fixed_size=True if self._started else None)
+            super().__init__(  # type: ignore[call-arg]
+                specs, cfg.pipeline, fixed_size=True if self._started else None
+            )
         except BaseException:
             self._stop_ray()
             raise
@@ -87,8 +90,16 @@ class RayRunner(RayPipeline):
             self._started = False
 
     def close(self) -> None:
-        super().close()
+        super().close()  # type: ignore[misc]
         self._stop_ray()
+
+
+class RayRunner(OwnsRay, RayPipeline):
+    """The stream engine on Ray (pipeline.engine = "stream")."""
+
+
+class P2PRunner(OwnsRay, P2PPipeline):
+    """The p2p engine on Ray (pipeline.engine = "p2p")."""
 
 
 def build_runner(
@@ -109,7 +120,12 @@ def build_runner(
     specs = stage_specs(base, list(part.bounds))
     use_ray = pc.backend == "ray" or (pc.backend == "auto" and len(specs) > 1)
     if use_ray:
-        return RayRunner(specs, cfg), part
+        return (P2PRunner if pc.engine == "p2p" else RayRunner)(specs, cfg), part
+    if pc.engine == "p2p" and pc.backend == "local":
+        raise ValueError(
+            'pipeline.engine: "p2p" runs its stages as Ray actors; set pipeline.backend = '
+            '"auto" or "ray", or engine = "stream" for stages in this process'
+        )
     if base.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             "train.device: cuda asked for but no CUDA device is visible here; "

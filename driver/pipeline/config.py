@@ -7,6 +7,7 @@ from dataclasses import dataclass
 SCHEDULES = ("sync", "async")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 TRANSPORTS = ("auto", "object_store", "gloo", "nccl")
+ENGINES = ("stream", "p2p")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +33,10 @@ class PipelineConfig:
     # when the stages cannot be placed again, go on from the last checkpoint on the largest
     # stage count that fits, and back to `stages` at a checkpoint once it fits again (elastic.py)
     elastic: bool = False
+    # stream: the driver submits every op as an actor call (sync and async, checkpoint cuts);
+    # p2p: each stage runs a whole step per call and sends to its neighbours itself by
+    # torch.distributed, the driver making K calls a step (sync only; driver/pipeline/p2p.py)
+    engine: str = "stream"
 
     def __post_init__(self) -> None:
         if self.stages != "auto" and not (
@@ -57,6 +62,7 @@ class PipelineConfig:
             ("strategy", self.strategy, STRATEGIES),
             ("backend", self.backend, ("auto", "ray", "local")),
             ("transport", self.transport, TRANSPORTS),
+            ("engine", self.engine, ENGINES),
         ):
             if value not in allowed:
                 raise ValueError(f"pipeline.{key}: {value!r} is not one of {list(allowed)}")

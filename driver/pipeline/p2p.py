@@ -1,0 +1,152 @@
+"""The p2p engine's runner: K P2PStage actors that train a step per call and pass activations and
+signals to each other by torch.distributed (driver/pipeline/p2p_stage.py).
+
+The driver makes K calls per step (one `run_step` per stage, which also returns the stage's
+stats) however many micro-batches the step has; the stream engine makes about 2K per
+micro-batch. The schedule is the sync one: every learn of a step sees the step's starting
+weights and each stage applies once at its end, so the weights equal one process's.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+import ray
+import torch
+
+from cluster.group import ActorGroup
+from driver.pipeline.config import PipelineConfig
+from driver.pipeline.p2p_stage import P2PStage
+from workers.spec import StageSpec, StageStats
+from workers.state import merge_states
+
+log = logging.getLogger(__name__)
+
+Completed = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def p2p_backend(cfg: PipelineConfig, cuda: bool) -> str:
+    """The torch.distributed backend for `pipeline.transport`: nccl between GPUs, else gloo."""
+    if cfg.schedule != "sync":
+        raise ValueError(
+            'pipeline.engine: "p2p" runs the sync schedule; set pipeline.schedule = "sync", '
+            'or pipeline.engine = "stream" for async'
+        )
+    if cfg.transport == "object_store":
+        raise ValueError(
+            'pipeline.transport: "object_store" is the stream engine\'s; the p2p engine sends '
+            'by gloo or nccl (set transport = "auto")'
+        )
+    if cfg.transport == "nccl" and not cuda:
+        raise ValueError('pipeline.transport: nccl needs train.device = "cuda"; use gloo')
+    if cfg.transport == "auto":
+        return "nccl" if cuda else "gloo"
+    return cfg.transport
+
+
+class P2PPipeline:
+    """A Runner (driver/pipeline/build.py) over K P2PStage actors."""
+
+    def __init__(
+        self, specs: list[StageSpec], cfg: PipelineConfig, *, fixed_size: bool | None = None
+    ) -> None:
+        cuda = specs[0].device.startswith("cuda")
+        self.transport = p2p_backend(cfg, cuda)
+        self.cfg, self.k = cfg, len(specs)
+        gpus = cfg.gpus_per_stage if cfg.gpus_per_stage >= 0 else (1.0 if cuda else 0.0)
+        threads = cfg.threads_per_stage or max(1, int(cfg.cpus_per_stage))
+        specs = [
+            replace(s, threads=threads, send_to_cpu=not cuda, max_cached=cfg.window + 1)
+            for s in specs
+        ]
+        self.group = ActorGroup(
+            P2PStage,
+            [(s, self.k, cfg.window) for s in specs],
+            cpus=cfg.cpus_per_stage,
+            gpus=gpus,
+            strategy=cfg.strategy,
+            placement_timeout_s=cfg.placement_timeout_s,
+            timeout_key="pipeline.placement_timeout_s",
+            fixed_size=fixed_size,
+            role="stage",
+        )
+        self.actors = self.group.actors
+        self._stats: list[tuple[int, StageStats]] = []
+        try:
+            self._join()
+        except BaseException:
+            self.group.shutdown()
+            raise
+        log.info("pipeline: p2p engine, stages exchange tensors by %s", self.transport)
+
+    def _join(self) -> None:
+        """Every actor built, then one process group of the K stages (stage 0 hosts it)."""
+        start = self.cfg.placement_timeout_s
+        key = "pipeline.placement_timeout_s"
+        self.group.gather(
+            [(i, a.ping.remote()) for i, a in enumerate(self.actors)],
+            timeout_s=start,
+            key=key,
+            what="start",
+        )
+        host, port = self.group.gather(
+            [(0, self.actors[0].rendezvous_address.remote())], timeout_s=start, key=key
+        )[0]
+        joins = [
+            (i, a.join.remote(host, port, self.transport, self.cfg.step_timeout_s))
+            for i, a in enumerate(self.actors)
+        ]
+        self.group.gather(joins, timeout_s=start, key=key, what="join the process group")
+
+    def _gather(self, refs: list[tuple[int, Any]], what: str) -> list[Any]:
+        return self.group.gather(
+            refs, timeout_s=self.cfg.step_timeout_s, key="pipeline.step_timeout_s", what=what
+        )
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int) -> Completed:
+        """One training step: K calls, each running a stage's whole step."""
+        xs, ys = list(x.chunk(micro_batches)), list(y.chunk(micro_batches))
+        m = len(xs)
+        try:
+            refs = [
+                (
+                    s,
+                    a.run_step.remote(xs if s == 0 else None, ys if s == self.k - 1 else None, m),
+                )
+                for s, a in enumerate(self.actors)
+            ]
+            results = self._gather(refs, "step")
+        except BaseException:
+            self.close()
+            raise
+        self._stats += [(s, stats) for s, (_, stats) in enumerate(results)]
+        return [(torch.cat(results[-1][0]), y)]
+
+    def flush(self) -> Completed:
+        return []  # every step is complete when it returns
+
+    def drain_stats(self, *, wait: bool = False) -> list[tuple[int, StageStats]]:
+        taken, self._stats = self._stats, []
+        return taken
+
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        ref: Any = x
+        for a in self.actors:
+            ref = a.infer.remote(ref)
+        return self._gather([(self.k - 1, ref)], "infer")[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        refs = [(s, a.state_dict.remote()) for s, a in enumerate(self.actors)]
+        return merge_states(self._gather(refs, "state_dict"))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ref = ray.put(state)
+        self._gather(
+            [(s, a.load_state_dict.remote(ref)) for s, a in enumerate(self.actors)],
+            "load_state_dict",
+        )
+
+    def close(self) -> None:
+        self.group.shutdown()

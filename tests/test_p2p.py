@@ -1,0 +1,178 @@
+"""The p2p engine (driver/pipeline/p2p.py): stages that run their own op order and exchange
+tensors by torch.distributed (gloo here), on a real local Ray cluster."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+from cluster.errors import ActorError
+from driver.pipeline.config import PipelineConfig
+from driver.pipeline.p2p import P2PPipeline
+from workers.chain import LocalRunner, stage_specs
+from workers.models import ModelConfig, model_plan
+from workers.optim import OptimConfig
+from workers.rules import RuleConfig
+from workers.spec import StageSpec
+
+MODEL = ModelConfig(name="resnet8", width=4)
+SHAPE = (1, 8, 8)
+RANDOM = dict(kp_init="kaiming", head_init="kaiming")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _base(rule: RuleConfig, dtype: str = "float64") -> StageSpec:
+    n = len(model_plan(MODEL, SHAPE, 10))
+    return StageSpec(
+        model=MODEL,
+        rule=rule,
+        optim=OptimConfig(total_steps=20),
+        input_shape=SHAPE,
+        num_classes=10,
+        blocks=(0, n),
+        dtype=dtype,
+    )
+
+
+def _batches(n: int, size: int = 12):
+    g = torch.Generator().manual_seed(0)
+    return [
+        (
+            torch.randn(size, *SHAPE, generator=g, dtype=torch.float64),
+            torch.randint(0, 10, (size,), generator=g),
+        )
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize(
+    "rule, bounds",
+    [
+        (RuleConfig(**RANDOM), [0, 2, 5]),  # mirror: chained
+        (RuleConfig(**RANDOM), [0, 1, 3, 5]),
+        (RuleConfig(topology="skip", **RANDOM), [0, 1, 3, 5]),  # e_L broadcast from the top
+        (RuleConfig(name="backprop"), [0, 1, 3, 5]),
+    ],
+    ids=["mirror-k2", "mirror-k3", "skip-k3", "backprop-k3"],
+)
+def test_p2p_sync_trains_the_weights_one_process_does(cluster, rule, bounds):
+    specs = stage_specs(_base(rule), bounds)
+    k = len(bounds) - 1
+    plain = LocalRunner(specs)
+    pipe = P2PPipeline(specs, PipelineConfig(stages=k, micro_batches=3))
+    try:
+        for x, y in _batches(3):
+            ((want, _),) = plain.step(x, y, 3)
+            ((got, labels),) = pipe.step(x, y, 3)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+            assert torch.equal(labels, y)
+        stats = pipe.drain_stats()
+        assert [s for s, _ in stats] == list(range(k)) * 3  # each stage's stats, every step
+        assert all(st.micro_batches == 3 for _, st in stats)
+        got_state, want_state = pipe.state_dict()["units"], plain.state_dict()["units"]
+        assert got_state.keys() == want_state.keys()
+        for name in want_state:
+            for key, t in want_state[name]["tensors"].items():
+                torch.testing.assert_close(got_state[name]["tensors"][key], t, rtol=0, atol=1e-12)
+        x, _ = _batches(1, size=5)[0]
+        torch.testing.assert_close(pipe.infer(x), plain.infer(x), rtol=0, atol=1e-12)
+    finally:
+        pipe.close()
+
+
+def test_p2p_state_round_trip_continues_the_same_training(cluster):
+    """load_state_dict of one pipeline's state into a fresh one: the next step is the same."""
+    specs = stage_specs(_base(RuleConfig(**RANDOM)), [0, 2, 5])
+    cfg = PipelineConfig(stages=2, micro_batches=2)
+    (x1, y1), (x2, y2) = _batches(2)
+    a = P2PPipeline(specs, cfg)
+    try:
+        a.step(x1, y1, 2)
+        state = a.state_dict()
+        ((want, _),) = a.step(x2, y2, 2)
+    finally:
+        a.close()
+    b = P2PPipeline(specs, cfg)
+    try:
+        b.load_state_dict(state)
+        ((got, _),) = b.step(x2, y2, 2)
+    finally:
+        b.close()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_failing_p2p_stage_fails_the_step_naming_it(cluster):
+    """Stage 0 refuses a non-finite update; the step fails with its error (the stage above,
+    waiting on messages, is killed with the group), well within the step deadline."""
+    specs = stage_specs(_base(RuleConfig(**RANDOM), dtype="float32"), [0, 2, 5])
+    pipe = P2PPipeline(specs, PipelineConfig(stages=2, micro_batches=2, step_timeout_s=60))
+    x, y = _batches(1)[0]
+    x = x.float()
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ActorError) as info:
+        pipe.step(x, y, 2)
+    assert "non-finite" in str(info.value) and str(info.value).startswith("stage ")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"schedule": "async"}, 'runs the sync schedule; set pipeline.schedule = "sync"'),
+        ({"transport": "object_store"}, "the p2p engine sends by gloo or nccl"),
+        ({"transport": "nccl"}, 'nccl needs train.device = "cuda"'),
+    ],
+)
+def test_p2p_refuses_what_it_cannot_run_in_one_line(overrides, message):
+    from driver.pipeline.p2p import p2p_backend
+
+    with pytest.raises(ValueError) as info:
+        p2p_backend(PipelineConfig(stages=2, **overrides), cuda=False)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_p2p_run_recovers_a_killed_stage_and_ends_with_one_process_weights(
+    cluster, digits, tmp_path
+):
+    """A served-style run (Controller) on the p2p engine, K = 3: stage 1's process is SIGKILLed
+    at step 8; the run recovers from its step-5 checkpoint and ends with the weights one
+    process trains (sync float64), over the same 19 steps."""
+    import os
+    import signal
+
+    from ckpt_helpers import TINY
+
+    from driver.config import load_config
+    from driver.run import checkpoint
+    from driver.run.controller import Controller, RunState
+    from driver.run.train import train
+
+    base = [*TINY, "train.checkpoint_every=5", "pipeline.micro_batches=2"]
+    ref = train(load_config(None, base), quiet=True, out_dir=tmp_path / "ref", splits=digits)
+    cfg = load_config(
+        None, [*base, "pipeline.stages=3", "pipeline.boundaries=[1, 3]", 'pipeline.engine="p2p"']
+    )
+    ctl = Controller(cfg, out_dir=tmp_path / "p2p", splits=digits, run_id="p2p")
+    killed = False
+    while not ctl.done:
+        ctl.step()
+        if not killed and ctl.run.steps == 8 and ctl.state is RunState.RUNNING:
+            assert type(ctl.runner).__name__ == "P2PRunner"
+            actor = ctl.runner.group.actors[1]  # type: ignore[union-attr]
+            pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
+            os.kill(pid, signal.SIGKILL)
+            killed = True
+    assert killed and ctl.state is RunState.SUCCEEDED, ctl.error
+    assert ctl.restarts == 1 and ctl.run.steps == ref.steps == 19
+    load = checkpoint.load
+    want = load(tmp_path / "ref" / "rec_lra" / "checkpoints")["runner"]["units"]
+    got = load(tmp_path / "p2p" / "rec_lra" / "checkpoints")["runner"]["units"]
+    for name in want:
+        for key, t in want[name]["tensors"].items():
+            torch.testing.assert_close(got[name]["tensors"][key], t, rtol=1e-10, atol=1e-10)
