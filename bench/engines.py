@@ -1,0 +1,130 @@
+"""Benchmark: the two pipeline engines side by side, sync, K = 2 and 3.
+
+    python -m bench.engines --json bench/results/engines_cpu.json [--rounds 3 --steps 6]
+
+`stream`: the driver submits every op as an actor call (2K - 1 per micro-batch, plus per-step
+stats and applies). `p2p`: each stage runs its whole step in one call and sends to its
+neighbours by torch.distributed (gloo here). For each model: samples/s (median of interleaved
+rounds) and the driver's CPU per micro-batch (time.process_time over the timed steps), with
+one process (one thread) as the baseline. Models: the scaling model's validation ResNet-8
+(width 32: stage compute ~15 ms per micro-batch, where per-call costs show) and a ResNet-18
+(width 64, 32x32: ~100 ms per micro-batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import ray
+import torch
+
+from bench.scaling_profile import config_of, sample
+from bench.scaling_validate import MODEL
+from driver.pipeline.build import base_spec, block_names
+from driver.pipeline.p2p import P2PPipeline
+from driver.pipeline.partition import plan_partition
+from driver.pipeline.stream import RayPipeline
+from workers.chain import LocalRunner, stage_specs
+
+MODELS = {
+    "resnet8_w32": MODEL,
+    "resnet18_w64": [
+        "model.name=resnet18",
+        "model.width=64",
+        "data.name=synthetic",
+        "data.synthetic_shape=[3, 32, 32]",
+        "train.batch_size=32",
+        "pipeline.micro_batches=4",
+    ],
+}
+
+
+def _time(run, x: torch.Tensor, y: torch.Tensor, m: int, steps: int) -> tuple[float, float]:
+    """Samples/s over `steps` steps after one untimed, and this process's CPU per micro-batch."""
+    torch.set_num_threads(1)
+    run.step(x, y, m)
+    run.flush()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        run.step(x, y, m)
+    run.flush()
+    return steps * len(y) / (time.perf_counter() - t0), (time.process_time() - c0) / (steps * m)
+
+
+def compare(model: str, ks: tuple[int, ...], rounds: int, steps: int, rule: str) -> dict:
+    cfg = config_of(MODELS[model], rule)
+    x, y, splits = sample(cfg)
+    m = cfg.pipeline.micro_batches
+    names = block_names(cfg, splits)
+    base = base_spec(cfg, splits, len(names))
+    sample_mb = (x[: len(y) // m], y[: len(y) // m])
+    runners: dict = {"one_process": LocalRunner([base])}
+    for k in ks:
+        bounds = list(plan_partition(base, k, (), sample_mb, 3, names=names).bounds)
+        pc = replace(cfg.pipeline, stages=k, cpus_per_stage=1.0, threads_per_stage=1)
+        runners[f"k{k}_stream"] = RayPipeline(stage_specs(base, bounds), pc)
+        runners[f"k{k}_p2p"] = P2PPipeline(stage_specs(base, bounds), replace(pc, engine="p2p"))
+    timed: dict = {name: [] for name in runners}
+    try:
+        for _ in range(rounds):
+            for name, run in runners.items():
+                timed[name].append(_time(run, x, y, m, steps))
+                print(f"  {model} {name:<12} {timed[name][-1][0]:8.1f} samples/s", flush=True)
+    finally:
+        for run in runners.values():
+            run.close()
+    out: dict = {"micro_batches": m, "batch": len(y), "rule": rule}
+    for name, vals in timed.items():
+        out[name] = {
+            "samples_per_s": statistics.median(v for v, _ in vals),
+            "rounds": [v for v, _ in vals],
+            "driver_cpu_ms_per_micro_batch": 1e3 * statistics.median(c for _, c in vals),
+        }
+    return out
+
+
+def table(result: dict) -> str:
+    lines = []
+    for model, r in result["models"].items():
+        base = r["one_process"]["samples_per_s"]
+        lines.append(f"{model} ({r['rule']}, sync, M = {r['micro_batches']})")
+        lines.append("  runner          samples/s   x one process   driver CPU ms / micro-batch")
+        for name, v in r.items():
+            if isinstance(v, dict):
+                lines.append(
+                    f"  {name:<14} {v['samples_per_s']:10.1f} {v['samples_per_s'] / base:13.2f}"
+                    f" {v['driver_cpu_ms_per_micro_batch']:17.2f}"
+                )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", required=True)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--ks", default="2,3")
+    p.add_argument("--rule", default="rec_lra", help="rec_lra (mirror) or rec_lra:topology=skip")
+    args = p.parse_args(argv)
+    ray.init(address="local", num_cpus=16, include_dashboard=False)  # our own
+    result: dict = {"cores": torch.get_num_threads(), "models": {}}
+    try:
+        ks = tuple(int(k) for k in args.ks.split(","))
+        for model in args.models.split(","):
+            result["models"][model] = compare(model, ks, args.rounds, args.steps, args.rule)
+    finally:
+        ray.shutdown()
+    print(table(result))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
