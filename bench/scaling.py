@@ -21,7 +21,16 @@ from pathlib import Path
 from bench.scaling_project import KS, load_profile, project, sensitivity
 
 MODELS = ["resnet18", "resnet34", "resnet50"]
-RULES_SHOWN = ["rec_lra", "rec_lra_mirror", "backprop_1f1b", "backprop_gpipe", "rec_lra_async"]
+RULES_SHOWN = [
+    "rec_lra",
+    "rec_lra_mirror",
+    "backprop_1f1b",
+    "backprop_gpipe",
+    "rec_lra_async",
+    "rec_lra_p2p",
+    "rec_lra_mirror_p2p",
+    "backprop_1f1b_p2p",
+]
 
 
 def plot(projections: dict, path: str) -> None:
@@ -75,7 +84,7 @@ def tables(result: dict) -> str:
     for prof, proj in result["projections"].items():
         ks = [k for k in KS if k <= 18]
         lines.append(f"projection {prof}: efficiency (speedup / K)")
-        lines.append("  model    rule           " + "".join(f"{'K=' + str(k):>7}" for k in ks))
+        lines.append("  model    rule                " + "".join(f"{'K=' + str(k):>7}" for k in ks))
         for model in MODELS:
             for rule in RULES_SHOWN:
                 row = proj[model][rule]
@@ -83,7 +92,7 @@ def tables(result: dict) -> str:
                     f"{row[str(k)]['efficiency']:7.2f}" if row.get(str(k)) else "      -"
                     for k in ks
                 ]
-                lines.append(f"  {model:<8} {rule:<14} " + "".join(cells))
+                lines.append(f"  {model:<8} {rule:<19} " + "".join(cells))
     return "\n".join(lines)
 
 

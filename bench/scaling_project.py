@@ -23,6 +23,8 @@ FAMILY = {  # projected rule -> the profile's cost family
     "backprop_gpipe": "backprop",
     "backprop_1f1b": "backprop",
 }
+DRIVER_KEYS = ("driver_call_s", "driver_p2p_call_s")
+P2P = {f"{rule}_p2p": family for rule, family in FAMILY.items()}  # the p2p engine (sync)
 
 
 def resnet_blocks(name: str, size: int = 224, classes: int = 1000) -> list[dict]:
@@ -58,7 +60,7 @@ def load_profile(path: str | Path) -> dict:
 
 
 def stage_costs(
-    prof: dict, model: str, family: str, k: int, *, sync: bool = True
+    prof: dict, model: str, family: str, k: int, *, sync: bool = True, engine: str = "stream"
 ) -> tuple[StageCosts, tuple]:
     """Per-stage costs of `model` under `family` cut into k stages (the balanced cut of the
     blocks' forward + learn, driver/pipeline/partition.best_partition)."""
@@ -78,7 +80,9 @@ def stage_costs(
         forward=tuple(sum(f[a:z]) for a, z in spans),
         learn=tuple(sum(lrn[a:z]) for a, z in spans),
         apply=tuple(sum(ap[a:z]) for a, z in spans),
-        call=link["call_s"],
+        # p2p: no actor call per op, only its messages (p2p_op_s); the top's ops are two
+        call=float(link.get("p2p_op_s", 0.0)) if engine == "p2p" else link["call_s"],
+        fused_top=engine != "p2p",
         latency=link["latency_s"],
         bandwidth=link["bandwidth_Bps"],
         node_size=int(link.get("stages_per_node", 0)),
@@ -88,8 +92,8 @@ def stage_costs(
         signal_bytes=tuple((out[z - 1] if chained else e_l) for _, z in spans),
         # the driver submits its calls and gathers their results, in its own process
         driver=(
-            float(link.get("driver_call_s", 0.0))
-            * calls_per_micro_batch(k, prof["micro_batches"], sync=sync)
+            float(link.get("driver_p2p_call_s" if engine == "p2p" else "driver_call_s", 0.0))
+            * calls_per_micro_batch(k, prof["micro_batches"], sync=sync, engine=engine)
             if k > 1
             else 0.0
         ),
@@ -109,8 +113,9 @@ def project(prof: dict, models: list[str], ks: tuple[int, ...] = KS) -> dict:
     for model in models:
         n = len(prof["models"][model]["out_bytes"])
         out[model] = {"blocks": n, "micro_batches": m, "micro_batch": prof["micro_batch"]}
-        for rule, family in [*FAMILY.items(), ("rec_lra_async", "rec_lra")]:
-            spec = RULES["rec_lra" if rule == "rec_lra_async" else rule]
+        for rule, family in [*FAMILY.items(), ("rec_lra_async", "rec_lra"), *P2P.items()]:
+            engine = "p2p" if rule.endswith("_p2p") else "stream"
+            spec = RULES[{"rec_lra_async": "rec_lra"}.get(rule, rule.removesuffix("_p2p"))]
             sync = rule != "rec_lra_async"
             one, _ = stage_costs(prof, model, family, 1)
             t1 = one_process(one, m)
@@ -119,7 +124,7 @@ def project(prof: dict, models: list[str], ks: tuple[int, ...] = KS) -> dict:
                 if k > n:
                     row[str(k)] = None
                     continue
-                costs, bounds = stage_costs(prof, model, family, k, sync=sync)
+                costs, bounds = stage_costs(prof, model, family, k, sync=sync, engine=engine)
                 t = step_seconds(costs, spec, m, sync=sync, cores=cores, steps=4)
                 row[str(k)] = {
                     "step_s": t,
@@ -147,8 +152,11 @@ def sensitivity(prof: dict, model: str, k: int = 8) -> dict:
 
     variants = {
         "as_profiled": prof,
-        "no_driver": {**prof, "link": {**prof["link"], "driver_call_s": 0.0}},
-        "no_call_cost": {**prof, "link": {**prof["link"], "call_s": 0.0, "driver_call_s": 0.0}},
+        "no_driver": {**prof, "link": {**prof["link"], **dict.fromkeys(DRIVER_KEYS, 0.0)}},
+        "no_call_cost": {
+            **prof,
+            "link": {**prof["link"], **dict.fromkeys((*DRIVER_KEYS, "call_s", "p2p_op_s"), 0.0)},
+        },
         "micro_batch_x4": {**prof, "micro_batch": 4 * prof["micro_batch"]},
     }
     variants["no_call_cost_micro_batch_x4"] = {

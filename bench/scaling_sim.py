@@ -206,10 +206,13 @@ def step_seconds(
     return trace.makespan / steps + step_overhead
 
 
-def calls_per_micro_batch(k: int, m: int, *, sync: bool) -> float:
-    """The driver's actor calls per micro-batch at K stages and M micro-batches a step: K - 1
-    forwards, the top's forward + learn, K - 1 learns, and per step a stats call to each stage
-    (and under sync an apply to each)."""
+def calls_per_micro_batch(k: int, m: int, *, sync: bool, engine: str = "stream") -> float:
+    """The driver's actor calls per micro-batch at K stages and M micro-batches a step. The
+    stream engine: K - 1 forwards, the top's forward + learn, K - 1 learns, and per step a
+    stats call to each stage (and under sync an apply to each). The p2p engine: one call per
+    stage per step."""
+    if engine == "p2p":
+        return k / m
     return 2 * k - 1 + (2 * k if sync else k) / m
 
 
