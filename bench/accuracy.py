@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.accuracy_runs import run_all, select
+from bench.output import save
 from driver.config import Config, config_to_dict, load_config, with_rule
 from driver.data.common import DataError
 from driver.data.load import load_dataset, make_loader
@@ -244,10 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = summarise(base, runs, chosen, times, seeds)
     result["lr_grid"], result["select_seeds"] = lrs, select_seeds
     result["wall_seconds"] = time.perf_counter() - t0
-    print(format_table(result))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+    return save(result, args.json, format_table(result))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -42,6 +41,7 @@ from bench.chaos_faults import (
     signal_worker,
 )
 from bench.chaos_plan import Fault, Watch, chaos_config, compare_states, make_plan, table
+from bench.output import save
 from driver.config import Config
 from driver.data.common import DatasetSplits
 from driver.data.load import load_dataset
@@ -273,10 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         ray.shutdown()
     result["seed"] = args.seed
-    print(table(result))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+    return save(result, args.json, table(result))
 
 
 if __name__ == "__main__":

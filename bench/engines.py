@@ -14,17 +14,16 @@ one process (one thread) as the baseline. Models: the scaling model's validation
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
 from dataclasses import replace
-from pathlib import Path
 
 import ray
 import torch
 
+from bench.output import save
+from bench.pipeline import MODELS as PIPELINE_MODELS
+from bench.scaling_predict import MODEL, time_runner
 from bench.scaling_profile import config_of, sample
-from bench.scaling_validate import MODEL
 from driver.pipeline.build import base_spec, block_names
 from driver.pipeline.p2p import P2PPipeline
 from driver.pipeline.partition import plan_partition
@@ -33,27 +32,8 @@ from workers.chain import LocalRunner, stage_specs
 
 MODELS = {
     "resnet8_w32": MODEL,
-    "resnet18_w64": [
-        "model.name=resnet18",
-        "model.width=64",
-        "data.name=synthetic",
-        "data.synthetic_shape=[3, 32, 32]",
-        "train.batch_size=32",
-        "pipeline.micro_batches=4",
-    ],
+    "resnet18_w64": PIPELINE_MODELS["resnet18_32"],  # bench.pipeline's ResNet-18
 }
-
-
-def _time(run, x: torch.Tensor, y: torch.Tensor, m: int, steps: int) -> tuple[float, float]:
-    """Samples/s over `steps` steps after one untimed, and this process's CPU per micro-batch."""
-    torch.set_num_threads(1)
-    run.step(x, y, m)
-    run.flush()
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        run.step(x, y, m)
-    run.flush()
-    return steps * len(y) / (time.perf_counter() - t0), (time.process_time() - c0) / (steps * m)
 
 
 def compare(model: str, ks: tuple[int, ...], rounds: int, steps: int, rule: str) -> dict:
@@ -73,7 +53,7 @@ def compare(model: str, ks: tuple[int, ...], rounds: int, steps: int, rule: str)
     try:
         for _ in range(rounds):
             for name, run in runners.items():
-                timed[name].append(_time(run, x, y, m, steps))
+                timed[name].append(time_runner(run, x, y, m, steps))
                 print(f"  {model} {name:<12} {timed[name][-1][0]:8.1f} samples/s", flush=True)
     finally:
         for run in runners.values():
@@ -120,10 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["models"][model] = compare(model, ks, args.rounds, args.steps, args.rule)
     finally:
         ray.shutdown()
-    print(table(result))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+    return save(result, args.json, table(result))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import ray
 import torch
 
 from bench.accuracy import SHARED
+from bench.output import save
 from bench.pipeline_accuracy import DATA
 from bench.pipeline_accuracy import main as accuracy_main
 from bench.transport import measure
@@ -256,10 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
     finally:
         ray.shutdown()
-    print(format_table(result))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+    return save(result, args.json, format_table(result))
 
 
 def format_table(result: dict) -> str:

@@ -16,10 +16,10 @@ import argparse
 import json
 import statistics
 import sys
-from pathlib import Path
 
 from bench.accuracy import SHARED
 from bench.accuracy_runs import run_all
+from bench.output import save
 from driver.config import Config, load_config
 from driver.data.common import DataError
 from driver.data.load import load_dataset
@@ -122,9 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"({r['async_minus_sync_points']:+.2f} points)",
                 flush=True,
             )
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+    return save(result, args.json)
 
 
 if __name__ == "__main__":

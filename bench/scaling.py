@@ -15,9 +15,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from bench.output import save
 from bench.scaling_project import KS, load_profile, project, sensitivity
 
 MODELS = ["resnet18", "resnet34", "resnet50"]
@@ -161,11 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
         }
     if args.profile in result["projections"]:
         result["projection"] = result["projections"][args.profile]
-    print(tables(result))
     plot({k: v for k, v in result["projections"].items()}, args.plot)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+    return save(result, args.json, tables(result))
 
 
 if __name__ == "__main__":

@@ -114,12 +114,16 @@ A100 = {  # published figures, named in the written profile's header
 }
 
 
+MEASURED_LINK = {  # key: what it is (bench.scaling's validation: calibration.<source>)
+    "driver_call_s": "the driver's CPU per stream call (driver_s_per_call)",
+    "driver_p2p_call_s": "the driver's CPU per p2p step call (driver_s_per_p2p_call)",
+    "p2p_op_s": "a p2p op's messages, per op (fitted_p2p_op_s)",
+}
+
+
 def _driver_line(link: dict) -> list[str]:
-    """The driver's CPU per actor call, where measured (bench.scaling's validation:
-    calibration.driver_s_per_call)."""
-    if "driver_call_s" not in link:
-        return []
-    return [f"driver_call_s = {link['driver_call_s']:.6g}  # the driver's CPU per call (measured)"]
+    """The driver's and the p2p engine's per-call costs, where measured."""
+    return [f"{k} = {link[k]:.6g}  # {what}" for k, what in MEASURED_LINK.items() if k in link]
 
 
 def derive_gpu(path: str, link: dict) -> None:
@@ -156,8 +160,8 @@ def derive_gpu(path: str, link: dict) -> None:
         "#   direction (600 GB/s total); across nodes HDR InfiniBand 200 Gb/s = 25 GB/s, one HCA",
         "#   per GPU; latency 20 us (NCCL point-to-point order); call_s: one Ray actor call's",
         "#   own work as measured on this machine (not overlapped with GPU work: conservative);",
-        "#   driver_call_s: the driver's CPU per call, measured here (bench.scaling validation,",
-        "#   calibration.driver_s_per_call); the driver has a core of its own.",
+        "#   driver_call_s, driver_p2p_call_s, p2p_op_s: measured here (bench.scaling's",
+        "#   validation); the driver has a core of its own.",
         "# Micro-batch 64 samples, 32 micro-batches per step (batch 2048) for every K and rule.",
     ]
     lines = [*header, 'name = "a100"', "micro_batch = 64", "micro_batches = 32", ""]

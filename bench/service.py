@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import ray
 
+from bench.output import save
 from driver.api.metrics import Metrics, MetricsServer
 from driver.api.service import Client, Service, messages
 from driver.api.service_config import ServiceConfig
@@ -239,9 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"checkpoint: {ckpt['megabytes']:.1f} MB in {ckpt['seconds']:.2f} s "
         f"({1e3 * ckpt['seconds_per_mb']:.1f} ms/MB)"
     )
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    return result
+    return save(result, args.json)
 
 
 if __name__ == "__main__":

@@ -6,19 +6,13 @@ from __future__ import annotations
 import pytest
 import ray
 import torch
+from test_pipeline_local import RANDOM, _base, _batches  # the same tiny float64 model
 
 from cluster.errors import ActorError
 from driver.pipeline.config import PipelineConfig
 from driver.pipeline.p2p import P2PPipeline
 from workers.chain import LocalRunner, stage_specs
-from workers.models import ModelConfig, model_plan
-from workers.optim import OptimConfig
 from workers.rules import RuleConfig
-from workers.spec import StageSpec
-
-MODEL = ModelConfig(name="resnet8", width=4)
-SHAPE = (1, 8, 8)
-RANDOM = dict(kp_init="kaiming", head_init="kaiming")
 
 
 @pytest.fixture(scope="module")
@@ -26,30 +20,6 @@ def cluster():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
-
-
-def _base(rule: RuleConfig, dtype: str = "float64") -> StageSpec:
-    n = len(model_plan(MODEL, SHAPE, 10))
-    return StageSpec(
-        model=MODEL,
-        rule=rule,
-        optim=OptimConfig(total_steps=20),
-        input_shape=SHAPE,
-        num_classes=10,
-        blocks=(0, n),
-        dtype=dtype,
-    )
-
-
-def _batches(n: int, size: int = 12):
-    g = torch.Generator().manual_seed(0)
-    return [
-        (
-            torch.randn(size, *SHAPE, generator=g, dtype=torch.float64),
-            torch.randint(0, 10, (size,), generator=g),
-        )
-        for _ in range(n)
-    ]
 
 
 @pytest.mark.parametrize(
@@ -111,10 +81,9 @@ def test_p2p_state_round_trip_continues_the_same_training(cluster):
 def test_a_failing_p2p_stage_fails_the_step_naming_it(cluster):
     """Stage 0 refuses a non-finite update; the step fails with its error (the stage above,
     waiting on messages, is killed with the group), well within the step deadline."""
-    specs = stage_specs(_base(RuleConfig(**RANDOM), dtype="float32"), [0, 2, 5])
+    specs = stage_specs(_base(RuleConfig(**RANDOM)), [0, 2, 5])
     pipe = P2PPipeline(specs, PipelineConfig(stages=2, micro_batches=2, step_timeout_s=60))
     x, y = _batches(1)[0]
-    x = x.float()
     x[0, 0, 0, 0] = float("nan")
     with pytest.raises(ActorError) as info:
         pipe.step(x, y, 2)

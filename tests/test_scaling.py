@@ -73,15 +73,15 @@ def test_broadcast_learns_in_parallel_chained_in_turn() -> None:
     )
 
 
-def test_hop_time_is_latency_plus_bytes_over_bandwidth() -> None:
-    c = StageCosts(
-        forward=(1.0, 1.0),
-        learn=(1.0, 1.0),
-        latency=0.1,
-        bandwidth=100.0,
-        fwd_bytes=(0.0, 50.0),
-        signal_bytes=(20.0, 0.0),
+def two_stages_with_hops(**kw) -> StageCosts:
+    """Unit ops, 0.1 s latency, 100 B/s: 50 bytes up (0.5 s), 20 bytes down (0.2 s)."""
+    return uniform(
+        2, latency=0.1, bandwidth=100.0, fwd_bytes=(0.0, 50.0), signal_bytes=(20.0, 0.0), **kw
     )
+
+
+def test_hop_time_is_latency_plus_bytes_over_bandwidth() -> None:
+    c = two_stages_with_hops()
     # F0 [0,1], hop 0.6, F1+L1 [1.6,3.6], hop 0.3, L0 [3.9,4.9]
     assert simulate(c, 1, 2, chained=True, sync=False).makespan == pytest.approx(4.9)
 
@@ -89,15 +89,7 @@ def test_hop_time_is_latency_plus_bytes_over_bandwidth() -> None:
 def test_hop_on_cpu_is_work_of_the_receiving_op_and_shares_the_cores() -> None:
     """hop_cpu: bytes / bandwidth is compute of the op taking the hop (only the latency
     delays it), so on one core it adds to the total instead of overlapping."""
-    c = StageCosts(
-        forward=(1.0, 1.0),
-        learn=(1.0, 1.0),
-        latency=0.1,
-        bandwidth=100.0,
-        fwd_bytes=(0.0, 50.0),
-        signal_bytes=(20.0, 0.0),
-        hop_cpu=True,
-    )
+    c = two_stages_with_hops(hop_cpu=True)
     # F0 [0,1], +0.1, F1+L1 with 0.5 of hop work [1.1,3.6], +0.1, L0 with 0.2 [3.7,4.9]
     assert simulate(c, 1, 2, chained=True, sync=False).makespan == pytest.approx(4.9)
     # a stream on one core: all compute and all hop work in turn (latencies overlap)

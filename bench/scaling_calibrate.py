@@ -1,0 +1,120 @@
+"""Calibration of the scaling model's per-call costs: the real pipelines run a width-2 ResNet-8
+(almost no compute), and what the simulation cannot see is fitted to them."""
+
+from __future__ import annotations
+
+import statistics
+
+from bench.scaling_predict import (
+    MODEL,
+    RULE_SPECS,
+    SCHEDULES,
+    fit,
+    pipeline,
+    predict,
+    time_runner,
+)
+from bench.scaling_profile import config_of, measure_cores, profile_blocks, sample
+from bench.scaling_sim import calls_per_micro_batch
+from driver.pipeline.build import base_spec, block_names
+from driver.pipeline.partition import best_partition
+
+
+def calibrate_call(link: dict, *, ks: tuple[int, ...], rounds: int, steps: int, cores: float):
+    """The real pipeline's own costs (its actor calls, gloo transfers, stats, the driver and the
+    Ray processes' CPU): run it with a width-2 ResNet-8 (compute ~nothing) at each K, sync and
+    async; fit the simulation's call cost to the async runs (median over K), then a per-step
+    overhead (the flush: the driver's gathers and the stages' stats) to the sync runs. The
+    driver's own CPU per micro-batch is measured in each run and simulated as its own process
+    (it shares the cores), so the fits are what remains: the stages' side of each call."""
+    cfg = config_of([*MODEL, "model.width=2"], RULE_SPECS["rec_lra"])
+    x, y, splits = sample(cfg)
+    m = cfg.pipeline.micro_batches
+    base = base_spec(cfg, splits, len(block_names(cfg, splits)))
+    prof = profile_blocks(cfg, reps=3)
+    eff = measure_cores(200, int(cores))
+    meas: dict = {}
+    drv: dict = {}
+    for k in (k for k in ks if k > 1):
+        bounds = best_partition([f + lr for f, lr in zip(prof.forward, prof.learn, strict=True)], k)
+        for sched in SCHEDULES:
+            run = pipeline(cfg, base, bounds, sched)
+            try:
+                timed = [time_runner(run, x, y, m, steps) for _ in range(rounds)]
+            finally:
+                run.close()
+            meas[(k, sched)] = statistics.median(v for v, _ in timed)
+            drv[(k, sched)] = statistics.median(c for _, c in timed)
+            print(
+                f"  calibration K={k} {sched}: {meas[(k, sched)]:.1f}/s, "
+                f"driver {1e3 * drv[(k, sched)]:.2f} ms CPU per micro-batch",
+                flush=True,
+            )
+    calls = [
+        fit(
+            lambda c, k=k: predict(
+                prof, k, {**link, "call_s": c}, m, sync=False, cores=eff, driver=drv[(k, "async")]
+            )["samples_per_s"],
+            v,
+        )
+        for (k, sched), v in meas.items()
+        if sched == "async"
+    ]
+    call = statistics.median(calls)
+    overs = [
+        fit(
+            lambda o, k=k: predict(
+                prof,
+                k,
+                {**link, "call_s": call, "step_overhead_s": o},
+                m,
+                sync=True,
+                cores=eff,
+                driver=drv[(k, "sync")],
+            )["samples_per_s"],
+            v,
+        )
+        for (k, sched), v in meas.items()
+        if sched == "sync"
+    ]
+    over = statistics.median(overs)
+    p2p = statistics.median(
+        fit(
+            lambda c, k=k: predict(
+                prof,
+                k,
+                {**link, "p2p_op_s": c},
+                m,
+                sync=True,
+                cores=eff,
+                driver=drv[(k, "p2p")],
+                engine="p2p",
+            )["samples_per_s"],
+            v,
+        )
+        for (k, sched), v in meas.items()
+        if sched == "p2p"
+    )
+    print(
+        f"  calibrated: call {1e3 * call:.2f} ms, sync step overhead {1e3 * over:.2f} ms, "
+        f"p2p op {1e3 * p2p:.2f} ms"
+    )
+    runs = {
+        "effective_cores": eff,
+        "measured_samples_per_s": {f"{k}_{s}": v for (k, s), v in meas.items()},
+        "driver_cpu_per_micro_batch_s": {f"{k}_{s}": v for (k, s), v in drv.items()},
+        "driver_s_per_call": statistics.median(
+            v / calls_per_micro_batch(k, m, sync=sched == "sync")
+            for (k, sched), v in drv.items()
+            if sched != "p2p"
+        ),
+        "driver_s_per_p2p_call": statistics.median(
+            v / calls_per_micro_batch(k, m, sync=True, engine="p2p")
+            for (k, sched), v in drv.items()
+            if sched == "p2p"
+        ),
+        "fitted_p2p_op_s": p2p,
+        "call_fits_s": calls,
+        "step_overhead_fits_s": overs,
+    }
+    return call, over, p2p, runs
