@@ -145,3 +145,27 @@ def test_a_p2p_run_recovers_a_killed_stage_and_ends_with_one_process_weights(
     for name in want:
         for key, t in want[name]["tensors"].items():
             torch.testing.assert_close(got[name]["tensors"][key], t, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("topology", ["mirror", "skip"])
+def test_p2p_carries_backprops_gradient_for_diagnostics(cluster, topology):
+    """train.diagnose_every: backprop's gradient goes down the chain beside the signal (a flag
+    says when); the weights are still one process's and every stage reports its cosines."""
+    from dataclasses import replace
+
+    base = replace(_base(RuleConfig(topology=topology, **RANDOM)), diagnose_every=1)
+    specs = stage_specs(base, [0, 1, 3, 5])
+    plain = LocalRunner(specs)
+    pipe = P2PPipeline(specs, PipelineConfig(stages=3, micro_batches=2))
+    try:
+        for x, y in _batches(2):
+            ((want, _),) = plain.step(x, y, 2)
+            ((got, _),) = pipe.step(x, y, 2)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        stats = pipe.drain_stats()
+        assert all(st.backprop_cosine for _, st in stats), "a stage got no gradient"
+        want_cos = [st.backprop_cosine for _, st in plain.drain_stats()]
+        for (_, st), want_s in zip(stats[-3:], want_cos[-3:], strict=True):
+            assert st.backprop_cosine == pytest.approx(want_s, abs=1e-9)
+    finally:
+        pipe.close()

@@ -108,12 +108,14 @@ class P2PPipeline:
     def step(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int) -> Completed:
         """One training step: K calls, each running a stage's whole step."""
         xs, ys = list(x.chunk(micro_batches)), list(y.chunk(micro_batches))
-        m = len(xs)
+        sizes = [len(c) for c in ys]
         try:
             refs = [
                 (
                     s,
-                    a.run_step.remote(xs if s == 0 else None, ys if s == self.k - 1 else None, m),
+                    a.run_step.remote(
+                        xs if s == 0 else None, ys if s == self.k - 1 else None, sizes
+                    ),
                 )
                 for s, a in enumerate(self.actors)
             ]

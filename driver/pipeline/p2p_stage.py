@@ -9,8 +9,12 @@ messages: gloo on CPU, NCCL between GPUs. Both ends follow the same static order
 has its receive; sends are non-blocking (a stage sending up while its neighbour sends down
 cannot deadlock), receives block with the process group's deadline.
 
-A tensor goes as a fixed-size header (rank, then sizes) followed by its data. A signal goes as
-a header of flags and the error's shape, then its tensors.
+Messages carry data only: every shape is known at both ends. The driver gives each stage the
+step's micro-batch sizes; an activation into stage s is (size, *its first block's input
+shape), an error e_L is (size, classes), and a boundary has the shape of the receiver's own
+output for that micro-batch. So an activation is one message and a signal one (broadcast e_L)
+or two (chained: e_L and the boundary); with diagnostics on, a flag says whether backprop's
+gradient follows.
 """
 
 from __future__ import annotations
@@ -28,8 +32,6 @@ from workers.rules import ErrorSignal
 from workers.spec import StageSpec, StageStats
 from workers.stage import Stage
 
-HEADER = 8  # int64 slots: rank, then up to 7 sizes
-
 
 class P2PStage(Stage):
     """A Stage (blocks, rule, optimizer, state) that trains a whole step per call."""
@@ -41,6 +43,8 @@ class P2PStage(Stage):
         self.broadcast = not learns_chained(spec)
         self.comm = torch.device("cuda" if spec.device.startswith("cuda") else "cpu")
         self._sends: list[Any] = []  # in-flight sends, with their buffers
+        self._sizes: list[int] = []  # this step's micro-batch sizes
+        self._out_shape: dict[int, tuple[int, ...]] = {}  # micro-batch -> this stage's output
 
     # -- set-up ---------------------------------------------------------------------------------
     def rendezvous_address(self) -> tuple[str, int]:
@@ -69,49 +73,52 @@ class P2PStage(Stage):
     # -- messages -------------------------------------------------------------------------------
     def _post(self, t: torch.Tensor, dst: int) -> None:
         t = t.detach().to(self.comm).contiguous()
-        head = torch.zeros(HEADER, dtype=torch.int64)
-        head[0] = t.dim()
-        head[1 : 1 + t.dim()] = torch.tensor(t.shape)
-        head = head.to(self.comm)
-        self._sends += [(dist.isend(head, dst), head), (dist.isend(t, dst), t)]
+        self._sends.append((dist.isend(t, dst), t))
 
-    def _take(self, src: int, dtype: torch.dtype) -> torch.Tensor:
-        head = torch.empty(HEADER, dtype=torch.int64, device=self.comm)
-        dist.recv(head, src)
-        dims = head.tolist()
-        out = torch.empty(dims[1 : 1 + dims[0]], dtype=dtype, device=self.comm)
+    def _take(
+        self, src: int, shape: tuple[int, ...], dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype or self.dtype, device=self.comm)
         dist.recv(out, src)
         return out
 
     def _post_signal(self, sig: ErrorSignal, dst: int) -> None:
-        flags = torch.tensor(
-            [sig.boundary is not None, sig.true_grad is not None], dtype=torch.int64
-        )
-        self._post(flags, dst)
+        if self.spec.diagnose_every > 0:
+            self._post(torch.tensor([sig.true_grad is not None], dtype=torch.int64), dst)
         assert sig.output_error is not None
         for t in (sig.output_error, sig.boundary, sig.true_grad):
             if t is not None:
                 self._post(t, dst)
 
-    def _take_signal(self, src: int) -> ErrorSignal:
-        has_boundary, has_grad = self._take(src, torch.int64).tolist()
-        e = self._take(src, self.dtype)
-        boundary = self._take(src, self.dtype) if has_boundary else None
-        grad = self._take(src, self.dtype) if has_grad else None
+    def _take_signal(self, src: int, mb: int) -> ErrorSignal:
+        has_grad = self.spec.diagnose_every > 0 and bool(self._take(src, (1,), torch.int64))
+        e = self._take(src, (self._sizes[mb], self.spec.num_classes))
+        # a chained rule's sender (never stage 0) sends the boundary at this stage's output
+        out = self._out_shape[mb]
+        boundary = self._take(src, out) if self.chained else None
+        grad = self._take(src, out) if has_grad else None
         return ErrorSignal(output_error=e, boundary=boundary, true_grad=grad)
 
     # -- a step ---------------------------------------------------------------------------------
     def run_step(
-        self, xs: list[torch.Tensor] | None, labels: list[torch.Tensor] | None, m: int
+        self, xs: list[torch.Tensor] | None, labels: list[torch.Tensor] | None, sizes: list[int]
     ) -> tuple[list[torch.Tensor], StageStats]:
-        """Forward, learn and apply one step of `m` micro-batches in this stage's order (sync:
-        every learn sees the step's starting weights, one apply at the end). `xs`: the inputs
-        (stage 0); `labels`: the labels (the top). Returns the top's logits and the stats."""
+        """Forward, learn and apply one step of micro-batches of `sizes` samples in this stage's
+        order (sync: every learn sees the step's starting weights, one apply at the end). `xs`:
+        the inputs (stage 0); `labels`: the labels (the top). Returns the top's logits and the
+        stats."""
+        self._sizes = sizes
         logits: list[torch.Tensor] = []
-        for op in stage_ops(self.s, m, self.window, apply_at_end=True):
+        in_shape = tuple(self.block_list[0].in_shape)
+        for op in stage_ops(self.s, len(sizes), self.window, apply_at_end=True):
             if op.kind == FORWARD:
-                x = xs[op.mb] if xs is not None else self._take(self.s - 1, self.dtype)
+                x = (
+                    xs[op.mb]
+                    if xs is not None
+                    else self._take(self.s - 1, (sizes[op.mb], *in_shape))
+                )
                 out = self.forward(op.mb, x)
+                self._out_shape[op.mb] = tuple(out.shape)
                 if self.s < self.k - 1:
                     self._post(out, self.s + 1)
                 else:
@@ -131,8 +138,9 @@ class P2PStage(Stage):
             assert labels is not None, "the top stage needs the labels"
             signal = ErrorSignal(labels=labels[mb])
         else:
-            signal = self._take_signal(self.k - 1 if self.broadcast else self.s + 1)
+            signal = self._take_signal(self.k - 1 if self.broadcast else self.s + 1, mb)
         sent = self.learn(mb, signal)
+        self._out_shape.pop(mb, None)
         if top and self.broadcast:
             for dst in range(self.k - 1):
                 self._post_signal(sent, dst)
