@@ -102,7 +102,7 @@ def test_p2p_refuses_what_it_cannot_run_in_one_line(overrides, message):
     from driver.pipeline.p2p import p2p_backend
 
     with pytest.raises(ValueError) as info:
-        p2p_backend(PipelineConfig(stages=2, **overrides), cuda=False)
+        p2p_backend(PipelineConfig(stages=2, engine="p2p", **overrides), cuda=False)
     assert message in str(info.value) and "\n" not in str(info.value)
 
 

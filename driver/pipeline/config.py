@@ -66,6 +66,16 @@ class PipelineConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"pipeline.{key}: {value!r} is not one of {list(allowed)}")
+        if self.engine == "p2p" and self.schedule != "sync":
+            raise ValueError(
+                'pipeline.engine: "p2p" runs the sync schedule; set pipeline.schedule = "sync", '
+                'or pipeline.engine = "stream" for async'
+            )
+        if self.engine == "p2p" and self.transport == "object_store":
+            raise ValueError(
+                'pipeline.transport: "object_store" is the stream engine\'s; the p2p engine sends '
+                'by gloo or nccl (set transport = "auto")'
+            )
         if self.boundaries and (
             self.stages == "auto" or len(self.boundaries) != int(self.stages) - 1
         ):

@@ -28,17 +28,8 @@ Completed = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def p2p_backend(cfg: PipelineConfig, cuda: bool) -> str:
-    """The torch.distributed backend for `pipeline.transport`: nccl between GPUs, else gloo."""
-    if cfg.schedule != "sync":
-        raise ValueError(
-            'pipeline.engine: "p2p" runs the sync schedule; set pipeline.schedule = "sync", '
-            'or pipeline.engine = "stream" for async'
-        )
-    if cfg.transport == "object_store":
-        raise ValueError(
-            'pipeline.transport: "object_store" is the stream engine\'s; the p2p engine sends '
-            'by gloo or nccl (set transport = "auto")'
-        )
+    """The torch.distributed backend for `pipeline.transport`: nccl between GPUs, else gloo (the
+    config already refused async and the object store for this engine)."""
     if cfg.transport == "nccl" and not cuda:
         raise ValueError('pipeline.transport: nccl needs train.device = "cuda"; use gloo')
     if cfg.transport == "auto":
