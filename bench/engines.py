@@ -15,20 +15,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from dataclasses import replace
 
 import ray
 import torch
 
 from bench.output import save
 from bench.pipeline import MODELS as PIPELINE_MODELS
-from bench.scaling_predict import MODEL, time_runner
+from bench.scaling_predict import MODEL, pipeline, time_runner
 from bench.scaling_profile import config_of, sample
 from driver.pipeline.build import base_spec, block_names
-from driver.pipeline.p2p import P2PPipeline
 from driver.pipeline.partition import plan_partition
-from driver.pipeline.stream import RayPipeline
-from workers.chain import LocalRunner, stage_specs
+from workers.chain import LocalRunner
 
 MODELS = {
     "resnet8_w32": MODEL,
@@ -45,10 +42,9 @@ def compare(model: str, ks: tuple[int, ...], rounds: int, steps: int, rule: str)
     sample_mb = (x[: len(y) // m], y[: len(y) // m])
     runners: dict = {"one_process": LocalRunner([base])}
     for k in ks:
-        bounds = list(plan_partition(base, k, (), sample_mb, 3, names=names).bounds)
-        pc = replace(cfg.pipeline, stages=k, cpus_per_stage=1.0, threads_per_stage=1)
-        runners[f"k{k}_stream"] = RayPipeline(stage_specs(base, bounds), pc)
-        runners[f"k{k}_p2p"] = P2PPipeline(stage_specs(base, bounds), replace(pc, engine="p2p"))
+        bounds = plan_partition(base, k, (), sample_mb, 3, names=names).bounds
+        runners[f"k{k}_stream"] = pipeline(cfg, base, bounds, "sync")
+        runners[f"k{k}_p2p"] = pipeline(cfg, base, bounds, "p2p")
     timed: dict = {name: [] for name in runners}
     try:
         for _ in range(rounds):

@@ -144,27 +144,28 @@ class ActorGroup:
             values[ref] = self._check(pending.pop(ref), ref, what)
         return [values[ref] for _, ref in refs]
 
-    def unresponsive(self, indices: Sequence[int], timeout_s: float = 3.0) -> list[int]:
-        """Actors among `indices` that do not answer a probe: hung, not merely waiting for an
-        upstream stage (a waiting or computing actor still answers on its control thread)."""
+    def _probe(self, indices: Sequence[int], timeout_s: float) -> tuple[dict, set]:
+        """A ping to each actor of `indices` on its control thread: (index -> ref, the refs
+        answered within `timeout_s`, successfully or not)."""
         probes = {
             i: self.actors[i].ping.options(concurrency_group="control").remote() for i in indices
         }
         ready, _ = ray.wait(list(probes.values()), num_returns=len(probes), timeout=timeout_s)
-        answered = set(ready)
+        return probes, set(ready)
+
+    def unresponsive(self, indices: Sequence[int], timeout_s: float = 3.0) -> list[int]:
+        """Actors among `indices` that do not answer a probe: hung, not merely waiting for an
+        upstream stage (a waiting or computing actor still answers on its control thread)."""
+        probes, answered = self._probe(indices, timeout_s)
         return [i for i, ref in probes.items() if ref not in answered]
 
     def dead(self, timeout_s: float = 3.0) -> list[int]:
         """Actors whose probe fails (their process is gone)."""
-        probes = {
-            i: a.ping.options(concurrency_group="control").remote()
-            for i, a in enumerate(self.actors)
-        }
-        ready = set(ray.wait(list(probes.values()), num_returns=len(probes), timeout=timeout_s)[0])
+        probes, answered = self._probe(range(len(self.actors)), timeout_s)
         gone = []
         for i, ref in probes.items():
             try:
-                if ref in ready:
+                if ref in answered:
                     ray.get(ref, timeout=0)
             except Exception:  # noqa: BLE001 - any failure to answer a ping: gone
                 gone.append(i)

@@ -6,20 +6,14 @@ import hashlib
 
 import pytest
 import torch
+from ckpt_helpers import TINY
 
 from driver.config import load_config
 from driver.run import checkpoint
 from driver.run.checkpoint import CheckpointError
 from driver.run.train import train
 
-BASE = [
-    "model.width=4",
-    "train.epochs=2",
-    "train.batch_size=64",
-    "train.compare=[]",
-    'train.dtype="float64"',
-    "train.keep_checkpoints=0",
-]
+BASE = [*TINY, "train.epochs=2"]  # the tiny float64 digits run, two epochs
 
 
 def _units(path):

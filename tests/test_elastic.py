@@ -128,6 +128,20 @@ def _free_cpus_at_least(n: float, timeout_s: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def _elastic_run(digits, out: Path, run_id: str) -> tuple[Controller, Metrics, StageCounts]:  # noqa: ANN001
+    """The elastic K = 3 run (ELASTIC), its metrics, and the stage counts it builds."""
+    metrics, counts = Metrics(), StageCounts()
+    ctl = Controller(
+        load_config(None, ELASTIC),
+        out_dir=out,
+        splits=digits,
+        metrics=metrics,
+        run_id=run_id,
+        callbacks=[counts],
+    )
+    return ctl, metrics, counts
+
+
 @pytest.mark.ray
 def test_a_run_that_cannot_place_3_stages_again_goes_on_on_2_then_grows_back(
     cluster, digits, one_process, tmp_path
@@ -136,16 +150,8 @@ def test_a_run_that_cannot_place_3_stages_again_goes_on_on_2_then_grows_back(
     while the run recovers a CPU is taken, so 3 stages cannot be placed: it goes on from step 4
     on 2. At step 9 the CPU is given back: the checkpoint at step 12 finds room for 3 and the
     run grows back. /metrics is scraped after every build."""
-    metrics, counts = Metrics(), StageCounts()
+    ctl, metrics, counts = _elastic_run(digits, tmp_path, "el")
     server = MetricsServer(metrics)
-    ctl = Controller(
-        load_config(None, ELASTIC),
-        out_dir=tmp_path,
-        splits=digits,
-        metrics=metrics,
-        run_id="el",
-        callbacks=[counts],
-    )
     gauge: list[float] = []
     hold, killed, shrunk = None, False, None
     try:
@@ -198,15 +204,7 @@ def test_with_one_cpu_free_the_run_trains_in_process_then_grows_to_3(
     at step 5 and the checkpoint at step 8 starts the 3 stages from the state trained so far."""
     holds = [Hold.remote() for _ in range(2)]
     assert ray.get([h.ping.remote() for h in holds], timeout=60)
-    metrics, counts = Metrics(), StageCounts()
-    ctl = Controller(
-        load_config(None, ELASTIC),
-        out_dir=tmp_path,
-        splits=digits,
-        metrics=metrics,
-        run_id="one",
-        callbacks=[counts],
-    )
+    ctl, metrics, counts = _elastic_run(digits, tmp_path, "one")
     try:
         while not ctl.done:
             ctl.step()

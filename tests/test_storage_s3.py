@@ -23,21 +23,15 @@ import torch
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
+from ckpt_helpers import TINY  # noqa: E402
+
 from driver.config import load_config  # noqa: E402
 from driver.run import checkpoint, storage  # noqa: E402
 from driver.run.checkpoint import CheckpointError  # noqa: E402
 from driver.run.train import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = [
-    "model.width=4",
-    "train.epochs=2",
-    "train.batch_size=64",
-    "train.compare=[]",
-    'train.dtype="float64"',
-    "train.keep_checkpoints=0",
-    "train.checkpoint_every=7",
-]
+BASE = [*TINY, "train.epochs=2", "train.checkpoint_every=7"]  # the tiny digits run
 
 
 class Rule:
