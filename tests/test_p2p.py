@@ -6,11 +6,18 @@ from __future__ import annotations
 import pytest
 import ray
 import torch
-from test_pipeline_local import RANDOM, _base, _batches  # the same tiny float64 model
+from test_pipeline_local import (  # the same tiny float64 model
+    RANDOM,
+    _assert_same,
+    _base,
+    _batches,
+    _units,
+)
 
 from cluster.errors import ActorError
 from driver.pipeline.config import PipelineConfig
 from driver.pipeline.p2p import P2PPipeline
+from driver.pipeline.stream import LocalPipeline
 from workers.chain import LocalRunner, stage_specs
 from workers.rules import RuleConfig
 
@@ -57,6 +64,86 @@ def test_p2p_sync_trains_the_weights_one_process_does(cluster, rule, bounds):
         pipe.close()
 
 
+@pytest.mark.parametrize(
+    "rule, bounds, window, apply_every",
+    [
+        (RuleConfig(**RANDOM), [0, 2, 5], 0, 1),  # mirror: chained
+        (RuleConfig(topology="skip", **RANDOM), [0, 1, 3, 5], 0, 2),  # e_L broadcast
+        (RuleConfig(**RANDOM), [0, 1, 3, 5], 5, 1),  # a window past K: the top runs ahead too
+        (RuleConfig(name="backprop"), [0, 3, 5], 2, 0),  # one optimizer step per training step
+    ],
+    ids=["mirror-k2", "skip-k3", "mirror-k3-window5", "backprop-k2"],
+)
+def test_p2p_async_equals_the_stream_engines_async(cluster, rule, bounds, window, apply_every):
+    """Async on p2p runs each stage's ops in the stream engine's order, so it trains the same
+    weights (float64, to the last bit) and returns the same logits, step by step: the stream
+    runs on across steps (a step returns only what the top finished) until flush()."""
+    k = len(bounds) - 1
+    cfg = PipelineConfig(
+        stages=k,
+        schedule="async",
+        micro_batches=3,
+        apply_every=apply_every,
+        max_in_flight=window,
+        engine="p2p",
+    )
+    specs = stage_specs(_base(rule), bounds)
+    stream = LocalPipeline(specs, cfg)
+    pipe = P2PPipeline(specs, cfg)
+    try:
+        for i, batch in enumerate([*_batches(4), None, *_batches(2)]):  # None: a flush
+            want = stream.flush() if batch is None else stream.step(*batch, 3)
+            got = pipe.flush() if batch is None else pipe.step(*batch, 3)
+            want_logits = torch.cat([w for w, _ in want]) if want else None
+            got_logits = torch.cat([g for g, _ in got]) if got else None
+            assert (want_logits is None) == (got_logits is None), i
+            if want_logits is not None:
+                assert torch.equal(got_logits, want_logits), i
+                labels = torch.cat([lb for _, lb in got])
+                assert torch.equal(labels, torch.cat([lb for _, lb in want]))
+        stream.flush()
+        pipe.flush()
+        _assert_same(_units(stream), _units(pipe))
+
+        # the same staleness per stage (applies between a forward and its learn): async ran
+        def stale(reports: list) -> list[list[int]]:
+            return [sum((st.staleness for s, st in reports if s == i), []) for i in range(k)]
+
+        want_stale = stale(stream.drain_stats(wait=True))
+        assert stale(pipe.drain_stats()) == want_stale and any(map(any, want_stale))
+    finally:
+        pipe.close()
+
+
+def test_an_async_p2p_checkpoint_drains_the_stream_first(cluster):
+    """A checkpoint of an open async p2p stream (the run's take_snapshot) drains it, then takes
+    the state: every micro-batch fed is learned in it (the stream engine's state after the same
+    steps and a flush), not the live state with the last learns still in flight."""
+    from driver.run.ckpt_writer import take_snapshot
+
+    cfg = PipelineConfig(stages=3, schedule="async", micro_batches=3, engine="p2p")
+    specs = stage_specs(_base(RuleConfig(topology="skip", **RANDOM)), [0, 1, 3, 5])
+    stream = LocalPipeline(specs, cfg)
+    pipe = P2PPipeline(specs, cfg)
+    try:
+        seen = 0
+        for x, y in _batches(2):
+            stream.step(x, y, 3)
+            seen += sum(len(lb) for _, lb in pipe.step(x, y, 3))
+        assert seen == 24  # the top forwards (and learns) every micro-batch fed at once
+        live = _units(pipe)  # stages below still hold learns of the last micro-batches
+        snap, done = take_snapshot(pipe, drain=False)
+        assert done == []
+        stream.flush()
+        (state,) = snap.collect()
+        want = _units(stream)
+        got = {f"{u}.{k}": t for u, e in state["units"].items() for k, t in e["tensors"].items()}
+        _assert_same(want, got)
+        assert any(not torch.equal(live[n], want[n]) for n in want)
+    finally:
+        pipe.close()
+
+
 def test_p2p_state_round_trip_continues_the_same_training(cluster):
     """load_state_dict of one pipeline's state into a fresh one: the next step is the same."""
     specs = stage_specs(_base(RuleConfig(**RANDOM)), [0, 2, 5])
@@ -93,7 +180,6 @@ def test_a_failing_p2p_stage_fails_the_step_naming_it(cluster):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"schedule": "async"}, 'runs the sync schedule; set pipeline.schedule = "sync"'),
         ({"transport": "object_store"}, "the p2p engine sends by gloo or nccl"),
         ({"transport": "nccl"}, 'nccl needs train.device = "cuda"'),
     ],

@@ -35,7 +35,8 @@ class PipelineConfig:
     elastic: bool = False
     # stream: the driver submits every op as an actor call (sync and async, checkpoint cuts);
     # p2p: each stage runs a whole step per call and sends to its neighbours itself by
-    # torch.distributed, the driver making K calls a step (sync only; driver/pipeline/p2p.py)
+    # torch.distributed, the driver making K calls a step (sync and async; an async
+    # checkpoint drains the stream instead of cutting it in flow; driver/pipeline/p2p.py)
     engine: str = "stream"
 
     def __post_init__(self) -> None:
@@ -66,11 +67,6 @@ class PipelineConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"pipeline.{key}: {value!r} is not one of {list(allowed)}")
-        if self.engine == "p2p" and self.schedule != "sync":
-            raise ValueError(
-                'pipeline.engine: "p2p" runs the sync schedule; set pipeline.schedule = "sync", '
-                'or pipeline.engine = "stream" for async'
-            )
         if self.engine == "p2p" and self.transport == "object_store":
             raise ValueError(
                 'pipeline.transport: "object_store" is the stream engine\'s; the p2p engine sends '

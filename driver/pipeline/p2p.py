@@ -3,13 +3,16 @@ signals to each other by torch.distributed (driver/pipeline/p2p_stage.py).
 
 The driver makes K calls per step (one `run_step` per stage, which also returns the stage's
 stats) however many micro-batches the step has; the stream engine makes about 2K per
-micro-batch. The schedule is the sync one: every learn of a step sees the step's starting
-weights and each stage applies once at its end, so the weights equal one process's.
+micro-batch. Both schedules run, with the stream engine's op order per stage and so its
+numbers: `sync` (every learn of a step sees the step's starting weights and each stage applies
+once at its end: one process's weights) and `async` (learns apply as they come and the stream
+runs on across steps until flush()).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import replace
 from typing import Any
 
@@ -19,6 +22,7 @@ import torch
 from cluster.group import ActorGroup
 from driver.pipeline.config import PipelineConfig
 from driver.pipeline.p2p_stage import P2PStage
+from driver.pipeline.stream import pipeline_specs
 from workers.spec import StageSpec, StageStats
 from workers.state import merge_states
 
@@ -29,7 +33,7 @@ Completed = list[tuple[torch.Tensor, torch.Tensor]]
 
 def p2p_backend(cfg: PipelineConfig, cuda: bool) -> str:
     """The torch.distributed backend for `pipeline.transport`: nccl between GPUs, else gloo (the
-    config already refused async and the object store for this engine)."""
+    config already refused the object store for this engine)."""
     if cfg.transport == "nccl" and not cuda:
         raise ValueError('pipeline.transport: nccl needs train.device = "cuda"; use gloo')
     if cfg.transport == "auto":
@@ -46,15 +50,15 @@ class P2PPipeline:
         cuda = specs[0].device.startswith("cuda")
         self.transport = p2p_backend(cfg, cuda)
         self.cfg, self.k = cfg, len(specs)
+        self.sync = cfg.schedule == "sync"
         gpus = cfg.gpus_per_stage if cfg.gpus_per_stage >= 0 else (1.0 if cuda else 0.0)
         threads = cfg.threads_per_stage or max(1, int(cfg.cpus_per_stage))
         specs = [
-            replace(s, threads=threads, send_to_cpu=not cuda, max_cached=cfg.window + 1)
-            for s in specs
+            replace(s, threads=threads, send_to_cpu=not cuda) for s in pipeline_specs(specs, cfg)
         ]
         self.group = ActorGroup(
             P2PStage,
-            [(s, self.k, cfg.window) for s in specs],
+            [(s, self.k, cfg.window, self.sync) for s in specs],
             cpus=cfg.cpus_per_stage,
             gpus=gpus,
             strategy=cfg.strategy,
@@ -65,6 +69,7 @@ class P2PPipeline:
         )
         self.actors = self.group.actors
         self._stats: list[tuple[int, StageStats]] = []
+        self._labels: deque[torch.Tensor] = deque()  # fed, their logits not yet returned
         try:
             self._join()
         except BaseException:
@@ -97,28 +102,48 @@ class P2PPipeline:
         )
 
     def step(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int) -> Completed:
-        """One training step: K calls, each running a stage's whole step."""
+        """One training step: K calls, each running what the step lets its stage run. `sync`
+        returns the step's logits; `async` those the top computed (flush() drains the rest)."""
         xs, ys = list(x.chunk(micro_batches)), list(y.chunk(micro_batches))
-        sizes = [len(c) for c in ys]
+        self._labels.extend(ys)
+        return self._call(xs, ys, [len(c) for c in ys], close=self.sync, what="step")
+
+    def flush(self) -> Completed:
+        """Close the stream (async: finish every micro-batch fed and apply what is pending)."""
+        if self.sync:
+            return []  # every step is complete when it returns
+        return self._call(None, None, [], close=True, what="flush")
+
+    def _call(
+        self,
+        xs: list[torch.Tensor] | None,
+        ys: list[torch.Tensor] | None,
+        sizes: list[int],
+        *,
+        close: bool,
+        what: str,
+    ) -> Completed:
+        top = self.k - 1
         try:
             refs = [
                 (
                     s,
                     a.run_step.remote(
-                        xs if s == 0 else None, ys if s == self.k - 1 else None, sizes
+                        xs if s == 0 else None, ys if s == top else None, sizes, close
                     ),
                 )
                 for s, a in enumerate(self.actors)
             ]
-            results = self._gather(refs, "step")
+            results = self._gather(refs, what)
         except BaseException:
             self.close()
             raise
         self._stats += [(s, stats) for s, (_, stats) in enumerate(results)]
-        return [(torch.cat(results[-1][0]), y)]
-
-    def flush(self) -> Completed:
-        return []  # every step is complete when it returns
+        logits = results[top][0]
+        if not logits:
+            return []
+        labels = [self._labels.popleft() for _ in logits]
+        return [(torch.cat(logits), torch.cat(labels))]
 
     def drain_stats(self, *, wait: bool = False) -> list[tuple[int, StageStats]]:
         taken, self._stats = self._stats, []

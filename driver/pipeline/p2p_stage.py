@@ -2,12 +2,19 @@
 
 The driver of the stream engine submits every op of every micro-batch as an actor call (2K - 1
 calls per micro-batch) and spends about 1.5 ms of its CPU on each (bench.scaling): it cannot
-feed fast GPUs. Here each stage is given a whole step in one call and runs its ops in the
-order `schedule.stage_ops` gives, receiving activations from the stage below and signals from
-the stage above (or from the top, under a broadcast error) by torch.distributed point-to-point
-messages: gloo on CPU, NCCL between GPUs. Both ends follow the same static order, so every send
-has its receive; sends are non-blocking (a stage sending up while its neighbour sends down
-cannot deadlock), receives block with the process group's deadline.
+feed fast GPUs. Here each stage is given a whole step in one call. It keeps a replica of the
+pipeline's stream (`schedule.Stream`, pure bookkeeping) and runs the ops of its own that the
+stream allows, in the order the stream engine would submit them, receiving activations from the
+stage below and signals from the stage above (or from the top, under a broadcast error) by
+torch.distributed point-to-point messages: gloo on CPU, NCCL between GPUs. Every stage follows
+the same stream, so every send has its receive, and no op waits on one a later call brings;
+sends are non-blocking (a stage sending up while its neighbour sends down cannot deadlock),
+receives block with the process group's deadline.
+
+`sync` closes the stream at every step (one apply at its end: one process's weights). `async`
+keeps it open across steps, as the stream engine does: learns apply as they come, the window
+stays full across step ends, and the signals of a step's last micro-batches reach the stages
+below in the next call; a flush closes it.
 
 Messages carry data only: every shape is known at both ends. The driver gives each stage the
 step's micro-batch sizes; an activation into stage s is (size, *its first block's input
@@ -26,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from driver.pipeline.schedule import APPLY, FORWARD, stage_ops
+from driver.pipeline.schedule import APPLY, FORWARD, Stream
 from workers.chain import learns_chained
 from workers.rules import ErrorSignal
 from workers.spec import StageSpec, StageStats
@@ -36,15 +43,20 @@ from workers.stage import Stage
 class P2PStage(Stage):
     """A Stage (blocks, rule, optimizer, state) that trains a whole step per call."""
 
-    def __init__(self, spec: StageSpec, stages: int, window: int) -> None:
+    def __init__(self, spec: StageSpec, stages: int, window: int, sync: bool = True) -> None:
         super().__init__(spec)
-        self.k, self.window = stages, window
+        self.k, self.window, self.sync = stages, window, sync
         self.s = spec.index
         self.broadcast = not learns_chained(spec)
         self.comm = torch.device("cuda" if spec.device.startswith("cuda") else "cpu")
         self._sends: list[Any] = []  # in-flight sends, with their buffers
-        self._sizes: list[int] = []  # this step's micro-batch sizes
         self._out_shape: dict[int, tuple[int, ...]] = {}  # micro-batch -> this stage's output
+        self._stream: Stream
+        self._forgotten: int
+        self._sizes: dict[int, int]  # per micro-batch: its size, input (stage 0), labels (top)
+        self._inputs: dict[int, torch.Tensor]
+        self._labels: dict[int, torch.Tensor]
+        self._restart()
 
     # -- set-up ---------------------------------------------------------------------------------
     def rendezvous_address(self) -> tuple[str, int]:
@@ -101,46 +113,85 @@ class P2PStage(Stage):
 
     # -- a step ---------------------------------------------------------------------------------
     def run_step(
-        self, xs: list[torch.Tensor] | None, labels: list[torch.Tensor] | None, sizes: list[int]
+        self,
+        xs: list[torch.Tensor] | None,
+        labels: list[torch.Tensor] | None,
+        sizes: list[int],
+        close: bool = True,
     ) -> tuple[list[torch.Tensor], StageStats]:
-        """Forward, learn and apply one step of micro-batches of `sizes` samples in this stage's
-        order (sync: every learn sees the step's starting weights, one apply at the end). `xs`:
-        the inputs (stage 0); `labels`: the labels (the top). Returns the top's logits and the
-        stats."""
-        self._sizes = sizes
+        """Feed micro-batches of `sizes` samples to this stage's stream and run every op of it
+        the stream allows now, in this stage's order (`schedule.Stream`, the same order the
+        stream engine submits). `xs`: the inputs (stage 0); `labels`: the labels (the top).
+        `close`: end the stream (sync: every step; async: a flush) and apply what is pending.
+        Returns the logits the top computed in this call, in micro-batch order, and the stats."""
+        stream = self._stream
+        first = stream.available
+        self._sizes.update(enumerate(sizes, start=first))
+        if xs is not None:
+            self._inputs.update(enumerate(xs, start=first))
+        if labels is not None:
+            self._labels.update(enumerate(labels, start=first))
+        stream.available += len(sizes)
+        stream.closed = close
+        ops = [op for op in stream.ready() if op.stage == self.s]
+        for mb in range(self._forgotten, min(seq.next_l for seq in stream.seqs)):
+            stream.forget(mb)  # every stage's learn of mb is in some call by now
+            self._forgotten = mb + 1
         logits: list[torch.Tensor] = []
-        in_shape = tuple(self.block_list[0].in_shape)
-        for op in stage_ops(self.s, len(sizes), self.window, apply_at_end=True):
+        for op in ops:
             if op.kind == FORWARD:
-                x = (
-                    xs[op.mb]
-                    if xs is not None
-                    else self._take(self.s - 1, (sizes[op.mb], *in_shape))
-                )
-                out = self.forward(op.mb, x)
-                self._out_shape[op.mb] = tuple(out.shape)
-                if self.s < self.k - 1:
-                    self._post(out, self.s + 1)
-                else:
-                    logits.append(out.cpu())
+                self._forward_op(op.mb, logits)
             elif op.kind == APPLY:
                 self.apply()
-            else:
-                self._learn_op(op.mb, labels)
-        for work, _ in self._sends:
-            work.wait()
-        self._sends.clear()
+            elif self.s < self.k - 1:  # the top learned at its forward
+                self._learn_op(op.mb)
+        if close:
+            if not self.sync:
+                self.apply_pending()
+            assert stream.finished(), "the stage's stream did not drain"
+            self._restart()
+        self._settle(wait=close)
         return logits, self.pop_stats()
 
-    def _learn_op(self, mb: int, labels: list[torch.Tensor] | None) -> None:
+    def _restart(self) -> None:
+        """A new stream: the next micro-batch is number 0 (every stage restarts at a close)."""
+        self._stream = Stream(self.k, self.window, chained=not self.broadcast, sync=self.sync)
+        self._forgotten = 0  # micro-batches below this are dropped from the stream
+        self._sizes = {}
+        self._inputs = {}
+        self._labels = {}
+
+    def _settle(self, *, wait: bool) -> None:
+        """Drop completed sends; with `wait`, wait for all (a closed stream: the receivers take
+        them in this call). An open async stream keeps some in flight into the next call."""
+        if wait:
+            for work, _ in self._sends:
+                work.wait()
+            self._sends.clear()
+        else:
+            self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
+
+    def _forward_op(self, mb: int, logits: list[torch.Tensor]) -> None:
+        shape = (self._sizes[mb], *self.block_list[0].in_shape)
+        x = self._inputs.pop(mb) if self.s == 0 else self._take(self.s - 1, shape)
+        out = self.forward(mb, x)
+        self._out_shape[mb] = tuple(out.shape)
+        if self.s < self.k - 1:
+            self._post(out, self.s + 1)
+            return
+        # the top learns right after its forward, as the stream engine's forward_learn does
+        logits.append(out.cpu())
+        self._learn_op(mb)
+
+    def _learn_op(self, mb: int) -> None:
         top = self.s == self.k - 1
         if top:
-            assert labels is not None, "the top stage needs the labels"
-            signal = ErrorSignal(labels=labels[mb])
+            signal = ErrorSignal(labels=self._labels.pop(mb))
         else:
             signal = self._take_signal(self.k - 1 if self.broadcast else self.s + 1, mb)
-        sent = self.learn(mb, signal)
+        sent = self.learn(mb, signal, apply=not self.sync)
         self._out_shape.pop(mb, None)
+        self._sizes.pop(mb, None)
         if top and self.broadcast:
             for dst in range(self.k - 1):
                 self._post_signal(sent, dst)
