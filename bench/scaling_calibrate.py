@@ -8,7 +8,7 @@ import statistics
 from bench.scaling_predict import (
     MODEL,
     RULE_SPECS,
-    SCHEDULES,
+    CALIBRATED,
     fit,
     pipeline,
     predict,
@@ -37,7 +37,7 @@ def calibrate_call(link: dict, *, ks: tuple[int, ...], rounds: int, steps: int, 
     drv: dict = {}
     for k in (k for k in ks if k > 1):
         bounds = best_partition([f + lr for f, lr in zip(prof.forward, prof.learn, strict=True)], k)
-        for sched in SCHEDULES:
+        for sched in CALIBRATED:
             run = pipeline(cfg, base, bounds, sched)
             try:
                 timed = [time_runner(run, x, y, m, steps) for _ in range(rounds)]

@@ -30,22 +30,31 @@ MODEL = [
     "pipeline.micro_batches=4",
 ]
 RULE_SPECS = {"rec_lra": "rec_lra:topology=skip", "rec_lra_mirror": "rec_lra"}
-SCHEDULES = ("sync", "async", "p2p")  # the stream engine's two schedules, and the p2p engine
+# the stream engine's two schedules, and the p2p engine's (its sync alone calibrates p2p_op_s)
+SCHEDULES = ("sync", "async", "p2p", "p2p_async")
+CALIBRATED = ("sync", "async", "p2p")
+
+
+def schedule_of(sched: str) -> tuple[bool, str]:
+    """(sync, engine) of a validation schedule name."""
+    return not sched.endswith("async"), "p2p" if sched.startswith("p2p") else "stream"
 
 
 def pipeline(cfg: Config, base: StageSpec, bounds: Sequence[int], sched: str) -> Runner:
     """A K-stage Ray pipeline of `cfg` cut at `bounds`, one core and thread per stage: the
-    stream engine under `sched` ("sync", "async"), or the p2p engine ("p2p", sync)."""
+    stream engine under `sched` ("sync", "async"), or the p2p engine ("p2p", "p2p_async")."""
+    sync, engine = schedule_of(sched)
     pc = replace(
         cfg.pipeline,
         stages=len(bounds) - 1,
-        schedule="async" if sched == "async" else "sync",
+        schedule="sync" if sync else "async",
         cpus_per_stage=1.0,
         threads_per_stage=1,
+        engine=engine,
     )
     specs = stage_specs(base, list(bounds))
-    if sched == "p2p":
-        return P2PPipeline(specs, replace(pc, engine="p2p"))
+    if engine == "p2p":
+        return P2PPipeline(specs, pc)
     return RayPipeline(specs, pc)
 
 
@@ -113,7 +122,9 @@ def predict(
     costs = costs_of(p, bounds, link, sync=sync, driver=driver, engine=engine)
     rule = RULES["rec_lra_mirror" if p.chained else "rec_lra"]
     over = link.get("step_overhead_s", 0.0) if sync and engine == "stream" else 0.0
-    t = step_seconds(costs, rule, m, sync=sync, cores=cores, steps=8, step_overhead=over)
+    t = step_seconds(
+        costs, rule, m, sync=sync, cores=cores, steps=8, step_overhead=over, engine=engine
+    )
     return {"step_s": t, "samples_per_s": batch / t, "bounds": list(bounds)}
 
 

@@ -25,6 +25,7 @@ FAMILY = {  # projected rule -> the profile's cost family
 }
 DRIVER_KEYS = ("driver_call_s", "driver_p2p_call_s")
 P2P = {f"{rule}_p2p": family for rule, family in FAMILY.items()}  # the p2p engine (sync)
+ASYNC = {"rec_lra_async": "rec_lra", "rec_lra_async_p2p": "rec_lra"}  # e_L broadcast, async
 
 
 def resnet_blocks(name: str, size: int = 224, classes: int = 1000) -> list[dict]:
@@ -78,7 +79,11 @@ def stage_costs(
     link = prof["link"]
     costs = StageCosts(
         forward=tuple(sum(f[a:z]) for a, z in spans),
-        learn=tuple(sum(lrn[a:z]) for a, z in spans),
+        # async: no apply op; one optimizer step a step (apply_every = 0), spread over its learns
+        learn=tuple(
+            sum(lrn[a:z]) + (0.0 if sync else sum(ap[a:z]) / prof["micro_batches"])
+            for a, z in spans
+        ),
         apply=tuple(sum(ap[a:z]) for a, z in spans),
         # p2p: no actor call per op, only its messages (p2p_op_s); the top's ops are two
         call=float(link.get("p2p_op_s", 0.0)) if engine == "p2p" else link["call_s"],
@@ -113,10 +118,10 @@ def project(prof: dict, models: list[str], ks: tuple[int, ...] = KS) -> dict:
     for model in models:
         n = len(prof["models"][model]["out_bytes"])
         out[model] = {"blocks": n, "micro_batches": m, "micro_batch": prof["micro_batch"]}
-        for rule, family in [*FAMILY.items(), ("rec_lra_async", "rec_lra"), *P2P.items()]:
+        for rule, family in [*FAMILY.items(), *P2P.items(), *ASYNC.items()]:
             engine = "p2p" if rule.endswith("_p2p") else "stream"
-            spec = RULES[{"rec_lra_async": "rec_lra"}.get(rule, rule.removesuffix("_p2p"))]
-            sync = rule != "rec_lra_async"
+            spec = RULES[ASYNC.get(rule, rule.removesuffix("_p2p"))]
+            sync = rule not in ASYNC
             one, _ = stage_costs(prof, model, family, 1)
             t1 = one_process(one, m)
             row: dict = {"1": {"step_s": t1, "samples_per_s": batch / t1, "efficiency": 1.0}}
@@ -125,7 +130,7 @@ def project(prof: dict, models: list[str], ks: tuple[int, ...] = KS) -> dict:
                     row[str(k)] = None
                     continue
                 costs, bounds = stage_costs(prof, model, family, k, sync=sync, engine=engine)
-                t = step_seconds(costs, spec, m, sync=sync, cores=cores, steps=4)
+                t = step_seconds(costs, spec, m, sync=sync, cores=cores, steps=4, engine=engine)
                 row[str(k)] = {
                     "step_s": t,
                     "samples_per_s": batch / t,

@@ -16,13 +16,22 @@ Rules as schedules (all from schedule.py, none re-implemented here):
 `sync` appends each stage's apply and flushes: the step ends when the last op ends. `async`
 streams `steps` x M micro-batches with no apply op (each learn applies its own update, so its
 cost belongs in the learn) and no flush.
+
+The p2p engine (`calls` > 0) feeds the stream in `calls` step calls: each stage runs the ops a
+replica of the stream (`schedule.Stream`, as driver/pipeline/p2p_stage.py does) allows once
+that step's micro-batches are fed, its top forward-learning each micro-batch at once. The
+driver's CPU for a step's K calls (submitting them, gathering their results) is one driver op
+the step's calls wait for. Sync: the driver gathers a step before it starts the next (a
+barrier per step). Async: a step's calls queue behind the step before's, and the driver
+gathers step t - 1 after submitting step t (driver/pipeline/p2p.py), so no stage waits on it
+while the driver keeps up.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from driver.pipeline.schedule import APPLY, FORWARD, LEARN, Op, dependencies, stage_ops
+from driver.pipeline.schedule import APPLY, FORWARD, LEARN, Op, Stream, dependencies, stage_ops
 
 EPS = 1e-12
 DRIVER = "D"  # an op of the driver's (its share of one micro-batch)
@@ -86,8 +95,8 @@ class StageCosts:
         return (self.signal_bytes[op.stage] if self.signal_bytes else 0.0), bw
 
     def transfer(self, dep: Op, op: Op) -> float:
-        """Hop delay from dep's stage to op's (0 on the same stage, or from the driver)."""
-        if dep.stage == op.stage or dep.kind == DRIVER:
+        """Hop delay from dep's stage to op's (0 on the same stage, to or from the driver)."""
+        if dep.stage == op.stage or DRIVER in (dep.kind, op.kind):
             return 0.0
         if self.hop_cpu:
             return self.latency
@@ -95,7 +104,7 @@ class StageCosts:
 
     def transfer_work(self, dep: Op, op: Op) -> float:
         """CPU seconds the hop adds to op (hop_cpu only)."""
-        if dep.stage == op.stage or dep.kind == DRIVER or not self.hop_cpu:
+        if dep.stage == op.stage or DRIVER in (dep.kind, op.kind) or not self.hop_cpu:
             return 0.0
         nbytes, bw = self._bytes_over(dep, op)
         return nbytes / bw
@@ -111,6 +120,31 @@ class Trace:
         return max(self.end.values(), default=0.0)
 
 
+def p2p_calls(
+    k: int, n: int, window: int, calls: int, *, chained: bool, sync: bool
+) -> list[list[list[Op]]]:
+    """calls[t][s]: the ops stage s runs in its call for step t of the p2p engine (n / calls
+    micro-batches a step; the last call closes the stream), the top's learn right after its
+    forward. Sync closes the stream at every step: simulate one step (calls = 1)."""
+    if sync and calls != 1:
+        raise ValueError("p2p_calls: a sync stream is one step; simulate calls = 1")
+    stream = Stream(k, window, chained=chained, sync=sync)
+    out = []
+    for t in range(calls):
+        stream.available += n // calls
+        stream.closed = sync or t == calls - 1
+        ops = list(stream.ready())
+        per = [[op for op in ops if op.stage == s] for s in range(k)]
+        per[-1] = [
+            x
+            for op in per[-1]
+            if op.kind != LEARN
+            for x in ((op, Op(LEARN, k - 1, op.mb)) if op.kind == FORWARD else (op,))
+        ]
+        out.append(per)
+    return out
+
+
 def simulate(
     costs: StageCosts,
     n: int,
@@ -119,12 +153,28 @@ def simulate(
     chained: bool,
     sync: bool,
     cores: float = float("inf"),
+    calls: int = 0,
 ) -> Trace:
-    """Run one stream of `n` micro-batches through K stages; each op's start and end."""
+    """Run one stream of `n` micro-batches through K stages; each op's start and end. `calls`:
+    fed in that many p2p step calls (the driver's CPU, `costs.driver` per micro-batch, is
+    spent once per call, between calls)."""
     k = costs.k
-    queues = [list(stage_ops(s, n, window, apply_at_end=sync)) for s in range(k)]
-    if costs.driver > 0:  # the driver: a queue of its own, index k
-        queues.append([Op(DRIVER, k, mb) for mb in range(n)])
+    gate: dict[Op, Op] = {}  # an op -> the driver op it waits for (p2p: its call's start)
+    if calls:
+        per_call = p2p_calls(k, n, window, calls, chained=chained, sync=sync)
+        queues = [[op for call in per_call for op in call[s]] for s in range(k)]
+        drv = [Op(DRIVER, k, t) for t in range(calls)]
+        queues.append(drv)
+        for t, call in enumerate(per_call):
+            for s in range(k):
+                if call[s]:
+                    gate[call[s][0]] = drv[t]
+        lasts = [[c[s][-1] for s in range(k) if c[s]] for c in per_call]
+        lag = 0 if sync else 1  # async: a step's calls queue behind the step before's
+    else:
+        queues = [list(stage_ops(s, n, window, apply_at_end=sync)) for s in range(k)]
+        if costs.driver > 0:  # the driver: a queue of its own, index k
+            queues.append([Op(DRIVER, k, mb) for mb in range(n)])
     heads = [0] * len(queues)
     running: dict[int, list] = {}  # stage -> [op, remaining work]
     trace = Trace()
@@ -136,14 +186,19 @@ def simulate(
                 continue
             op = queues[s][heads[s]]
             deps = [] if op.kind == DRIVER else dependencies(op, k, chained=chained)
-            if costs.driver > 0 and op.kind == FORWARD and op.stage == 0:
+            if calls:  # the driver submits call t once it has gathered call t - 1 - lag
+                back = op.mb - 1 - lag
+                deps = (lasts[back] if back >= 0 else []) if op.kind == DRIVER else deps
+                deps = [*deps, gate[op]] if op in gate else deps
+            elif costs.driver > 0 and op.kind == FORWARD and op.stage == 0:
                 deps = [*deps, Op(DRIVER, k, op.mb)]
             if not all(d in trace.end for d in deps):
                 continue
             ready = max((trace.end[d] + costs.transfer(d, op) for d in deps), default=0.0)
             if ready <= t + EPS:
                 hops = sum(costs.transfer_work(d, op) for d in deps)
-                running[s] = [op, costs.work(op) + hops]
+                share = n // calls if calls and op.kind == DRIVER else 1  # p2p: a step's
+                running[s] = [op, costs.work(op) * share + hops]
                 trace.start[op] = t
                 heads[s] += 1
             else:
@@ -193,16 +248,26 @@ def step_seconds(
     cores: float = float("inf"),
     steps: int = 4,
     step_overhead: float = 0.0,
+    engine: str = "stream",
 ) -> float:
     """Seconds per step of M micro-batches: one flushed stream (sync), or the steady share of
-    a `steps`-step stream (async)."""
+    a `steps`-step stream (async); the p2p engine feeds it a step per call."""
     w = window_of(rule, costs.k, m)
+    p2p = engine == "p2p" and costs.k > 1
     if sync:
-        return (
-            simulate(costs, m, w, chained=rule.chained, sync=True, cores=cores).makespan
-            + step_overhead
+        trace = simulate(
+            costs, m, w, chained=rule.chained, sync=True, cores=cores, calls=1 if p2p else 0
         )
-    trace = simulate(costs, m * steps, w, chained=rule.chained, sync=False, cores=cores)
+        return trace.makespan + step_overhead
+    trace = simulate(
+        costs,
+        m * steps,
+        w,
+        chained=rule.chained,
+        sync=False,
+        cores=cores,
+        calls=steps if p2p else 0,
+    )
     return trace.makespan / steps + step_overhead
 
 
@@ -235,6 +300,7 @@ __all__ = [
     "StageCosts",
     "Trace",
     "one_process",
+    "p2p_calls",
     "calls_per_micro_batch",
     "ops_of",
     "simulate",

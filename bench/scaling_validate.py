@@ -16,6 +16,7 @@ from bench.scaling_predict import (
     median_profile,
     pipeline,
     predict,
+    schedule_of,
     time_runner,
 )
 from bench.scaling_profile import BlockProfile, config_of, measure_cores, profile_blocks, sample
@@ -89,7 +90,7 @@ def validate(link: dict, *, ks: tuple[int, ...], rounds: int, steps: int, cores:
         for (k, sched), timed in measured.items():
             samples = [v for v, _ in timed]
             driver = statistics.median(c for _, c in timed) if k > 1 else 0.0
-            sync, engine = sched != "async", "p2p" if sched == "p2p" else "stream"
+            sync, engine = schedule_of(sched)
             pred = predict(calib, k, link, m, sync=sync, cores=eff, driver=driver, engine=engine)
             raw = predict(prof, k, ping, m, sync=sync, cores=cores, engine=engine)
             meas = statistics.median(samples)

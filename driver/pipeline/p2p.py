@@ -70,6 +70,7 @@ class P2PPipeline:
         self.actors = self.group.actors
         self._stats: list[tuple[int, StageStats]] = []
         self._labels: deque[torch.Tensor] = deque()  # fed, their logits not yet returned
+        self._pending: deque[list[tuple[int, Any]]] = deque()  # submitted steps' calls
         try:
             self._join()
         except BaseException:
@@ -103,29 +104,33 @@ class P2PPipeline:
 
     def step(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int) -> Completed:
         """One training step: K calls, each running what the step lets its stage run. `sync`
-        returns the step's logits; `async` those the top computed (flush() drains the rest)."""
+        returns the step's logits once it is applied. `async` submits the step's calls behind
+        the previous step's (an actor runs its calls in order, so a stage starts this step as
+        soon as it ends the last: no barrier between steps) and returns the previous step's
+        logits once its calls end; flush() drains the rest."""
         xs, ys = list(x.chunk(micro_batches)), list(y.chunk(micro_batches))
         self._labels.extend(ys)
-        return self._call(xs, ys, [len(c) for c in ys], close=self.sync, what="step")
+        self._pending.append(self._submit(xs, ys, [len(c) for c in ys], close=self.sync))
+        return self._finish(keep=0 if self.sync else 1)
 
     def flush(self) -> Completed:
         """Close the stream (async: finish every micro-batch fed and apply what is pending)."""
         if self.sync:
             return []  # every step is complete when it returns
-        return self._call(None, None, [], close=True, what="flush")
+        self._pending.append(self._submit(None, None, [], close=True))
+        return self._finish(keep=0)
 
-    def _call(
+    def _submit(
         self,
         xs: list[torch.Tensor] | None,
         ys: list[torch.Tensor] | None,
         sizes: list[int],
         *,
         close: bool,
-        what: str,
-    ) -> Completed:
+    ) -> list[tuple[int, Any]]:
         top = self.k - 1
         try:
-            refs = [
+            return [
                 (
                     s,
                     a.run_step.remote(
@@ -134,16 +139,25 @@ class P2PPipeline:
                 )
                 for s, a in enumerate(self.actors)
             ]
-            results = self._gather(refs, what)
         except BaseException:
             self.close()
             raise
-        self._stats += [(s, stats) for s, (_, stats) in enumerate(results)]
-        logits = results[top][0]
-        if not logits:
-            return []
-        labels = [self._labels.popleft() for _ in logits]
-        return [(torch.cat(logits), torch.cat(labels))]
+
+    def _finish(self, *, keep: int) -> Completed:
+        """Wait for the submitted calls but the last `keep` steps'; their top's logits."""
+        out: Completed = []
+        while len(self._pending) > keep:
+            try:
+                results = self._gather(self._pending.popleft(), "step")
+            except BaseException:
+                self.close()
+                raise
+            self._stats += [(s, stats) for s, (_, stats) in enumerate(results)]
+            logits = results[-1][0]
+            if logits:
+                labels = [self._labels.popleft() for _ in logits]
+                out.append((torch.cat(logits), torch.cat(labels)))
+        return out
 
     def drain_stats(self, *, wait: bool = False) -> list[tuple[int, StageStats]]:
         taken, self._stats = self._stats, []
