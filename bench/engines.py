@@ -1,10 +1,11 @@
-"""Benchmark: the two pipeline engines side by side, sync, K = 2 and 3.
+"""Benchmark: the two pipeline engines side by side, sync and async, K = 2 and 3.
 
     python -m bench.engines --json bench/results/engines_cpu.json [--rounds 3 --steps 6]
 
 `stream`: the driver submits every op as an actor call (2K - 1 per micro-batch, plus per-step
 stats and applies). `p2p`: each stage runs its whole step in one call and sends to its
-neighbours by torch.distributed (gloo here). For each model: samples/s (median of interleaved
+neighbours by torch.distributed (gloo here); under async its step calls queue behind each
+other (no barrier between steps). For each model: samples/s (median of interleaved
 rounds) and the driver's CPU per micro-batch (time.process_time over the timed steps), with
 one process (one thread) as the baseline. Models: the scaling model's validation ResNet-8
 (width 32: stage compute ~15 ms per micro-batch, where per-call costs show) and a ResNet-18
@@ -33,7 +34,9 @@ MODELS = {
 }
 
 
-def compare(model: str, ks: tuple[int, ...], rounds: int, steps: int, rule: str) -> dict:
+def compare(
+    model: str, ks: tuple[int, ...], rounds: int, steps: int, rule: str, schedules: list[str]
+) -> dict:
     cfg = config_of(MODELS[model], rule)
     x, y, splits = sample(cfg)
     m = cfg.pipeline.micro_batches
@@ -43,8 +46,10 @@ def compare(model: str, ks: tuple[int, ...], rounds: int, steps: int, rule: str)
     runners: dict = {"one_process": LocalRunner([base])}
     for k in ks:
         bounds = plan_partition(base, k, (), sample_mb, 3, names=names).bounds
-        runners[f"k{k}_stream"] = pipeline(cfg, base, bounds, "sync")
-        runners[f"k{k}_p2p"] = pipeline(cfg, base, bounds, "p2p")
+        for sched in schedules:
+            p2p = "p2p" if sched == "sync" else "p2p_async"
+            runners[f"k{k}_stream_{sched}"] = pipeline(cfg, base, bounds, sched)
+            runners[f"k{k}_p2p_{sched}"] = pipeline(cfg, base, bounds, p2p)
     timed: dict = {name: [] for name in runners}
     try:
         for _ in range(rounds):
@@ -54,7 +59,7 @@ def compare(model: str, ks: tuple[int, ...], rounds: int, steps: int, rule: str)
     finally:
         for run in runners.values():
             run.close()
-    out: dict = {"micro_batches": m, "batch": len(y), "rule": rule}
+    out: dict = {"micro_batches": m, "batch": len(y), "rule": rule, "schedules": schedules}
     for name, vals in timed.items():
         out[name] = {
             "samples_per_s": statistics.median(v for v, _ in vals),
@@ -68,12 +73,12 @@ def table(result: dict) -> str:
     lines = []
     for model, r in result["models"].items():
         base = r["one_process"]["samples_per_s"]
-        lines.append(f"{model} ({r['rule']}, sync, M = {r['micro_batches']})")
-        lines.append("  runner          samples/s   x one process   driver CPU ms / micro-batch")
+        lines.append(f"{model} ({r['rule']}, M = {r['micro_batches']})")
+        lines.append("  runner              samples/s   x one process   driver CPU ms / mb")
         for name, v in r.items():
             if isinstance(v, dict):
                 lines.append(
-                    f"  {name:<14} {v['samples_per_s']:10.1f} {v['samples_per_s'] / base:13.2f}"
+                    f"  {name:<18} {v['samples_per_s']:10.1f} {v['samples_per_s'] / base:13.2f}"
                     f" {v['driver_cpu_ms_per_micro_batch']:17.2f}"
                 )
     return "\n".join(lines)
@@ -86,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--ks", default="2,3")
+    p.add_argument("--schedules", default="sync,async")
     p.add_argument("--rule", default="rec_lra", help="rec_lra (mirror) or rec_lra:topology=skip")
     args = p.parse_args(argv)
     ray.init(address="local", num_cpus=16, include_dashboard=False)  # our own
@@ -93,7 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         ks = tuple(int(k) for k in args.ks.split(","))
         for model in args.models.split(","):
-            result["models"][model] = compare(model, ks, args.rounds, args.steps, args.rule)
+            result["models"][model] = compare(
+                model, ks, args.rounds, args.steps, args.rule, args.schedules.split(",")
+            )
     finally:
         ray.shutdown()
     return save(result, args.json, table(result))

@@ -6,9 +6,9 @@ from __future__ import annotations
 import statistics
 
 from bench.scaling_predict import (
+    CALIBRATED,
     MODEL,
     RULE_SPECS,
-    CALIBRATED,
     fit,
     pipeline,
     predict,
