@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--schedules", default="sync,async")
     p.add_argument("--rule", default="rec_lra", help="rec_lra (mirror) or rec_lra:topology=skip")
     args = p.parse_args(argv)
-    ray.init(address="local", num_cpus=16, include_dashboard=False)  # our own
+    ray.init(address="local", num_cpus=32, include_dashboard=False)  # our own (logical CPUs)
     result: dict = {"cores": torch.get_num_threads(), "models": {}}
     try:
         ks = tuple(int(k) for k in args.ks.split(","))

@@ -28,6 +28,7 @@ RULES_SHOWN = [
     "backprop_gpipe",
     "rec_lra_async",
     "rec_lra_p2p",
+    "rec_lra_async_p2p",
     "rec_lra_mirror_p2p",
     "backprop_1f1b_p2p",
 ]
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         from bench.scaling_profile import measure_link
 
-        ray.init(address="local", num_cpus=16, include_dashboard=False)  # our own
+        ray.init(address="local", num_cpus=32, include_dashboard=False)  # our own (logical CPUs)
         try:
             link = measure_link()
             print(f"link: {link}", flush=True)

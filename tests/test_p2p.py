@@ -235,6 +235,34 @@ def test_a_p2p_run_recovers_a_killed_stage_and_ends_with_one_process_weights(
             torch.testing.assert_close(got[name]["tensors"][key], t, rtol=1e-10, atol=1e-10)
 
 
+def test_an_async_p2p_run_trains_what_the_async_stream_trains(cluster, digits, tmp_path):
+    """A whole run (train: epochs, flushes at their ends, evaluation, the final checkpoint)
+    async on the p2p engine at K = 2 ends with the weights, curves and step count of the same
+    run on the stream engine in this process (float64, to the last bit)."""
+    from ckpt_helpers import TINY
+
+    from driver.config import load_config
+    from driver.run import checkpoint
+    from driver.run.train import train
+
+    base = [*TINY, "train.epochs=2", 'pipeline.schedule="async"', "pipeline.micro_batches=4"]
+    base += ["pipeline.stages=2", "pipeline.boundaries=[2]", "pipeline.apply_every=2"]
+    runs = {}
+    for engine, backend in (("stream", "local"), ("p2p", "ray")):
+        cfg = load_config(
+            None, [*base, f'pipeline.engine="{engine}"', f'pipeline.backend="{backend}"']
+        )
+        runs[engine] = train(cfg, quiet=True, out_dir=tmp_path / engine, splits=digits)
+    assert runs["p2p"].steps == runs["stream"].steps > 20
+    for key in ("train_acc", "train_loss", "val_acc", "val_loss"):
+        assert [e[key] for e in runs["p2p"].epochs] == [e[key] for e in runs["stream"].epochs]
+    want = checkpoint.load(tmp_path / "stream" / "rec_lra" / "checkpoints")["runner"]["units"]
+    got = checkpoint.load(tmp_path / "p2p" / "rec_lra" / "checkpoints")["runner"]["units"]
+    for name in want:
+        for key, t in want[name]["tensors"].items():
+            assert torch.equal(got[name]["tensors"][key], t), (name, key)
+
+
 @pytest.mark.parametrize("topology", ["mirror", "skip"])
 def test_p2p_carries_backprops_gradient_for_diagnostics(cluster, topology):
     """train.diagnose_every: backprop's gradient goes down the chain beside the signal (a flag

@@ -168,3 +168,48 @@ def test_hops_within_a_node_use_the_intra_node_bandwidth() -> None:
     assert trace.start[Op(FORWARD, 1, 0)] == pytest.approx(1.1)
     assert trace.start[Op(FORWARD, 2, 0)] == pytest.approx(2.1 + 10.0)
     assert trace.start[Op(FORWARD, 3, 0)] == pytest.approx(13.1 + 0.1)
+
+
+@pytest.mark.parametrize("k,m,steps", [(2, 4, 3), (3, 3, 4), (4, 6, 2)])
+@pytest.mark.parametrize("chained", [True, False])
+def test_p2p_calls_cover_the_stream_once_in_each_stages_order(k, m, steps, chained) -> None:
+    """The p2p engine's calls: every stage runs each forward and learn once, in the order
+    stage_ops gives (the top: each learn right after its forward), and under sync one step is
+    exactly stage_ops with its apply."""
+    from bench.scaling_sim import p2p_calls
+    from driver.pipeline.schedule import stage_ops
+
+    n = m * steps
+    calls = p2p_calls(k, n, k, steps, chained=chained, sync=False)
+    assert len(calls) == steps
+    for s in range(k):
+        ran = [op for call in calls for op in call[s]]
+        assert ran == list(stage_ops(s, n, k, apply_at_end=False))
+    (one,) = p2p_calls(k, m, k, 1, chained=chained, sync=True)
+    assert one == [list(stage_ops(s, m, k, apply_at_end=True)) for s in range(k)]
+    with pytest.raises(ValueError, match="calls = 1"):
+        p2p_calls(k, n, k, steps, chained=chained, sync=True)
+
+
+def test_p2p_driver_is_a_barrier_under_sync_and_hidden_under_async() -> None:
+    """Sync: a step's calls wait for the driver's CPU (d per micro-batch, m of them), so it
+    adds in full. Async: a step's calls queue behind the previous step's and the driver
+    gathers one step late, so once it is cheaper than a step only the first call waits. With
+    no driver cost the async p2p engine is the stream engine's async schedule."""
+    k, m, steps, d = 3, 4, 5, 0.1
+    free = uniform(k, 1.0, 1.0)
+    paid = uniform(k, 1.0, 1.0, driver=d)
+    sync_free = simulate(free, m, k, chained=True, sync=True, calls=1).makespan
+    assert simulate(paid, m, k, chained=True, sync=True, calls=1).makespan == pytest.approx(
+        sync_free + m * d
+    )
+    n = m * steps
+    stream = simulate(free, n, k, chained=False, sync=False).makespan
+    assert simulate(free, n, k, chained=False, sync=False, calls=steps).makespan == pytest.approx(
+        stream
+    )
+    assert simulate(paid, n, k, chained=False, sync=False, calls=steps).makespan == pytest.approx(
+        stream + m * d
+    )
+    slow = uniform(k, 1.0, 1.0, driver=2.5)  # 10 s of driver a step: the driver sets the pace
+    assert simulate(slow, n, k, chained=False, sync=False, calls=steps).makespan > steps * m * 2.5
