@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from driver.pipeline.schedule import APPLY, FORWARD, LEARN, Op, Stream, dependencies, stage_ops
+from driver.pipeline.stage_count import calls_per_micro_batch  # the driver's calls (counted)
 
 EPS = 1e-12
 DRIVER = "D"  # an op of the driver's (its share of one micro-batch)
@@ -269,16 +270,6 @@ def step_seconds(
         calls=steps if p2p else 0,
     )
     return trace.makespan / steps + step_overhead
-
-
-def calls_per_micro_batch(k: int, m: int, *, sync: bool, engine: str = "stream") -> float:
-    """The driver's actor calls per micro-batch at K stages and M micro-batches a step. The
-    stream engine: K - 1 forwards, the top's forward + learn, K - 1 learns, and per step a
-    stats call to each stage (and under sync an apply to each). The p2p engine: one call per
-    stage per step."""
-    if engine == "p2p":
-        return k / m
-    return 2 * k - 1 + (2 * k if sync else k) / m
 
 
 def one_process(costs: StageCosts, m: int) -> float:

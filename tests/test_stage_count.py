@@ -81,3 +81,25 @@ def test_auto_trains_a_small_model_in_one_process(caplog):
         assert "pipeline.stages = auto: K=1" in caplog.text and "K=2:" in caplog.text
     finally:
         runner.close()
+
+
+def test_a_stream_whose_driver_cannot_keep_up_is_driver_bound():
+    """Short stage work (1 ms a block): the stream's driver makes 2K - 1 calls per micro-batch
+    at DRIVER_CALL_SECONDS each and sets the pace; the p2p engine makes K calls a step, so its
+    stages do, each paying its two ops' messages instead of calls."""
+    from driver.pipeline.stage_count import (
+        DRIVER_CALL_SECONDS,
+        P2P_OP_SECONDS,
+        calls_per_micro_batch,
+    )
+
+    costs, m = [0.001] * 4, 8
+    kw = dict(micro_batches=m, cores=64, sync=False, single_seconds=0.004)
+    stream = predict(4, costs, [0.0] * 3, **kw)
+    assert "driver-bound" in stream.why
+    per_mb = DRIVER_CALL_SECONDS * calls_per_micro_batch(4, m, sync=False)
+    assert per_mb == pytest.approx(DRIVER_CALL_SECONDS * (7 + 4 / m))
+    assert stream.step_seconds == pytest.approx(m * per_mb)
+    p2p = predict(4, costs, [0.0] * 3, engine="p2p", **kw)
+    assert "driver-bound" not in p2p.why
+    assert p2p.step_seconds == pytest.approx(m * (0.001 + 2 * P2P_OP_SECONDS))

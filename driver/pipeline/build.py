@@ -183,6 +183,7 @@ def _plan(cfg: Config, base: StageSpec, names: tuple[str, ...], splits: DatasetS
                 cores=cores,
                 sync=pc.schedule == "sync",
                 single_seconds=single,
+                engine=pc.engine,
             )
             for j in sorted(ks)
         }
