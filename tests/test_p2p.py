@@ -254,8 +254,11 @@ def test_an_async_p2p_run_trains_what_the_async_stream_trains(cluster, digits, t
         )
         runs[engine] = train(cfg, quiet=True, out_dir=tmp_path / engine, splits=digits)
     assert runs["p2p"].steps == runs["stream"].steps > 20
-    for key in ("train_acc", "train_loss", "val_acc", "val_loss"):
+    for key in ("train_acc", "val_acc", "val_loss"):
         assert [e[key] for e in runs["p2p"].epochs] == [e[key] for e in runs["stream"].epochs]
+    # the train loss is summed in float32 per returned chunk: a step's here, a micro-batch's there
+    got_loss = [e["train_loss"] for e in runs["p2p"].epochs]
+    assert got_loss == pytest.approx([e["train_loss"] for e in runs["stream"].epochs], rel=1e-6)
     want = checkpoint.load(tmp_path / "stream" / "rec_lra" / "checkpoints")["runner"]["units"]
     got = checkpoint.load(tmp_path / "p2p" / "rec_lra" / "checkpoints")["runner"]["units"]
     for name in want:
