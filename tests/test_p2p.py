@@ -167,15 +167,23 @@ def test_p2p_state_round_trip_continues_the_same_training(cluster):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_a_failing_p2p_stage_fails_the_step_naming_it(cluster):
+@pytest.mark.parametrize("schedule", ["sync", "async"])
+def test_a_failing_p2p_stage_fails_the_step_naming_it(cluster, schedule):
     """Stage 0 refuses a non-finite update; the step fails with its error (the stage above,
-    waiting on messages, is killed with the group), well within the step deadline."""
+    waiting on messages, is killed with the group), well within the step deadline. Async: a
+    step's calls are gathered at the next step or the flush, which fails then."""
+    import time
+
     specs = stage_specs(_base(RuleConfig(**RANDOM)), [0, 2, 5])
-    pipe = P2PPipeline(specs, PipelineConfig(stages=2, micro_batches=2, step_timeout_s=60))
+    cfg = PipelineConfig(stages=2, micro_batches=2, step_timeout_s=60, schedule=schedule)
+    pipe = P2PPipeline(specs, cfg)
     x, y = _batches(1)[0]
     x[0, 0, 0, 0] = float("nan")
+    t0 = time.monotonic()
     with pytest.raises(ActorError) as info:
         pipe.step(x, y, 2)
+        pipe.flush()
+    assert time.monotonic() - t0 < 30
     assert "non-finite" in str(info.value) and str(info.value).startswith("stage ")
 
 
