@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import replace
 
 import ray
 import torch
@@ -35,9 +36,16 @@ MODELS = {
 
 
 def compare(
-    model: str, ks: tuple[int, ...], rounds: int, steps: int, rule: str, schedules: list[str]
+    model: str,
+    ks: tuple[int, ...],
+    rounds: int,
+    steps: int,
+    rule: str,
+    schedules: list[str],
+    device: str = "cpu",
 ) -> dict:
     cfg = config_of(MODELS[model], rule)
+    cfg = replace(cfg, train=replace(cfg.train, device=device))
     x, y, splits = sample(cfg)
     m = cfg.pipeline.micro_batches
     names = block_names(cfg, splits)
@@ -92,15 +100,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--ks", default="2,3")
     p.add_argument("--schedules", default="sync,async")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU per stage, or shared)")
     p.add_argument("--rule", default="rec_lra", help="rec_lra (mirror) or rec_lra:topology=skip")
     args = p.parse_args(argv)
     ray.init(address="local", num_cpus=32, include_dashboard=False)  # our own (logical CPUs)
-    result: dict = {"cores": torch.get_num_threads(), "models": {}}
+    result: dict = {"device": args.device, "cores": torch.get_num_threads(), "models": {}}
     try:
         ks = tuple(int(k) for k in args.ks.split(","))
         for model in args.models.split(","):
+            scheds = args.schedules.split(",")
             result["models"][model] = compare(
-                model, ks, args.rounds, args.steps, args.rule, args.schedules.split(",")
+                model, ks, args.rounds, args.steps, args.rule, scheds, args.device
             )
     finally:
         ray.shutdown()

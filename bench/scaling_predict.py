@@ -44,12 +44,17 @@ def pipeline(cfg: Config, base: StageSpec, bounds: Sequence[int], sched: str) ->
     """A K-stage Ray pipeline of `cfg` cut at `bounds`, one core and thread per stage: the
     stream engine under `sched` ("sync", "async"), or the p2p engine ("p2p", "p2p_async")."""
     sync, engine = schedule_of(sched)
+    k = len(bounds) - 1
+    gpus = cfg.pipeline.gpus_per_stage
+    if base.device.startswith("cuda"):  # a GPU each where there are K, else they share
+        gpus = min(1.0, torch.cuda.device_count() / k)
     pc = replace(
         cfg.pipeline,
-        stages=len(bounds) - 1,
+        stages=k,
         schedule="sync" if sync else "async",
         cpus_per_stage=1.0,
         threads_per_stage=1,
+        gpus_per_stage=gpus,
         engine=engine,
     )
     specs = stage_specs(base, list(bounds))

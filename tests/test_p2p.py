@@ -192,14 +192,27 @@ def test_a_failing_p2p_stage_fails_the_step_naming_it(cluster, schedule):
     [
         ({"transport": "object_store"}, "the p2p engine sends by gloo or nccl"),
         ({"transport": "nccl"}, 'nccl needs train.device = "cuda"'),
+        ({"transport": "nccl", "gpus_per_stage": 0.5}, "nccl needs a whole GPU per stage"),
     ],
 )
 def test_p2p_refuses_what_it_cannot_run_in_one_line(overrides, message):
     from driver.pipeline.p2p import p2p_backend
 
+    cuda = "gpus_per_stage" in overrides
     with pytest.raises(ValueError) as info:
-        p2p_backend(PipelineConfig(stages=2, engine="p2p", **overrides), cuda=False)
+        p2p_backend(PipelineConfig(stages=2, engine="p2p", **overrides), cuda=cuda)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "gpus, cuda, backend",
+    [(-1, True, "nccl"), (1.0, True, "nccl"), (0.5, True, "gloo"), (-1, False, "gloo")],
+)
+def test_p2p_auto_transport_is_nccl_only_with_a_whole_gpu_per_stage(gpus, cuda, backend):
+    """Stages sharing a GPU cannot use NCCL (one rank per device): they send by gloo."""
+    from driver.pipeline.p2p import p2p_backend
+
+    assert p2p_backend(PipelineConfig(stages=2, gpus_per_stage=gpus), cuda=cuda) == backend
 
 
 def test_a_p2p_run_recovers_a_killed_stage_and_ends_with_one_process_weights(

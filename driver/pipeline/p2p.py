@@ -33,11 +33,18 @@ Completed = list[tuple[torch.Tensor, torch.Tensor]]
 
 def p2p_backend(cfg: PipelineConfig, cuda: bool) -> str:
     """The torch.distributed backend for `pipeline.transport`: nccl between GPUs, else gloo (the
-    config already refused the object store for this engine)."""
+    config already refused the object store for this engine). NCCL takes one rank per device,
+    so stages sharing a GPU (gpus_per_stage below 1) send by gloo, through host memory."""
+    shared = 0 <= cfg.gpus_per_stage < 1
     if cfg.transport == "nccl" and not cuda:
         raise ValueError('pipeline.transport: nccl needs train.device = "cuda"; use gloo')
+    if cfg.transport == "nccl" and shared:
+        raise ValueError(
+            "pipeline.transport: nccl needs a whole GPU per stage (it refuses two ranks on one "
+            'device); set pipeline.gpus_per_stage = 1, or transport = "gloo"'
+        )
     if cfg.transport == "auto":
-        return "nccl" if cuda else "gloo"
+        return "nccl" if cuda and not shared else "gloo"
     return cfg.transport
 
 
@@ -53,8 +60,9 @@ class P2PPipeline:
         self.sync = cfg.schedule == "sync"
         gpus = cfg.gpus_per_stage if cfg.gpus_per_stage >= 0 else (1.0 if cuda else 0.0)
         threads = cfg.threads_per_stage or max(1, int(cfg.cpus_per_stage))
-        specs = [
-            replace(s, threads=threads, send_to_cpu=not cuda) for s in pipeline_specs(specs, cfg)
+        specs = [  # gloo sends from host memory; nccl from the GPU
+            replace(s, threads=threads, send_to_cpu=self.transport != "nccl")
+            for s in pipeline_specs(specs, cfg)
         ]
         self.group = ActorGroup(
             P2PStage,

@@ -48,7 +48,7 @@ class P2PStage(Stage):
         self.k, self.window, self.sync = stages, window, sync
         self.s = spec.index
         self.broadcast = not learns_chained(spec)
-        self.comm = torch.device("cuda" if spec.device.startswith("cuda") else "cpu")
+        self.comm = torch.device("cpu")  # where messages live (join() sets it per backend)
         self._sends: list[Any] = []  # in-flight sends, with their buffers
         self._out_shape: dict[int, tuple[int, ...]] = {}  # micro-batch -> this stage's output
         self._stream: Stream
@@ -69,6 +69,8 @@ class P2PStage(Stage):
         return ray.util.get_node_ip_address(), port
 
     def join(self, host: str, port: int, backend: str, timeout_s: float) -> bool:
+        # nccl sends from the GPU; gloo from host memory (a GPU stage's tensors go through it)
+        self.comm = torch.device("cuda" if backend == "nccl" else "cpu")
         dist.init_process_group(
             backend,
             init_method=f"tcp://{host}:{port}",
