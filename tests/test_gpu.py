@@ -59,20 +59,22 @@ def test_gpu_stage_matches_cpu(rule):
     _assert_same_weights(gpu.state_dict()["units"], cpu.state_dict()["units"])
 
 
-def test_ray_pipeline_on_a_shared_gpu_matches_one_gpu_process():
+@pytest.mark.parametrize("engine", ["stream", "p2p"])
+def test_ray_pipeline_on_a_shared_gpu_matches_one_gpu_process(engine):
+    """Two stages share the GPU: the stream engine by Ray, the p2p engine by gloo through host
+    memory (NCCL takes one rank per device); either trains one GPU process's weights."""
     import ray
 
     from driver.pipeline.config import PipelineConfig
+    from driver.pipeline.p2p import P2PPipeline
     from driver.pipeline.stream import RayPipeline
 
     ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False)
     try:
         base = _base("rec_lra", "cuda")
         local = LocalRunner([base])
-        pipe = RayPipeline(
-            stage_specs(base, [0, 4, 10]),
-            PipelineConfig(stages=2, micro_batches=2, gpus_per_stage=0.5),
-        )
+        cfg = PipelineConfig(stages=2, micro_batches=2, gpus_per_stage=0.5, engine=engine)
+        pipe = (P2PPipeline if engine == "p2p" else RayPipeline)(stage_specs(base, [0, 4, 10]), cfg)
         try:
             for x, y in _batches():
                 pipe.step(x, y, 2)
