@@ -384,3 +384,18 @@ def test_docstring_rule_line_matches_render():
     for doc, sync in zip(_doc_tables(), (True, False), strict=True):
         drawn = render(ticks(2, 4, 2, chained=False, sync=sync), learn_applies=not sync)
         assert doc[1] == drawn.splitlines()[1]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+@pytest.mark.parametrize("chained", [True, False])
+def test_an_open_stream_forwards_everything_fed_on_every_stage(k, chained):
+    """Once ready() stops on an open stream, every stage has forwarded every micro-batch fed:
+    an open stream waits only for data. The p2p engine's checkpoint cut relies on it (a stage
+    holds its forward-side state at the start of the call after the cut)."""
+    rng = random.Random(k)
+    for window in range(1, 9):
+        stream = Stream(k, window, chained=chained, sync=False)
+        for _ in range(8):
+            stream.available += rng.randint(1, 5)
+            list(stream.ready())
+            assert [seq.next_f for seq in stream.seqs] == [stream.available] * k

@@ -35,8 +35,8 @@ class PipelineConfig:
     elastic: bool = False
     # stream: the driver submits every op as an actor call (sync and async, checkpoint cuts);
     # p2p: each stage runs a whole step per call and sends to its neighbours itself by
-    # torch.distributed, the driver making K calls a step (sync and async; an async
-    # checkpoint drains the stream instead of cutting it in flow; driver/pipeline/p2p.py)
+    # torch.distributed, the driver making K calls a step (sync and async, checkpoint cuts;
+    # driver/pipeline/p2p.py)
     engine: str = "stream"
 
     def __post_init__(self) -> None:

@@ -6,7 +6,9 @@ stats) however many micro-batches the step has; the stream engine makes about 2K
 micro-batch. Both schedules run, with the stream engine's op order per stage and so its
 numbers: `sync` (every learn of a step sees the step's starting weights and each stage applies
 once at its end: one process's weights) and `async` (learns apply as they come and the stream
-runs on across steps until flush()).
+runs on across steps until flush()). A checkpoint cut (driver/pipeline/cut.py) goes with the
+next calls; each stage takes its state at the cut's point of its own order and returns it with
+the call that reached it.
 """
 
 from __future__ import annotations
@@ -48,6 +50,23 @@ def p2p_backend(cfg: PipelineConfig, cuda: bool) -> str:
     return cfg.transport
 
 
+class P2PCut:
+    """The stages' checkpoint states at one stream position, as their calls bring them back
+    (P2PPipeline.cut); `collect` once `complete`."""
+
+    def __init__(self, k: int) -> None:
+        self.states: list[dict[str, Any] | None] = [None] * k
+
+    @property
+    def complete(self) -> bool:
+        return all(s is not None for s in self.states)
+
+    def collect(self) -> list[dict[str, Any]]:
+        """Each stage's state, stage 0 first."""
+        assert self.complete, "cut collected before every stage sent its state"
+        return list(self.states)  # type: ignore[arg-type]
+
+
 class P2PPipeline:
     """A Runner (driver/pipeline/build.py) over K P2PStage actors."""
 
@@ -79,6 +98,11 @@ class P2PPipeline:
         self._stats: list[tuple[int, StageStats]] = []
         self._labels: deque[torch.Tensor] = deque()  # fed, their logits not yet returned
         self._pending: deque[list[tuple[int, Any]]] = deque()  # submitted steps' calls
+        self._fed = 0  # micro-batches fed to the open stream
+        self._cut: P2PCut | None = None  # a checkpoint cut not complete yet
+        self._cut_at: int | None = None  # its position, for the next calls to carry
+        # a cut would miss learns summed but not applied unless applies divide a step (cut.py)
+        self.cut_drains = not self.sync and cfg.micro_batches % (cfg.apply_every or 1) != 0
         try:
             self._join()
         except BaseException:
@@ -110,6 +134,25 @@ class P2PPipeline:
             refs, timeout_s=self.cfg.step_timeout_s, key="pipeline.step_timeout_s", what=what
         )
 
+    @property
+    def cut_pending(self) -> bool:
+        return self._cut is not None
+
+    def cut(self) -> P2PCut:
+        """Every stage's state at the stream's current position, taken without draining it: the
+        next calls carry the position, and each stage takes its state at that point of its own
+        op order (driver/pipeline/cut.py says which); it is complete once all have come back.
+        An empty stream (sync, or after a flush) is taken at once."""
+        if self._cut is not None:
+            raise RuntimeError("a checkpoint cut is still being taken; flush() completes it")
+        cut = P2PCut(self.k)
+        if self._fed == 0:
+            refs = [(s, a.state_dict.remote()) for s, a in enumerate(self.actors)]
+            cut.states = self._gather(refs, "state_dict")
+        else:
+            self._cut, self._cut_at = cut, self._fed
+        return cut
+
     def step(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int) -> Completed:
         """One training step: K calls, each running what the step lets its stage run. `sync`
         returns the step's logits once it is applied. `async` submits the step's calls behind
@@ -136,13 +179,15 @@ class P2PPipeline:
         *,
         close: bool,
     ) -> list[tuple[int, Any]]:
-        top = self.k - 1
+        top, cut = self.k - 1, self._cut_at
+        self._cut_at = None  # armed in this call
+        self._fed = 0 if close else self._fed + len(sizes)
         try:
             return [
                 (
                     s,
                     a.run_step.remote(
-                        xs if s == 0 else None, ys if s == top else None, sizes, close
+                        xs if s == 0 else None, ys if s == top else None, sizes, close, cut
                     ),
                 )
                 for s, a in enumerate(self.actors)
@@ -160,12 +205,21 @@ class P2PPipeline:
             except BaseException:
                 self.close()
                 raise
-            self._stats += [(s, stats) for s, (_, stats) in enumerate(results)]
+            self._stats += [(s, stats) for s, (_, stats, _) in enumerate(results)]
+            self._take_cut([state for _, _, state in results])
             logits = results[-1][0]
             if logits:
                 labels = [self._labels.popleft() for _ in logits]
                 out.append((torch.cat(logits), torch.cat(labels)))
         return out
+
+    def _take_cut(self, states: list[dict[str, Any] | None]) -> None:
+        for s, state in enumerate(states):
+            if state is not None:
+                assert self._cut is not None, "a stage took a cut nobody asked for"
+                self._cut.states[s] = state
+        if self._cut is not None and self._cut.complete:
+            self._cut = None
 
     def drain_stats(self, *, wait: bool = False) -> list[tuple[int, StageStats]]:
         taken, self._stats = self._stats, []

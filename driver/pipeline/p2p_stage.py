@@ -56,6 +56,8 @@ class P2PStage(Stage):
         self._sizes: dict[int, int]  # per micro-batch: its size, input (stage 0), labels (top)
         self._inputs: dict[int, torch.Tensor]
         self._labels: dict[int, torch.Tensor]
+        self._cut_at: int | None = None  # a checkpoint cut being taken, at this position
+        self._cut_state: dict[str, Any] | None = None  # taken, not yet returned
         self._restart()
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -120,13 +122,19 @@ class P2PStage(Stage):
         labels: list[torch.Tensor] | None,
         sizes: list[int],
         close: bool = True,
-    ) -> tuple[list[torch.Tensor], StageStats]:
+        cut: int | None = None,
+    ) -> tuple[list[torch.Tensor], StageStats, dict[str, Any] | None]:
         """Feed micro-batches of `sizes` samples to this stage's stream and run every op of it
         the stream allows now, in this stage's order (`schedule.Stream`, the same order the
         stream engine submits). `xs`: the inputs (stage 0); `labels`: the labels (the top).
         `close`: end the stream (sync: every step; async: a flush) and apply what is pending.
-        Returns the logits the top computed in this call, in micro-batch order, and the stats."""
+        `cut`: take this stage's checkpoint state at stream position `cut` (driver/pipeline/
+        cut.py: forward-side state as of its forward of micro-batch `cut`, the rest as of its
+        learn of `cut` - 1), in this call or a later one. Returns the logits the top computed
+        in this call, in micro-batch order, the stats, and the cut's state once taken."""
         stream = self._stream
+        if cut is not None:
+            self._arm(cut)
         first = stream.available
         self._sizes.update(enumerate(sizes, start=first))
         if xs is not None:
@@ -153,7 +161,25 @@ class P2PStage(Stage):
             assert stream.finished(), "the stage's stream did not drain"
             self._restart()
         self._settle(wait=close)
-        return logits, self.pop_stats()
+        taken, self._cut_state = self._cut_state, None
+        return logits, self.pop_stats(), taken
+
+    def _arm(self, n: int) -> None:
+        """Take the cut at position n (all fed so far): hold the forward-side state now (each
+        call forwards everything it was fed: an open stream only stops for data, which
+        tests/test_schedule.py checks), and take the state now if every learn before n is done,
+        else right after this stage's learn of n - 1."""
+        seq = self._stream.seqs[self.s]
+        assert seq.next_f == n, f"stage {self.s}: a cut at {n} after {seq.next_f} forwards"
+        self._cut_at = n
+        self.mark()
+        learned = seq.next_f if self.s == self.k - 1 else seq.next_l  # the top: at its forward
+        if learned == n:
+            self._take_cut()
+
+    def _take_cut(self) -> None:
+        self._cut_state = self.state_dict(marked=True)
+        self._cut_at = None
 
     def _restart(self) -> None:
         """A new stream: the next micro-batch is number 0 (every stage restarts at a close)."""
@@ -194,6 +220,8 @@ class P2PStage(Stage):
         sent = self.learn(mb, signal, apply=not self.sync)
         self._out_shape.pop(mb, None)
         self._sizes.pop(mb, None)
+        if self._cut_at is not None and mb == self._cut_at - 1:
+            self._take_cut()
         if top and self.broadcast:
             for dst in range(self.k - 1):
                 self._post_signal(sent, dst)

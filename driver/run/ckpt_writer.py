@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from driver.pipeline.build import Runner
+from driver.pipeline.p2p import P2PPipeline
 from driver.pipeline.stream import StreamPipeline
 from driver.run import checkpoint
 from driver.run.callbacks import Callback
@@ -42,7 +43,7 @@ class Snapshot(Protocol):
 
 
 class Taken:
-    """A snapshot already in hand (a runner without checkpoint cuts: its state once drained)."""
+    """A snapshot already in hand (a runner without a stream: its state at a step's end)."""
 
     complete = True
 
@@ -57,10 +58,9 @@ def take_snapshot(runner: Runner, *, drain: bool) -> tuple[Snapshot, Completed]:
     """A snapshot of `runner` now, and what a drain finished (for the epoch's tally). Only a
     final checkpoint (`drain`), a cut still being taken, or an apply_every that does not
     divide a step's micro-batches drains the stream first; anything else is a cut in flow."""
+    if not isinstance(runner, StreamPipeline | P2PPipeline):  # no stream: a step's end
+        return Taken(runner.state_dict()), runner.flush()
     done: Completed = []
-    if not isinstance(runner, StreamPipeline):  # a drain first: an async p2p stream is open
-        done = runner.flush()
-        return Taken(runner.state_dict()), done
     if drain or runner.cut_pending or runner.cut_drains:
         done = runner.flush()
     return runner.cut(), done
