@@ -109,13 +109,18 @@ def _stage_nodes(ctl: Controller) -> list[str]:
     return said
 
 
+@pytest.mark.parametrize("engine", ["stream", "p2p"])
 def test_strict_spread_puts_each_stage_on_its_own_node_with_one_process_weights(
-    nodes, digits, reference, tmp_path
+    nodes, digits, reference, tmp_path, engine
 ):
     """K = 3 over three worker nodes: one stage per node, none on the head, and the final
-    weights (float64, sync) equal one process's bit for bit."""
+    weights (float64, sync) equal one process's bit for bit, on either engine (p2p: the
+    stages' process group spans the nodes)."""
     cluster, workers = nodes
-    cfg = load_config(None, [*BASE, "pipeline.stages=3", "pipeline.boundaries=[1, 3]"])
+    cfg = load_config(
+        None,
+        [*BASE, "pipeline.stages=3", "pipeline.boundaries=[1, 3]", f'pipeline.engine="{engine}"'],
+    )
     ctl = Controller(cfg, out_dir=tmp_path, splits=digits)
     placed: list[str] = []
     while not ctl.done:
