@@ -53,7 +53,14 @@ def calibrate_call(link: dict, *, ks: tuple[int, ...], rounds: int, steps: int, 
     calls = [
         fit(
             lambda c, k=k: predict(
-                prof, k, {**link, "call_s": c}, m, sync=False, cores=eff, driver=drv[(k, "async")]
+                prof,
+                k,
+                {**link, "call_s": c},
+                m,
+                sync=False,
+                cores=eff,
+                driver=drv[(k, "async")],
+                steps=steps,
             )["samples_per_s"],
             v,
         )

@@ -118,7 +118,10 @@ def predict(
     cores: float,
     driver: float = 0.0,
     engine: str = "stream",
+    steps: int = 8,
 ) -> dict:
+    """Predicted samples/s of profile `p` at K = k. Async: a stream of `steps` steps from empty
+    to drained, as `time_runner` times `steps` steps and a flush (fill and drain included)."""
     batch = m * p.micro_batch
     if k == 1:
         t = one_process(costs_of(p, (0, len(p.forward)), link, sync=True), m)
@@ -128,7 +131,7 @@ def predict(
     rule = RULES["rec_lra_mirror" if p.chained else "rec_lra"]
     over = link.get("step_overhead_s", 0.0) if sync and engine == "stream" else 0.0
     t = step_seconds(
-        costs, rule, m, sync=sync, cores=cores, steps=8, step_overhead=over, engine=engine
+        costs, rule, m, sync=sync, cores=cores, steps=steps, step_overhead=over, engine=engine
     )
     return {"step_s": t, "samples_per_s": batch / t, "bounds": list(bounds)}
 

@@ -130,7 +130,8 @@ def project(prof: dict, models: list[str], ks: tuple[int, ...] = KS) -> dict:
                     row[str(k)] = None
                     continue
                 costs, bounds = stage_costs(prof, model, family, k, sync=sync, engine=engine)
-                t = step_seconds(costs, spec, m, sync=sync, cores=cores, steps=4, engine=engine)
+                # async: the steady state of a 16-step stream (a run flushes once an epoch)
+                t = step_seconds(costs, spec, m, sync=sync, cores=cores, steps=16, engine=engine)
                 row[str(k)] = {
                     "step_s": t,
                     "samples_per_s": batch / t,

@@ -91,8 +91,10 @@ def validate(link: dict, *, ks: tuple[int, ...], rounds: int, steps: int, cores:
             samples = [v for v, _ in timed]
             driver = statistics.median(c for _, c in timed) if k > 1 else 0.0
             sync, engine = schedule_of(sched)
-            pred = predict(calib, k, link, m, sync=sync, cores=eff, driver=driver, engine=engine)
-            raw = predict(prof, k, ping, m, sync=sync, cores=cores, engine=engine)
+            pred = predict(
+                calib, k, link, m, sync=sync, cores=eff, driver=driver, engine=engine, steps=steps
+            )
+            raw = predict(prof, k, ping, m, sync=sync, cores=cores, engine=engine, steps=steps)
             meas = statistics.median(samples)
             res.setdefault(str(k), {})[sched] = {
                 "measured_samples_per_s": meas,
