@@ -186,12 +186,20 @@ class ActorGroup:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
             if isinstance(cause, ActorError):
                 raise cause from None
+            error = f"{type(cause).__name__}: {cause}"
+            # actors that message each other (p2p, collectives) fail when a peer dies, often
+            # before Ray reports the death: a dead peer is the failure to recover from
+            gone = [g for g in self.dead() if g != i]
+            if gone:
+                raise ActorDied(
+                    gone[0],
+                    f"{what}: the actor died",
+                    f"{self.role} {i} failed meanwhile: {error}",
+                    type(cause).__name__,
+                    role=self.role,
+                ) from None
             raise ActorError(
-                i,
-                f"{what} failed",
-                f"{type(cause).__name__}: {cause}",
-                type(cause).__name__,
-                role=self.role,
+                i, f"{what} failed", error, type(cause).__name__, role=self.role
             ) from None
 
     def shutdown(self) -> None:

@@ -235,6 +235,29 @@ def test_a_call_failing_with_another_actors_death_names_the_dead_one(cluster):
         assert info.value.index == 1 and str(info.value).startswith("actor 1: ")
 
 
+def test_a_call_failing_while_a_peer_is_dead_names_the_dead_peer(cluster):
+    """Actors that message each other fail when a peer dies, often before Ray reports the death
+    (a p2p stage's receive gets 'connection reset'): the error is the peer's death, which a
+    run recovers from, with the caller's failure kept in its text."""
+    with ActorGroup(Sleeper, [(0.0,), (0.0,)], cpus=1, gpus=0, timeout_key="k") as group:
+        ray.kill(group.actors[1], no_restart=True)
+        assert _wait_dead(group, 1)
+        with pytest.raises(ActorDied) as info:
+            group.gather([(0, group.actors[0].boom.remote())], timeout_s=30, key="k")
+        assert info.value.index == 1 and "actor 0 failed meanwhile: ValueError: boom" in str(
+            info.value
+        )
+
+
+def _wait_dead(group: ActorGroup, i: int) -> bool:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if i in group.dead():
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def test_group_errors_keep_index_and_cause(cluster):
     with ActorGroup(Sleeper, [(0.0,), (0.0,)], cpus=1, gpus=0, timeout_key="k") as group:
         with pytest.raises(ActorError) as info:
