@@ -12,6 +12,7 @@ from bench.scaling_predict import (
     fit,
     pipeline,
     predict,
+    schedule_of,
     time_runner,
 )
 from bench.scaling_profile import config_of, measure_cores, profile_blocks, sample
@@ -50,58 +51,34 @@ def calibrate_call(link: dict, *, ks: tuple[int, ...], rounds: int, steps: int, 
                 f"driver {1e3 * drv[(k, sched)]:.2f} ms CPU per micro-batch",
                 flush=True,
             )
-    calls = [
-        fit(
-            lambda c, k=k: predict(
-                prof,
-                k,
-                {**link, "call_s": c},
-                m,
-                sync=False,
-                cores=eff,
-                driver=drv[(k, "async")],
-                steps=steps,
-            )["samples_per_s"],
-            v,
-        )
-        for (k, sched), v in meas.items()
-        if sched == "async"
-    ]
+
+    def fits(sched: str, key: str, base: dict) -> list[float]:
+        """The link value `key` at which the simulation meets each measured run of `sched`."""
+        sync, engine = schedule_of(sched)
+        return [
+            fit(
+                lambda x, k=k: predict(
+                    prof,
+                    k,
+                    {**base, key: x},
+                    m,
+                    sync=sync,
+                    cores=eff,
+                    driver=drv[(k, sched)],
+                    engine=engine,
+                    steps=steps,
+                )["samples_per_s"],
+                v,
+            )
+            for (k, s), v in meas.items()
+            if s == sched
+        ]
+
+    calls = fits("async", "call_s", link)
     call = statistics.median(calls)
-    overs = [
-        fit(
-            lambda o, k=k: predict(
-                prof,
-                k,
-                {**link, "call_s": call, "step_overhead_s": o},
-                m,
-                sync=True,
-                cores=eff,
-                driver=drv[(k, "sync")],
-            )["samples_per_s"],
-            v,
-        )
-        for (k, sched), v in meas.items()
-        if sched == "sync"
-    ]
+    overs = fits("sync", "step_overhead_s", {**link, "call_s": call})
     over = statistics.median(overs)
-    p2p = statistics.median(
-        fit(
-            lambda c, k=k: predict(
-                prof,
-                k,
-                {**link, "p2p_op_s": c},
-                m,
-                sync=True,
-                cores=eff,
-                driver=drv[(k, "p2p")],
-                engine="p2p",
-            )["samples_per_s"],
-            v,
-        )
-        for (k, sched), v in meas.items()
-        if sched == "p2p"
-    )
+    p2p = statistics.median(fits("p2p", "p2p_op_s", link))
     print(
         f"  calibrated: call {1e3 * call:.2f} ms, sync step overhead {1e3 * over:.2f} ms, "
         f"p2p op {1e3 * p2p:.2f} ms"
