@@ -31,7 +31,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from driver.pipeline.schedule import APPLY, FORWARD, LEARN, Op, Stream, dependencies, stage_ops
+from driver.pipeline.schedule import (
+    APPLY,
+    FORWARD,
+    LEARN,
+    Op,
+    Stream,
+    dependencies,
+    fuse_top,
+    stage_ops,
+)
 from driver.pipeline.stage_count import calls_per_micro_batch  # the driver's calls (counted)
 
 EPS = 1e-12
@@ -136,12 +145,7 @@ def p2p_calls(
         stream.closed = sync or t == calls - 1
         ops = list(stream.ready())
         per = [[op for op in ops if op.stage == s] for s in range(k)]
-        per[-1] = [
-            x
-            for op in per[-1]
-            if op.kind != LEARN
-            for x in ((op, Op(LEARN, k - 1, op.mb)) if op.kind == FORWARD else (op,))
-        ]
+        per[-1] = fuse_top(per[-1])
         out.append(per)
     return out
 

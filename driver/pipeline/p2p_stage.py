@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from driver.pipeline.schedule import APPLY, FORWARD, Stream
+from driver.pipeline.schedule import APPLY, FORWARD, Stream, fuse_top
 from workers.chain import learns_chained
 from workers.rules import ErrorSignal
 from workers.spec import StageSpec, StageStats
@@ -144,6 +144,8 @@ class P2PStage(Stage):
         stream.available += len(sizes)
         stream.closed = close
         ops = [op for op in stream.ready() if op.stage == self.s]
+        if self.s == self.k - 1:
+            ops = fuse_top(ops)
         for mb in range(self._forgotten, min(seq.next_l for seq in stream.seqs)):
             stream.forget(mb)  # every stage's learn of mb is in some call by now
             self._forgotten = mb + 1
@@ -153,7 +155,7 @@ class P2PStage(Stage):
                 self._forward_op(op.mb, logits)
             elif op.kind == APPLY:
                 self.apply()
-            elif self.s < self.k - 1:  # the top learned at its forward
+            else:
                 self._learn_op(op.mb)
         if close:
             if not self.sync:
@@ -206,10 +208,8 @@ class P2PStage(Stage):
         self._out_shape[mb] = tuple(out.shape)
         if self.s < self.k - 1:
             self._post(out, self.s + 1)
-            return
-        # the top learns right after its forward, as the stream engine's forward_learn does
-        logits.append(out.cpu())
-        self._learn_op(mb)
+        else:
+            logits.append(out.cpu())
 
     def _learn_op(self, mb: int) -> None:
         top = self.s == self.k - 1

@@ -80,6 +80,17 @@ def stage_ops(stage: int, n: int, window: int, *, apply_at_end: bool) -> Iterato
         yield Op(APPLY, stage)
 
 
+def fuse_top(ops: list[Op]) -> list[Op]:
+    """The top stage's ops with each learn right after its forward, wherever the stream put
+    it: the top holds the labels, so it learns at once (the stream engine's forward_learn)."""
+    return [
+        x
+        for op in ops
+        if op.kind != LEARN
+        for x in ((op, Op(LEARN, op.stage, op.mb)) if op.kind == FORWARD else (op,))
+    ]
+
+
 def dependencies(op: Op, stages: int, *, chained: bool) -> list[Op]:
     """The ops of other stages whose results `op` takes as arguments."""
     if op.kind == FORWARD and op.stage > 0:
