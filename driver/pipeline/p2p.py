@@ -22,6 +22,7 @@ import ray
 import torch
 
 from cluster.group import ActorGroup
+from driver.pipeline.batches import split
 from driver.pipeline.config import PipelineConfig
 from driver.pipeline.p2p_stage import P2PStage
 from driver.pipeline.stream import pipeline_specs
@@ -159,7 +160,7 @@ class P2PPipeline:
         the previous step's (an actor runs its calls in order, so a stage starts this step as
         soon as it ends the last: no barrier between steps) and returns the previous step's
         logits once its calls end; flush() drains the rest."""
-        xs, ys = list(x.chunk(micro_batches)), list(y.chunk(micro_batches))
+        xs, ys = split(x, y, micro_batches)
         self._labels.extend(ys)
         self._pending.append(self._submit(xs, ys, [len(c) for c in ys], close=self.sync))
         return self._finish(keep=0 if self.sync else 1)

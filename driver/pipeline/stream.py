@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from driver.pipeline.batches import split
 from driver.pipeline.config import PipelineConfig
 from driver.pipeline.cut import Cut
 from driver.pipeline.schedule import APPLY, FORWARD, LEARN, Op, Stream
@@ -158,7 +159,7 @@ class StreamPipeline:
             raise
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, micro_batches: int) -> Completed:
-        for xs, ys in zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=True):
+        for xs, ys in zip(*split(x, y, micro_batches), strict=True):
             m = self.stream.available
             self._data[m] = (xs, ys)  # an argument: Ray inlines it (small) or stores it (large)
             self._labels[m] = ys
