@@ -84,7 +84,9 @@ class Tally:
         for logits, y in done:
             logits = logits.float().cpu()
             self.correct += int((logits.argmax(1) == y).sum())
-            self.loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            # per-sample losses in float64: the sum does not depend on how finished
+            # micro-batches are grouped (a step's at once, or one by one)
+            self.loss += float(F.cross_entropy(logits.double(), y, reduction="sum"))
             self.seen += len(y)
 
     @property
