@@ -43,8 +43,18 @@ def compare(
     rule: str,
     schedules: list[str],
     device: str = "cpu",
+    micro_batches: int = 0,
 ) -> dict:
+    """Every runner on `model`; `micro_batches` > 0: that many micro-batches of the model's
+    own micro-batch size (the batch grows with them)."""
     cfg = config_of(MODELS[model], rule)
+    if micro_batches:
+        size = cfg.train.batch_size // cfg.pipeline.micro_batches
+        cfg = replace(
+            cfg,
+            train=replace(cfg.train, batch_size=size * micro_batches),
+            pipeline=replace(cfg.pipeline, micro_batches=micro_batches),
+        )
     cfg = replace(cfg, train=replace(cfg.train, device=device))
     x, y, splits = sample(cfg)
     m = cfg.pipeline.micro_batches
@@ -102,16 +112,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--schedules", default="sync,async")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU per stage, or shared)")
     p.add_argument("--rule", default="rec_lra", help="rec_lra (mirror) or rec_lra:topology=skip")
+    p.add_argument(
+        "--micro-batches",
+        default="0",
+        help="micro-batch counts to run, e.g. 4,16 (same micro-batch size; 0: the model's own)",
+    )
     args = p.parse_args(argv)
     ray.init(address="local", num_cpus=32, include_dashboard=False)  # our own (logical CPUs)
     result: dict = {"device": args.device, "cores": torch.get_num_threads(), "models": {}}
     try:
         ks = tuple(int(k) for k in args.ks.split(","))
+        scheds = args.schedules.split(",")
         for model in args.models.split(","):
-            scheds = args.schedules.split(",")
-            result["models"][model] = compare(
-                model, ks, args.rounds, args.steps, args.rule, scheds, args.device
-            )
+            for m in (int(v) for v in args.micro_batches.split(",")):
+                result["models"][f"{model}_m{m}" if m else model] = compare(
+                    model, ks, args.rounds, args.steps, args.rule, scheds, args.device, m
+                )
     finally:
         ray.shutdown()
     return save(result, args.json, table(result))
