@@ -47,14 +47,7 @@ def compare(
 ) -> dict:
     """Every runner on `model`; `micro_batches` > 0: that many micro-batches of the model's
     own micro-batch size (the batch grows with them)."""
-    cfg = config_of(MODELS[model], rule)
-    if micro_batches:
-        size = cfg.train.batch_size // cfg.pipeline.micro_batches
-        cfg = replace(
-            cfg,
-            train=replace(cfg.train, batch_size=size * micro_batches),
-            pipeline=replace(cfg.pipeline, micro_batches=micro_batches),
-        )
+    cfg = config_of(MODELS[model], rule, micro_batches)
     cfg = replace(cfg, train=replace(cfg.train, device=device))
     x, y, splits = sample(cfg)
     m = cfg.pipeline.micro_batches

@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=4, help="timed steps per run and round")
     p.add_argument("--ks", default="1,2,3", help="validation stage counts")
     p.add_argument("--cores", type=float, default=0, help="cores in validation (0: this CPU's)")
+    p.add_argument(
+        "--more-micro-batches",
+        default="",
+        help="also validate at these micro-batch counts, e.g. 16 (costs calibrated at 4)",
+    )
     p.add_argument("--skip-validation", action="store_true")
     p.add_argument("--measure-profile", default="", help="write a cpu_here profile TOML here")
     args = p.parse_args(argv)
@@ -146,6 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
                     rounds=args.rounds,
                     steps=args.steps,
                     cores=cores,
+                    more_micro_batches=tuple(
+                        int(v) for v in args.more_micro_batches.split(",") if v
+                    ),
                 )
                 headline(result["validation"])
         finally:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -72,8 +72,18 @@ class _Timed:
         self.a += time.perf_counter() - t0
 
 
-def config_of(overrides: list[str], rule: str) -> Config:
-    return variant(load_config(None, [*overrides, "train.compare=[]"]), rule)
+def config_of(overrides: list[str], rule: str, micro_batches: int = 0) -> Config:
+    """The config of `overrides` under `rule`; `micro_batches` > 0: that many micro-batches of
+    its own micro-batch size (the batch grows with them)."""
+    cfg = variant(load_config(None, [*overrides, "train.compare=[]"]), rule)
+    if not micro_batches:
+        return cfg
+    size = cfg.train.batch_size // cfg.pipeline.micro_batches
+    return replace(
+        cfg,
+        train=replace(cfg.train, batch_size=size * micro_batches),
+        pipeline=replace(cfg.pipeline, micro_batches=micro_batches),
+    )
 
 
 def sample(cfg: Config) -> tuple[torch.Tensor, torch.Tensor, Any]:

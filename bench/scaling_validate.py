@@ -25,8 +25,19 @@ from driver.pipeline.partition import best_partition
 from workers.chain import LocalRunner
 
 
-def validate(link: dict, *, ks: tuple[int, ...], rounds: int, steps: int, cores: float) -> dict:
-    """validation[rule][K][schedule] = measured (median of rounds) and predicted samples/s."""
+def validate(
+    link: dict,
+    *,
+    ks: tuple[int, ...],
+    rounds: int,
+    steps: int,
+    cores: float,
+    more_micro_batches: tuple[int, ...] = (),
+) -> dict:
+    """validation[rule][K][schedule] = measured (median of rounds) and predicted samples/s.
+    `more_micro_batches`: also validate at these micro-batch counts (micro-batches of the same
+    size), under validation["<rule>_m<M>"], with the per-call costs calibrated at the model's
+    own count: a check of how the model carries to other M, not a fit."""
     call, over, p2p, runs = calibrate_call(link, ks=ks, rounds=rounds, steps=steps, cores=cores)
     out: dict = {
         "calibration": {
@@ -37,8 +48,12 @@ def validate(link: dict, *, ks: tuple[int, ...], rounds: int, steps: int, cores:
         }
     }
     ping, link = link, {**link, "call_s": call, "step_overhead_s": over, "p2p_op_s": p2p}
-    for key, spec in RULE_SPECS.items():
-        cfg = config_of(MODEL, spec)
+    runs_of = [(key, spec, 0) for key, spec in RULE_SPECS.items()]
+    runs_of += [
+        (f"{key}_m{mm}", spec, mm) for mm in more_micro_batches for key, spec in RULE_SPECS.items()
+    ]
+    for key, spec, mm in runs_of:
+        cfg = config_of(MODEL, spec, mm)
         x, y, splits = sample(cfg)
         m = cfg.pipeline.micro_batches
         names = block_names(cfg, splits)
