@@ -16,9 +16,9 @@ from bench.scaling_predict import (
     time_runner,
 )
 from bench.scaling_profile import config_of, measure_cores, profile_blocks, sample
-from bench.scaling_sim import calls_per_micro_batch
 from driver.pipeline.build import base_spec, block_names
 from driver.pipeline.partition import best_partition
+from driver.pipeline.stage_count import calls_per_micro_batch
 
 
 def calibrate_call(link: dict, *, ks: tuple[int, ...], rounds: int, steps: int, cores: float):

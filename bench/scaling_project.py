@@ -13,8 +13,9 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from bench.scaling_sim import RULES, StageCosts, calls_per_micro_batch, one_process, step_seconds
+from bench.scaling_sim import RULES, StageCosts, one_process, step_seconds
 from driver.pipeline.partition import best_partition
+from driver.pipeline.stage_count import calls_per_micro_batch
 
 KS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 FAMILY = {  # projected rule -> the profile's cost family

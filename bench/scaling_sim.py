@@ -32,7 +32,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from driver.pipeline.schedule import (
-    APPLY,
     FORWARD,
     LEARN,
     Op,
@@ -41,7 +40,6 @@ from driver.pipeline.schedule import (
     fuse_top,
     stage_ops,
 )
-from driver.pipeline.stage_count import calls_per_micro_batch  # the driver's calls (counted)
 
 EPS = 1e-12
 DRIVER = "D"  # an op of the driver's (its share of one micro-batch)
@@ -279,26 +277,3 @@ def step_seconds(
 def one_process(costs: StageCosts, m: int) -> float:
     """K = 1 in one process: every op in order, no calls, no hops."""
     return m * (sum(costs.forward) + sum(costs.learn)) + sum(costs.apply)
-
-
-def ops_of(k: int, n: int, window: int, *, sync: bool) -> list[list[Op]]:
-    return [list(stage_ops(s, n, window, apply_at_end=sync)) for s in range(k)]
-
-
-__all__ = [
-    "APPLY",
-    "DRIVER",
-    "FORWARD",
-    "LEARN",
-    "RULES",
-    "Rule",
-    "StageCosts",
-    "Trace",
-    "one_process",
-    "p2p_calls",
-    "calls_per_micro_batch",
-    "ops_of",
-    "simulate",
-    "step_seconds",
-    "window_of",
-]

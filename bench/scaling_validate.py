@@ -5,6 +5,7 @@ that profile and the measured link."""
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from dataclasses import replace
 
@@ -48,11 +49,8 @@ def validate(
         }
     }
     ping, link = link, {**link, "call_s": call, "step_overhead_s": over, "p2p_op_s": p2p}
-    runs_of = [(key, spec, 0) for key, spec in RULE_SPECS.items()]
-    runs_of += [
-        (f"{key}_m{mm}", spec, mm) for mm in more_micro_batches for key, spec in RULE_SPECS.items()
-    ]
-    for key, spec, mm in runs_of:
+    for mm, (rule, spec) in itertools.product((0, *more_micro_batches), RULE_SPECS.items()):
+        key = f"{rule}_m{mm}" if mm else rule
         cfg = config_of(MODEL, spec, mm)
         x, y, splits = sample(cfg)
         m = cfg.pipeline.micro_batches

@@ -200,7 +200,7 @@ def test_flush_after_sync_steps_takes_no_optimizer_step():
 def test_the_driver_makes_the_calls_the_scaling_model_charges(schedule, k, bounds):
     """bench.scaling charges the driver per actor call, counted by calls_per_micro_batch; the
     stream must make exactly that many (counted on the real in-process handle)."""
-    from bench.scaling_sim import calls_per_micro_batch
+    from driver.pipeline.stage_count import calls_per_micro_batch
 
     m, steps = 4, 3
     cfg = PipelineConfig(stages=k, schedule=schedule, micro_batches=m)
