@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -89,7 +90,20 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
 
+    # [compare.<rule>.rule] and [compare.<rule>.optim]: a compared rule's own settings, applied
+    # over its recipe (with_rule). Only rules listed in train.compare may have a table.
+    compare: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    # where each [rule] and [optim] value came from: "rule.beta" -> "user" (the file or --set)
+    # or "recipe" (the rule's recipe filled a key the user left unset); absent: the default
+    origin: dict[str, str] = field(default_factory=dict, compare=False)
+
     def __post_init__(self) -> None:
+        for name in self.compare:
+            if name not in self.train.compare:
+                raise ValueError(
+                    f"compare.{name}: {name!r} is not in train.compare; add it there or drop "
+                    "the table"
+                )
         if self.pipeline.micro_batches > self.train.batch_size:
             raise ValueError(
                 f"pipeline.micro_batches ({self.pipeline.micro_batches}) exceeds "
@@ -97,7 +111,12 @@ class Config:
             )
 
 
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+SECTIONS: dict[str, type] = {  # the dataclass sections, [model] to [service]
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in fields(Config)
+    if f.name not in ("compare", "origin")
+}
+TUNED = ("rule", "optim")  # the sections a rule's recipe fills
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -113,16 +132,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def parse_config(
     text: str, overrides: list[str] | None = None, *, source: str = "the config"
 ) -> Config:
-    """Like load_config, from TOML text (`source` names it in errors)."""
+    """Like load_config, from TOML text (`source` names it in errors).
+
+    What the user sets wins: the rule's recipe (workers/rules/recipes.py) fills only the
+    [rule] and [optim] keys the file and the overrides leave unset, and the Config's `origin`
+    says which keys came from where."""
     raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    compare: dict[str, dict[str, dict[str, Any]]] = {}
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {source} is not valid TOML ({exc}); fix the file") from None
     for section, body in data.items():
+        if section == "compare":
+            _merge_compare(compare, body, f"[compare] in {source}")
+            continue
         if section not in SECTIONS:
             raise ConfigError(
-                f"config: unknown section [{section}] in {source}; known: {', '.join(SECTIONS)}"
+                f"config: unknown section [{section}] in {source}; known: {_known_sections()}"
             )
         if not isinstance(body, dict):
             raise ConfigError(f"config: [{section}] must be a table in {source}")
@@ -132,19 +159,55 @@ def parse_config(
         section, dot, name = key.strip().partition(".")
         if not sep or not dot:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. rule.beta=0.1")
+        value = _parse_value(text.strip())
+        if section == "compare":
+            path = name.split(".")
+            if len(path) != 3:
+                raise ConfigError(
+                    f"--set {item!r}: expected compare.<rule>.<rule|optim>.<key>=value, "
+                    "e.g. compare.backprop.optim.lr=0.001"
+                )
+            _merge_compare(compare, {path[0]: {path[1]: {path[2]: value}}}, f"--set {item!r}")
+            continue
         if section not in SECTIONS:
             raise ConfigError(
-                f"--set {item!r}: unknown section {section!r}; known: {', '.join(SECTIONS)}"
+                f"--set {item!r}: unknown section {section!r}; known: {_known_sections()}"
             )
-        raw[section][name] = _parse_value(text.strip())
-    rule = raw["rule"].get("name", RuleConfig.name)
-    for section in ("rule", "optim"):  # the rule's own recipe, under what the config sets
-        raw[section] = {**recipe(str(rule), section), **raw[section]}
+        raw[section][name] = value
+    rule = str(raw["rule"].get("name", RuleConfig.name))
+    origin = {f"{sec}.{key}": "user" for sec in TUNED for key in raw[sec]}
+    for section in TUNED:  # the rule's own recipe, under what the config sets
+        filled = recipe(rule, section)
+        origin.update({f"{section}.{k}": "recipe" for k in filled if k not in raw[section]})
+        raw[section] = {**filled, **raw[section]}
     built = {name: _build(name, cls, raw[name]) for name, cls in SECTIONS.items()}
     try:
-        return Config(**built)
+        cfg = Config(**built, compare=compare, origin=origin)
+        for name in compare:  # a compared rule's table is checked now, not when it trains
+            with_rule(cfg, name)
+        return cfg
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _known_sections() -> str:
+    return ", ".join([*SECTIONS, "compare"])
+
+
+def _merge_compare(into: dict[str, dict[str, dict[str, Any]]], body: Any, where: str) -> None:
+    """Add {rule: {"rule" | "optim": {key: value}}} to `into`, refusing any other shape."""
+    if not isinstance(body, dict):
+        raise ConfigError(f"config: {where} must be a table of [compare.<rule>] tables")
+    for name, tables in body.items():
+        if not isinstance(tables, dict):
+            raise ConfigError(f"config: compare.{name} in {where} must be a table")
+        for section, values in tables.items():
+            if section not in TUNED or not isinstance(values, dict):
+                raise ConfigError(
+                    f"config: compare.{name}.{section} in {where}: a compared rule takes only "
+                    "[compare.<rule>.rule] and [compare.<rule>.optim] tables"
+                )
+            into.setdefault(name, {}).setdefault(section, {}).update(values)
 
 
 def _parse_value(text: str) -> Any:
@@ -154,7 +217,9 @@ def _parse_value(text: str) -> Any:
         return text  # a bare word such as rec_lra
 
 
-def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
+def _build(section: str, cls: type, values: dict[str, Any], *, partial: bool = False) -> Any:
+    """`cls` built from `values`, each checked against its field's type; `partial`: only the
+    checked values, as keyword arguments (for dataclasses.replace)."""
     known = {f.name: f for f in fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -164,6 +229,8 @@ def _build(section: str, cls: type, values: dict[str, Any]) -> Any:
                 f"config: unknown key {section}.{key}; known keys: {', '.join(known)}"
             )
         kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
+    if partial:
+        return kwargs
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as exc:
@@ -195,11 +262,31 @@ def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     return {name: dataclasses.asdict(getattr(cfg, name)) for name in SECTIONS}
 
 
+def resolved_line(run: str, config: dict[str, Any], origin: dict[str, str]) -> str:
+    """One log line holding a run's resolved config and which keys the user or a recipe set."""
+    body = {"config": config, "user": sorted(k for k, v in origin.items() if v == "user")}
+    body["recipe"] = sorted(k for k, v in origin.items() if v == "recipe")
+    return f"{run}: resolved config {json.dumps(body, sort_keys=True, default=str)}"
+
+
 def with_rule(cfg: Config, name: str) -> Config:
-    """The same run (model, data, epochs, pipeline) with another learning rule trained by its
-    own recipe (workers/rules/recipes.py), as side-by-side comparisons need."""
-    return replace(
-        cfg,
-        rule=RuleConfig(name=name, **recipe(name, "rule")),
-        optim=replace(cfg.optim, **recipe(name, "optim")),
+    """The same run (model, data, epochs, pipeline) with another learning rule, for
+    side-by-side comparisons: its [rule] is its recipe (workers/rules/recipes.py) under its own
+    [compare.<name>.rule] table; its [optim] is the run's, with the recipe's keys and then its
+    own [compare.<name>.optim] table on top. Nothing of the main rule's [rule] carries over."""
+    own = cfg.compare.get(name, {})
+    origin = {k: v for k, v in cfg.origin.items() if k.startswith("optim.")}
+    values: dict[str, dict[str, Any]] = {}
+    for section in TUNED:
+        filled, mine = recipe(name, section), own.get(section, {})
+        origin.update({f"{section}.{k}": "recipe" for k in filled})
+        origin.update({f"{section}.{k}": "user" for k in mine})
+        values[section] = {**filled, **mine}
+    if "name" in values["rule"] and values["rule"]["name"] != name:
+        raise ValueError(f"compare.{name}.rule.name: a compared rule's table cannot rename it")
+    rule = _build(f"compare.{name}.rule", RuleConfig, {**values["rule"], "name": name})
+    optim = replace(
+        cfg.optim,
+        **_build(f"compare.{name}.optim", OptimConfig, values["optim"], partial=True),
     )
+    return replace(cfg, rule=rule, optim=optim, origin=origin)

@@ -16,6 +16,10 @@ from driver.run import checkpoint
 RUN = """
 [model]
 width = 4
+[rule]
+beta = 0.15
+[optim]
+lr = 0.004
 [train]
 epochs = {epochs}
 batch_size = 64
@@ -63,6 +67,10 @@ def test_a_whole_run_watched_to_the_end(service):
     assert got.state == "succeeded" and got.total_steps == 19
     written = json.loads((Path(got.out_dir) / "metrics.json").read_text())
     assert got.test_acc == pytest.approx(written["test_acc"]) and 0 < got.test_acc <= 1
+    # the request's own settings are what ran; the recipe filled only what it left unset
+    assert written["config"]["rule"]["beta"] == 0.15 and written["config"]["optim"]["lr"] == 0.004
+    assert written["config_origin"]["optim.lr"] == "user"
+    assert written["config_origin"]["optim.weight_decay"] == "recipe"
     listed = client.call("ListRuns", messages.ListRunsRequest())
     assert run_id in {r.run_id for r in listed.runs}
 

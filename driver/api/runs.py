@@ -19,7 +19,7 @@ from typing import Any
 
 from driver.api.metrics import Metrics
 from driver.api.service_config import ServiceConfig
-from driver.config import Config, parse_config
+from driver.config import SECTIONS, Config, parse_config
 from driver.run.callbacks import Callback, RunState, RunView
 from driver.run.controller import Controller, RunFailed
 from driver.run.progress import Progress
@@ -83,16 +83,16 @@ def run_folder(runs_dir: str, run_id: str) -> str:
 
 def check_request(cfg: Config) -> None:
     """Refuse what would let a request write outside its run's folder (or change the service)."""
-    for section in dataclasses.fields(Config):
-        ours = getattr(cfg, section.name)
+    for section in SECTIONS:
+        ours = getattr(cfg, section)
         base = type(ours)()
         for f in dataclasses.fields(ours):
-            key, value = f"{section.name}.{f.name}", getattr(ours, f.name)
+            key, value = f"{section}.{f.name}", getattr(ours, f.name)
             if value == getattr(base, f.name):
                 continue
-            if section.name == "service":
+            if section == "service":
                 why = "a request cannot change the service's own settings (reclra serve sets them)"
-            elif section.name != "data" and f.name.endswith(WRITE_SUFFIXES):
+            elif section != "data" and f.name.endswith(WRITE_SUFFIXES):
                 why = "the service writes every run to service.runs_dir/<run_id>"
             elif key == "data.download":
                 why = "the service only reads data.root; fetch the data beforehand"

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from driver.api.metrics import Metrics
-from driver.config import Config, config_to_dict
+from driver.config import Config, config_to_dict, resolved_line
 from driver.data.common import DatasetSplits
 from driver.data.load import load_dataset
 from driver.pipeline.build import Runner
@@ -68,7 +68,7 @@ class Controller(TrainingWork, Resizing):
         self.splits = splits
         self.config = config_to_dict(cfg)
         self.out = storage.join(out_dir or cfg.train.out_dir, cfg.rule.name)
-        self.run = RunLog(rule=cfg.rule.name, config=self.config)
+        self.run = RunLog(rule=cfg.rule.name, config=self.config, config_origin=dict(cfg.origin))
         self.book = StatsBook()
         self.pos = Position()
         self.runner: Runner | None = None
@@ -168,6 +168,7 @@ class Controller(TrainingWork, Resizing):
 
     # -- transitions --------------------------------------------------------------------------
     def _pending(self) -> RunState:
+        log.info("%s", resolved_line(self.run_id, self.config, self.run.config_origin))
         self.splits = self.splits or load_dataset(self.cfg.data)
         return RunState.STARTING
 

@@ -21,7 +21,9 @@ class RunLog:
     """The curves of one run, written as JSON after every epoch."""
 
     rule: str
-    config: dict[str, Any]
+    config: dict[str, Any]  # the resolved config the run trained with
+    # where each [rule] and [optim] value came from: "user" or "recipe" (absent: the default)
+    config_origin: dict[str, str] = field(default_factory=dict)
     partition: list[int] = field(default_factory=list)
     predicted_stage_seconds: list[float] = field(default_factory=list)  # per micro-batch
     epochs: list[dict[str, float]] = field(default_factory=list)
