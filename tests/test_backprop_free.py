@@ -1,22 +1,24 @@
 """Proofs that no gradient crosses a layer boundary under the target rules (ALGORITHM.md, "What
 counts as backprop-free").
 
-(a) Structure: after Block.forward_local, each cached layer output's autograd graph reaches only
-    that layer's own parameters, and the cached inputs, pre-activations and nodes carry no graph.
+(a) Structure: Block.forward_local builds no autograd graph at all (nothing it caches or returns
+    requires grad), and a target rule's learn never calls autograd: each layer's update is
+    computed from its own cached input and its own error by explicit kernels.
 (b) Behaviour: with the same input z_{l-1} and the same incoming error signal (e_L and, for
     chained rules, the displacement handed down), a layer's update (.grad right after learn,
     before apply's averaging) is bitwise identical whatever the weights of every other layer.
     Checked at three levels, each perturbing what a leak would carry:
-    - other blocks (sweep_block, all blocks swept, one backward over all pairs as in
-      Stage.learn), the block's input and output displacement held;
+    - other blocks (sweep_block, all blocks swept as in Stage.learn), the block's input and
+      output displacement held;
     - the layers above inside the same block (second conv, projection shortcut, the output
       node's skip synapse), the first layer's input and incoming displacement held at the
       error synapses that feed its node;
     - the stage above, handed a tensor that still carries the lower stage's graph and learning
       before the lower stage does, as in the pipeline: a leak there would land in the lower
       stage's .grad.
-(c) Contrast: under backprop, and under a deliberately leaky forward_local, the same harnesses
-    do see the perturbation: the tests can fail.
+(c) Contrast: under backprop, and under a deliberately leaky implementation (a forward that keeps
+    its graph across layers, and a sweep that takes each layer's update by autograd through
+    it), the same harnesses do see the perturbation: the tests can fail.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from workers import sweep
 from workers.blocks import Block, BlockCache, activate
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
@@ -136,30 +139,27 @@ def _reached_leaves(t: torch.Tensor) -> set[int]:
 # -- (a) structure ------------------------------------------------------------------------------
 
 
+def _cached_tensors(cache: BlockCache) -> list[torch.Tensor]:
+    saved = [t for b in cache.bn_saved.values() for t in (b.lin, b.mean, b.invstd)]
+    return [cache.input, *cache.h, *cache.z, *saved]
+
+
 def _check_local_graphs(stage: Stage, x: torch.Tensor) -> int:
     out, n_checked = x, 0
     for block in stage.blocks:
         out, cache = block.forward_local(out)
-        assert not out.requires_grad, block.name
-        assert not cache.input.requires_grad, block.name
-        for t in (*cache.h, *cache.z):
+        assert not out.requires_grad and out.grad_fn is None, block.name
+        for t in _cached_tensors(cache):
             assert not t.requires_grad and t.grad_fn is None, block.name
-        for lname, layer in block.layers.items():
-            lout = cache.layer_out[lname]
-            own = {id(p) for p in layer.parameters()}
-            reached = _reached_leaves(lout)
-            assert id(layer.weight) in reached, f"{block.name}.{lname}: graph misses its weight"
-            foreign = reached - own
-            assert not foreign, f"{block.name}.{lname}: graph reaches {len(foreign)} foreign leaves"
-            if layer.feedback is not None:
-                assert id(layer.feedback) not in reached  # E never enters the forward map
             n_checked += 1
+        bn_layers = {n for n, ly in block.layers.items() if ly.bn is not None}
+        assert set(cache.bn_saved) == bn_layers, block.name  # each BN layer keeps its own
     return n_checked
 
 
 @pytest.mark.parametrize("model_key", list(MODELS))
 @pytest.mark.parametrize("rule_key", list(TARGET_RULES))
-def test_forward_local_graphs_stay_inside_each_layer(rule_key, model_key):
+def test_forward_local_builds_no_graph(rule_key, model_key):
     model, shape = MODELS[model_key]
     stage = _stage(model, shape, TARGET_RULES[rule_key])
     x, _, _ = _data(shape)
@@ -168,40 +168,102 @@ def test_forward_local_graphs_stay_inside_each_layer(rule_key, model_key):
     assert _check_local_graphs(stage, x) >= 3
 
 
+@pytest.mark.parametrize("model_key", ["resnet8", "mlp-gap2-res"])
+@pytest.mark.parametrize("rule_key", list(TARGET_RULES))
+def test_target_rules_never_call_autograd(rule_key, model_key, monkeypatch):
+    """Stage.forward and Stage.learn of a target rule run with autograd's entry points
+    replaced by a trap: no backward of any kind is taken, so no gradient can cross a layer."""
+    model, shape = MODELS[model_key]
+    stage = _stage(model, shape, TARGET_RULES[rule_key])
+    x, y, _ = _data(shape)
+
+    def trap(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("autograd called during a target rule's learn")
+
+    monkeypatch.setattr(torch.autograd, "backward", trap)
+    monkeypatch.setattr(torch.autograd, "grad", trap)
+    monkeypatch.setattr(torch.Tensor, "backward", trap)
+    stage.forward(0, x)
+    stage.learn(0, ErrorSignal(labels=y))
+    assert any(p.grad is not None for p in stage.blocks.parameters())
+
+
+def test_autograd_trap_is_not_vacuous(monkeypatch):
+    """The trap above does fire on a rule that uses autograd (backprop)."""
+    model, shape = MODELS["resnet8"]
+    stage = _stage(model, shape, {"name": "backprop"})
+    x, y, _ = _data(shape)
+
+    def trap(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("autograd called")
+
+    monkeypatch.setattr(torch.autograd, "backward", trap)
+    monkeypatch.setattr(torch.Tensor, "backward", trap)
+    stage.forward(0, x)
+    with pytest.raises(AssertionError, match="autograd called"):
+        stage.learn(0, ErrorSignal(labels=y))
+
+
 def test_graph_walk_detects_a_leaky_forward():
-    """The walk above is not vacuous: a forward that does not detach is caught."""
+    """The graph walk used below is not vacuous: a forward that does not detach is caught."""
     model, shape = MODELS["resnet8"]
     stage = _stage(model, shape, TARGET_RULES["rec_lra-mirror"])
     x, _, _ = _data(shape)
     out, _ = _leaky_forward_local(stage.blocks[0], x)
     _, cache = _leaky_forward_local(stage.blocks[1], out)
     conv1 = stage.blocks[1].layers["conv1"]
-    reached = _reached_leaves(cache.layer_out["conv1"])
+    reached = _reached_leaves(cache.layer_out["conv1"])  # type: ignore[attr-defined]
     assert id(stage.blocks[0].layers["conv"].weight) in reached
     assert reached - {id(p) for p in conv1.parameters()}
 
 
 def _leaky_forward_local(self: Block, x: torch.Tensor) -> tuple[torch.Tensor, BlockCache]:
-    """Block.forward_local without the detaches: what a gradient leak would look like. Written
-    from the block's public structure (wires, identity, acts) so that it does not depend on the
-    product's private helpers."""
+    """Block.forward_local with every layer's graph kept and joined across layers: what a leak
+    would look like. Written from the block's public structure (wires, identity, acts) so that
+    it does not depend on the product's private helpers. Each layer's output (with its graph)
+    goes to `cache.layer_out`, for _leaky_learn_layer."""
     cache = BlockCache(input=x)
-    for n, act in enumerate(self.acts):
-        h = None
-        for w in self.wires:
-            if w.tgt == n:
-                out = self.layers[w.layer](x if w.src < 0 else cache.z[w.src])
-                cache.layer_out[w.layer] = out
-                h = out if h is None else h + out
-        for s, t in self.identity:
-            if t == n:
-                h = h + (x if s < 0 else cache.z[s])
-        cache.h.append(h)
-        cache.z.append(activate(act, h))
-    out = cache.z[-1]
-    if self.out_pool:
-        out, cache.pool_index = F.max_pool2d(out, 3, stride=2, padding=1, return_indices=True)
+    cache.layer_out = {}  # type: ignore[attr-defined]
+    with torch.enable_grad():
+        for n, act in enumerate(self.acts):
+            h = None
+            for w in self.wires:
+                if w.tgt == n:
+                    out = self.layers[w.layer](x if w.src < 0 else cache.z[w.src])
+                    cache.layer_out[w.layer] = out  # type: ignore[attr-defined]
+                    h = out if h is None else h + out
+            for s, t in self.identity:
+                if t == n:
+                    h = h + (x if s < 0 else cache.z[s])
+            cache.h.append(h)
+            cache.z.append(activate(act, h))
+        out = cache.z[-1]
+        if self.out_pool:
+            out, cache.pool_index = F.max_pool2d(out, 3, stride=2, padding=1, return_indices=True)
     return out, cache
+
+
+def _leaky_learn_layer(layer, cache, name, src, e, *, carry, carry_bn):  # noqa: ANN001, ANN202
+    """sweep._learn_layer's contract, with each layer's update taken by autograd through the
+    graph _leaky_forward_local kept: the backward runs on into every layer below it, as a
+    forgotten detach would let it (the plausible mistake the harnesses must catch). Blocks
+    that forward as the product does learn as the product does."""
+    if not hasattr(cache, "layer_out"):
+        return _REAL_LEARN_LAYER(layer, cache, name, src, e, carry=carry, carry_bn=carry_bn)
+    with torch.enable_grad():
+        torch.autograd.backward(cache.layer_out[name], e, retain_graph=True)
+    carried = layer.carry(e, src) if carry else None
+    return carried, e
+
+
+_REAL_LEARN_LAYER = sweep._learn_layer
+
+
+def _leak(monkeypatch, blocks) -> None:  # noqa: ANN001
+    """Make `blocks` forward leakily and the sweep learn through the kept graph."""
+    for block in blocks:
+        monkeypatch.setattr(block, "forward_local", types.MethodType(_leaky_forward_local, block))
+    monkeypatch.setattr(sweep, "_learn_layer", _leaky_learn_layer)
 
 
 # -- (b) behaviour at the Block level -----------------------------------------------------------
@@ -216,26 +278,24 @@ def _block_level_run(
     e_out: torch.Tensor,
     forward_local=None,
 ):  # noqa: ANN001, ANN202
-    """The whole stage's local forward and top-down sweep, one backward over all pairs (as in
-    Stage.learn), except that block `target` gets the held input x_t and held displacement d_t.
-    Returns the target block's .grad per parameter and the displacement it sends down."""
+    """The whole stage's local forward and top-down sweep (as in Stage.learn), except that block
+    `target` gets the held input x_t and held displacement d_t. Returns the target block's
+    .grad per parameter and the displacement it sends down."""
     fwd = forward_local or (lambda b, z: b.forward_local(z))
     stage.optimizer.zero_grad(set_to_none=True)
     caches, out = [], x
     for i, block in enumerate(stage.blocks):
         out, cache = fwd(block, x_t if i == target else out)
         caches.append(cache)
-    pairs: list = []
     boundary, d_sent = None, None
     for i in reversed(range(len(stage.blocks))):
         d_in = d_t if i == target else boundary
-        boundary = sweep_block(
-            stage.blocks[i], caches[i], stage.rule, d_out=d_in, e_out=e_out, losses={}, pairs=pairs
-        )
+        with torch.no_grad():
+            boundary = sweep_block(
+                stage.blocks[i], caches[i], stage.rule, d_out=d_in, e_out=e_out, losses={}
+            )
         if i == target:
             d_sent = None if boundary is None else boundary.detach().clone()
-    outs, errs = zip(*pairs, strict=True)
-    torch.autograd.backward(outs, errs)
     return _grads(stage.blocks[target]), d_sent
 
 
@@ -279,9 +339,9 @@ def test_block_update_ignores_other_layers(rule_key, model_key):
         assert any(not torch.equal(g1[k], g3[k]) for k in g1 if g1[k] is not None), what
 
 
-def test_block_harness_catches_a_leak():
-    """Contrast: with a forward_local that keeps the graph, the same harness sees the layers
-    above (the joint backward over all pairs leaks into the target block)."""
+def test_block_harness_catches_a_leak(monkeypatch):
+    """Contrast: with a forward that keeps the graph and a sweep that learns through it, the
+    same harness sees the layers above (their backward leaks into the target block)."""
     model, shape = MODELS["resnet8"]
     stage = _stage(model, shape, TARGET_RULES["rec_lra-mirror"])
     x, _, e_out = _data(shape)
@@ -291,6 +351,7 @@ def test_block_harness_catches_a_leak():
         out = stage.blocks[0](x)
         x_t = torch.randn(out.shape, generator=g, dtype=torch.float64).abs_()
         d_t = torch.randn(stage.blocks[1](x_t).shape, generator=g, dtype=torch.float64)
+    monkeypatch.setattr(sweep, "_learn_layer", _leaky_learn_layer)
     g1, _ = _block_level_run(stage, target, x, x_t, d_t, e_out, _leaky_forward_local)
     _perturb([b for i, b in enumerate(stage.blocks) if i != target])
     g2, _ = _block_level_run(stage, target, x, x_t, d_t, e_out, _leaky_forward_local)
@@ -371,19 +432,16 @@ def test_stage_update_ignores_the_stage_above(rule_key):
     assert _reached_leaves(out) >= weights  # the handoff does carry the lower stage's graph
     for block in high.blocks:
         out, cache = block.forward_local(out)
-        assert not cache.input.requires_grad, block.name
-        assert not any(t.requires_grad for t in (*cache.h, *cache.z)), block.name
-        for lname, lout in cache.layer_out.items():
-            assert not _reached_leaves(lout) & low_params, f"{block.name}.{lname}"
+        for t in _cached_tensors(cache):
+            assert not t.requires_grad and not _reached_leaves(t) & low_params, block.name
 
 
 def test_stage_harness_catches_a_leak(monkeypatch):
-    """Contrast: if the stage above kept the handoff's graph (a forward_local without its
-    detaches), the same harness sees its learn in the lower stage's update, and sees it move
-    when the stage above is perturbed."""
+    """Contrast: if the stage above kept the handoff's graph and learned through it (a leaky
+    forward and sweep), the same harness sees its learn in the lower stage's update, and sees
+    it move when the stage above is perturbed."""
     low, high, x, y, held = _stage_pair(TARGET_RULES["rec_lra-mirror"])
-    for block in high.blocks:
-        monkeypatch.setattr(block, "forward_local", types.MethodType(_leaky_forward_local, block))
+    _leak(monkeypatch, high.blocks)
     low.optimizer.zero_grad(set_to_none=True)
     low.forward("alone", x)
     low.learn("alone", held)
@@ -424,13 +482,20 @@ def _in_block_grads(stage: Stage, target: int, x, signal, held=None):  # noqa: A
     fed = [block.layers[w.layer] for w in block.wires if w.src == node]
     assert fed, "nothing above the lower layer in its block"
     try:
-        if held is not None:
+        if held is not None:  # the layer's own update as it is; what its synapse carries, held
             for layer in fed:
+                own = layer.update_and_carry
+
+                def update_and_carry(z, e, feedback, own=own):  # noqa: ANN001, ANN202
+                    return own(z, e, None)[0], None if feedback is None else held.clone()
+
+                layer.update_and_carry = update_and_carry
                 layer.carry = lambda e, src: held.clone()  # noqa: ARG005
         g, _ = _stage_grads(stage, x, signal)
     finally:
         for layer in fed:
             layer.__dict__.pop("carry", None)
+            layer.__dict__.pop("update_and_carry", None)
     prefix = f"{target}.layers.{lower}."
     return {k: v for k, v in g.items() if k.startswith(prefix)}
 
@@ -484,8 +549,7 @@ def test_in_block_harness_catches_a_leak(monkeypatch):
     stage, target, x, signal, held, above = _in_block_setup(
         "resnet8-projection", TARGET_RULES["rec_lra-mirror"]
     )
-    block = stage.blocks[target]
-    monkeypatch.setattr(block, "forward_local", types.MethodType(_leaky_forward_local, block))
+    _leak(monkeypatch, [stage.blocks[target]])
     g1 = _in_block_grads(stage, target, x, signal, held)
     _perturb(above, seed=21)
     g2 = _in_block_grads(stage, target, x, signal, held)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.layers import Layer
+from workers.layers import BatchNormSaved, Layer
 from workers.synapses import SkipSynapse
 
 ACTS = {"relu": torch.relu, "tanh": torch.tanh, "identity": lambda h: h}
@@ -33,8 +33,8 @@ class BlockCache:
     input: torch.Tensor
     h: list[torch.Tensor] = field(default_factory=list)
     z: list[torch.Tensor] = field(default_factory=list)
-    layer_out: dict[str, torch.Tensor] = field(default_factory=dict)
-    layer_lin: dict[str, torch.Tensor] = field(default_factory=dict)  # W z before BN (BN layers)
+    # BatchNorm layers only: what each one's own backward needs (W z and its batch statistics)
+    bn_saved: dict[str, BatchNormSaved] = field(default_factory=dict)
     pool_index: torch.Tensor | None = None
 
 
@@ -116,10 +116,11 @@ class Block(nn.Module):
             zs.append(activate(act, self._add_identity(n, h, x, zs)))
         return self._pool(zs[-1])[0]
 
+    @torch.no_grad()
     def forward_local(self, x: torch.Tensor) -> tuple[torch.Tensor, BlockCache]:
-        """Forward where every layer sees a detached input: no gradient can cross a layer.
-
-        Each layer's output keeps a graph back to that layer's own parameters only."""
+        """Forward keeping what the local rules need. No autograd graph is built at all: a
+        layer's update is computed later from its own cached input and error, and a BatchNorm
+        layer keeps its own W z and batch statistics for its own backward (`bn_saved`)."""
         x = x.detach()
         cache = BlockCache(input=x)
         zs = cache.z
@@ -127,12 +128,10 @@ class Block(nn.Module):
             h: torch.Tensor | None = None
             for w in self.wires_into[n]:
                 layer = self.layer(w.layer)
-                lin = layer.linear((x if w.src < 0 else zs[w.src]).detach(), layer.weight)
-                out = layer.post(lin)
-                if layer.bn is not None:
-                    cache.layer_lin[w.layer] = lin
-                cache.layer_out[w.layer] = out
-                out = out.detach()
+                lin = layer.linear(x if w.src < 0 else zs[w.src], layer.weight)
+                out, saved = layer.post_local(lin)
+                if saved is not None:
+                    cache.bn_saved[w.layer] = saved
                 h = out if h is None else h + out
             h = self._add_identity(n, h, x, zs)
             cache.h.append(h)

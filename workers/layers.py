@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,16 @@ def init_weight_(w: torch.Tensor, scheme: str, std: float, gen: torch.Generator)
             w.copy_((q * std).reshape(w.shape))
         else:  # validated by RuleConfig; kept for direct callers
             raise ValueError(f"unknown init scheme {scheme!r}")
+
+
+@dataclass
+class BatchNormSaved:
+    """What a BatchNorm layer's backward needs of one forward: its input W z and batch stats."""
+
+    lin: torch.Tensor
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    training: bool
 
 
 class Layer(nn.Module, ABC):
@@ -72,6 +83,20 @@ class Layer(nn.Module, ABC):
     def weight_grad(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """The local correlation of input z with output error e (summed over the batch)."""
 
+    def update_and_carry(
+        self, z: torch.Tensor, e: torch.Tensor, feedback: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight_grad(z, e), `e` carried down through `feedback` or None when none is given):
+        the layer's Hebbian update and its error synapse's output, in one kernel call where
+        the layer has one for both (a convolution's backward computes the input error and the
+        weight correlation together; neither reads W)."""
+        carried = None if feedback is None else self.transpose(e, feedback, z)
+        return self.weight_grad(z, e), carried
+
+    def bias_grad(self, e: torch.Tensor) -> torch.Tensor:
+        """The bias's update: the output error summed over the batch (and positions)."""
+        return e.sum(dim=[d for d in range(e.dim()) if d != 1])
+
     def post(self, h: torch.Tensor) -> torch.Tensor:
         if self.bias is not None:
             h = h + self.bias.view(1, -1, *([1] * (h.dim() - 2)))
@@ -81,6 +106,51 @@ class Layer(nn.Module, ABC):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.post(self.linear(z, self.weight))
+
+    def post_local(self, lin: torch.Tensor) -> tuple[torch.Tensor, BatchNormSaved | None]:
+        """post(lin) with no graph, and what BatchNorm's own backward needs later (None without
+        BatchNorm): the kernels nn.BatchNorm runs, with the same running-statistics update."""
+        bn = self.bn
+        if bn is None:
+            return self.post(lin), None
+        assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:
+                factor = 1.0 / float(bn.num_batches_tracked)
+        training = bn.training or bn.running_mean is None
+        running = (
+            (bn.running_mean, bn.running_var)
+            if not bn.training or bn.track_running_stats
+            else (None, None)
+        )
+        out, mean, invstd = torch.native_batch_norm(
+            lin, bn.weight, bn.bias, running[0], running[1], training, factor, bn.eps
+        )
+        return out, BatchNormSaved(lin, mean, invstd, training)
+
+    def post_backward(
+        self, saved: BatchNormSaved, e: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`e` at BatchNorm's output sent back through its batch Jacobian to W z, and the
+        updates of its scale and shift (None where they do not learn)."""
+        bn = self.bn
+        assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
+        learns = [p is not None and p.requires_grad for p in (bn.weight, bn.bias)]
+        g_lin, g_w, g_b = torch.ops.aten.native_batch_norm_backward(
+            e,
+            saved.lin,
+            bn.weight,
+            bn.running_mean,
+            bn.running_var,
+            saved.mean,
+            saved.invstd,
+            saved.training,
+            bn.eps,
+            [True, *learns],
+        )
+        return g_lin, g_w, g_b
 
     def carry(self, e: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         """The error synapse: E applied to the target node's error, shaped like the source."""
@@ -150,9 +220,27 @@ class Conv(Layer):
         )[0]
 
     def weight_grad(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        return torch.nn.grad.conv2d_weight(  # type: ignore[attr-defined]
-            z, self.weight.shape, e, stride=self.stride, padding=self.padding
+        return self.update_and_carry(z, e, None)[0]
+
+    def update_and_carry(
+        self, z: torch.Tensor, e: torch.Tensor, feedback: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # backprop's own kernel, handed E where backprop would hand W: the input error comes
+        # out through E, and the weight correlation (of z with e) does not depend on either
+        carried, grad, _ = torch.ops.aten.convolution_backward(
+            e,
+            z,
+            self.weight if feedback is None else feedback,
+            None,
+            [self.stride] * 2,
+            [self.padding] * 2,
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [feedback is not None, True, False],
         )
+        return grad, carried
 
 
 class PooledHead(Dense):

@@ -9,9 +9,10 @@ from workers.layers import Layer
 from workers.rules.base import Rule
 
 
-def accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+def accumulate(param: torch.Tensor, grad: torch.Tensor, *, owned: bool = False) -> None:
+    """Add `grad` to param.grad; `owned`: nobody else holds `grad`, so it may become .grad."""
     if param.grad is None:
-        param.grad = grad.detach().clone()
+        param.grad = grad.detach() if owned else grad.detach().clone()
     else:
         param.grad.add_(grad)
 
@@ -30,16 +31,23 @@ def sweep_stage(
     losses: dict[str, torch.Tensor],
 ) -> torch.Tensor | None:
     """Learn a stage's blocks, top first, from the displacement at its output (None at the
-    head, which starts from e_L); return the displacement at the stage input. The layers'
-    updates come from one backward over every (output, error) pair the blocks collect."""
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    head, which starts from e_L); return the displacement at the stage input. Nothing here
+    builds a graph: the only backward taken is each BatchNorm layer's own, from its cache."""
+    with torch.no_grad():
+        return _sweep(blocks, caches, rule, d_out=d_out, e_out=e_out, losses=losses)
+
+
+def _sweep(
+    blocks: list[Block],
+    caches: list[BlockCache],
+    rule: Rule,
+    *,
+    d_out: torch.Tensor | None,
+    e_out: torch.Tensor,
+    losses: dict[str, torch.Tensor],
+) -> torch.Tensor | None:
     for block, cache in zip(reversed(blocks), reversed(caches), strict=True):
-        d_out = sweep_block(
-            block, cache, rule, d_out=d_out, e_out=e_out, losses=losses, pairs=pairs
-        )
-    if pairs:
-        outs, errs = zip(*pairs, strict=True)
-        torch.autograd.backward(outs, errs)
+        d_out = sweep_block(block, cache, rule, d_out=d_out, e_out=e_out, losses=losses)
     return d_out
 
 
@@ -51,15 +59,14 @@ def sweep_block(
     d_out: torch.Tensor | None,
     e_out: torch.Tensor,
     losses: dict[str, torch.Tensor],
-    pairs: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> torch.Tensor | None:
     """Learn one block from its output displacement (or e_L for the head); return the
     displacement at the block input (None when the rule sends nothing down from here).
 
     Updates are batch-summed (the stage divides by the samples at apply). Each layer's update is
-    the correlation of its own input with its node's error: the pair (layer output, error) is
-    appended to `pairs`, and the caller runs one backward over all pairs (each layer's graph
-    starts at its detached input, so nothing crosses layers). Skip synapses and `local` error
+    the correlation of its own input with its node's error (after its own BatchNorm's batch
+    Jacobian, where it has one), taken with the same kernel call that carries the error down
+    through its error synapse (Layer.update_and_carry). Skip synapses and `local` error
     synapses accumulate in .grad directly; `kp` error synapses copy their layer's update at
     apply time; gamma is the error synapses' own learning rate (their optimizer group). Every
     tensor used here is this block's own cache, e_L, or the displacement handed to it.
@@ -81,14 +88,15 @@ def sweep_block(
         for wire in block.wires_into[n]:
             layer = block.layer(wire.layer)
             mode = layer.feedback_mode
-            e_lin = _learn_layer(layer, cache, wire.layer, e, pairs, rule.cfg.carry_bn and mode)
-            if mode is None:
-                continue
             src = cache.input if wire.src < 0 else cache.z[wire.src]
-            carried = layer.carry(e_lin, src)
+            carried, e_lin = _learn_layer(
+                layer, cache, wire.layer, src, e, carry=mode is not None, carry_bn=rule.cfg.carry_bn
+            )
+            if carried is None:
+                continue
             if mode == "local":
                 assert layer.feedback is not None
-                accumulate(layer.feedback, layer.weight_grad(carried, e_lin).neg_())
+                accumulate(layer.feedback, layer.weight_grad(carried, e_lin).neg_(), owned=True)
             if wire.src < 0:
                 d_in = _add(d_in, carried)
             else:
@@ -106,27 +114,36 @@ def _learn_layer(
     layer: Layer,
     cache: BlockCache,
     name: str,
+    src: torch.Tensor,
     e: torch.Tensor,
-    pairs: list[tuple[torch.Tensor, torch.Tensor]],
-    through_bn: bool | str | None,
-) -> torch.Tensor:
-    """Queue the layer's update (the correlation of its input with `e`) and return the error
-    its synapse carries down: `e` itself, or, `through_bn`, `e` sent back through the layer's
-    own BatchNorm batch Jacobian to W z. That one BatchNorm backward also gives BN's update,
-    and the pair queued is then (W z, error at W z)."""
-    out, lin = cache.layer_out[name], cache.layer_lin.get(name)
-    if not through_bn or lin is None or layer.bn is None:
-        if out.requires_grad:  # a frozen layer has nothing to learn
-            pairs.append((out, e))
-        return e
-    bn = layer.bn
-    assert isinstance(bn, torch.nn.modules.batchnorm._BatchNorm)
-    affine = [p for p in (bn.weight, bn.bias) if p is not None and p.requires_grad]
-    grads = torch.autograd.grad(out, [lin, *affine], e)
-    for p, g in zip(affine, grads[1:], strict=True):
-        accumulate(p, g)
-    pairs.append((lin, grads[0]))  # forward weights always learn
-    return grads[0]
+    *,
+    carry: bool,
+    carry_bn: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Accumulate the layer's update from its input `src` and its node's error `e`; return the
+    error its synapse carries down (None unless `carry`) and the error it carried. With BatchNorm,
+    `e` first goes back through the layer's own batch Jacobian to W z (that one BN backward
+    also gives BN's affine updates); the carried error is then that one, or, without
+    `carry_bn`, `e` itself."""
+    e_lin = e
+    saved = cache.bn_saved.get(name)
+    if saved is not None:
+        bn = layer.bn
+        assert isinstance(bn, torch.nn.modules.batchnorm._BatchNorm)
+        e_lin, g_scale, g_shift = layer.post_backward(saved, e)
+        for p, g in ((bn.weight, g_scale), (bn.bias, g_shift)):
+            if g is not None and p is not None:
+                accumulate(p, g, owned=True)
+    elif layer.bias is not None and layer.bias.requires_grad:
+        accumulate(layer.bias, layer.bias_grad(e), owned=True)
+    through = e_lin if (carry_bn or saved is None) else None
+    feedback = layer.feedback if carry and through is not None else None
+    grad, carried = layer.update_and_carry(src, e_lin, feedback)
+    if layer.weight.requires_grad:  # a frozen layer has nothing to learn
+        accumulate(layer.weight, grad, owned=True)
+    if carry and carried is None:  # E carries the post-BatchNorm error (carry_bn off)
+        carried = layer.carry(e, src)
+    return carried, e if through is None else through
 
 
 def _node_displacement(

@@ -7,8 +7,6 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from workers.blocks import activate
-
 if TYPE_CHECKING:
     from workers.blocks import Block, Wire
 
@@ -151,9 +149,14 @@ class Rule:
         self, h: torch.Tensor, z: torch.Tensor, d: torch.Tensor, act: str, mix: float
     ) -> torch.Tensor:
         """The node's error unit: target y = act(h - beta d), e = a(z - y) + (1 - a) sign(z - y)."""
-        diff = z - activate(act, torch.sub(h, d, alpha=self.cfg.beta))
+        y = torch.sub(h, d, alpha=self.cfg.beta)  # one new tensor, then in place
+        if act == "relu":
+            y.clamp_min_(0.0)
+        elif act == "tanh":
+            y.tanh_()
+        diff = torch.sub(z, y, out=y)
         if self.cfg.rescale_error and self.cfg.beta > 0:
-            diff = diff.div_(self.cfg.beta)
+            diff.mul_(1.0 / self.cfg.beta)
         if mix >= 1.0:
             return diff
         return torch.sign(diff).mul_(1.0 - mix).add_(diff, alpha=mix)
