@@ -46,6 +46,8 @@ def _base(**rule) -> StageSpec:  # noqa: ANN003
         ({"name": "dfa"}, False),
         ({"name": "lra_e"}, True),
         ({"name": "fa"}, True),
+        ({"name": "kp"}, True),
+        ({"name": "sign"}, True),
         ({"name": "backprop"}, True),
     ],
 )

@@ -36,6 +36,8 @@ RULES = {
     "lra_e": dict(name="lra_e", **RANDOM),
     "dfa": dict(name="dfa"),
     "fa": dict(name="fa"),
+    "kp": dict(name="kp", **RANDOM),
+    "sign": dict(name="sign"),
     "backprop": dict(name="backprop"),
 }
 SGD = OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3)

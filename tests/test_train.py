@@ -13,7 +13,7 @@ from driver.config import load_config, with_rule
 from driver.run.train import train
 
 
-@pytest.mark.parametrize("rule", ["rec_lra", "lra_e", "dfa", "fa", "backprop"])
+@pytest.mark.parametrize("rule", ["rec_lra", "lra_e", "dfa", "fa", "kp", "sign", "backprop"])
 def test_each_rule_learns_digits(rule, digits, tmp_path):
     cfg = with_rule(load_config(None, ["train.epochs=3", "optim.lr=0.01"]), rule)
     run = train(cfg, quiet=True, out_dir=tmp_path, splits=digits)

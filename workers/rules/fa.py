@@ -7,9 +7,38 @@ from typing import Any
 import torch
 
 from workers.blocks import Block, Wire
-from workers.layers import Layer
+from workers.layers import Conv, Layer
 from workers.rules.backprop import Backprop
 from workers.rules.base import register
+
+
+def feedback_backward(
+    layer: Layer, z: torch.Tensor, feedback: torch.Tensor, grad: torch.Tensor, needs_input: bool
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(the error at the layer's input, sent down through `feedback` in place of W; the weight
+    gradient, the correlation of the input z with the error `grad` at the output).
+
+    A conv takes both from one convolution_backward call, as backprop's own conv backward does:
+    handed `feedback` as its weight, the kernel computes the input gradient with it, and the
+    weight gradient reads only the weight's shape, never its values.
+    """
+    if isinstance(layer, Conv):
+        grad_z, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad,
+            z,
+            feedback,
+            None,
+            [layer.stride] * 2,
+            [layer.padding] * 2,
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [needs_input, True, False],
+        )
+        return grad_z, grad_w
+    grad_z = layer.transpose(grad, feedback, z) if needs_input else None
+    return grad_z, layer.weight_grad(z, grad)
 
 
 class _FeedbackMap(torch.autograd.Function):
@@ -26,9 +55,8 @@ class _FeedbackMap(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         z, feedback = ctx.saved_tensors
-        layer: Layer = ctx.layer
-        grad_z = layer.transpose(grad, feedback, z) if ctx.needs_input_grad[0] else None
-        return grad_z, layer.weight_grad(z, grad), None, None
+        grad_z, grad_w = feedback_backward(ctx.layer, z, feedback, grad, ctx.needs_input_grad[0])
+        return grad_z, grad_w, None, None
 
 
 @register
@@ -41,4 +69,6 @@ class FA(Backprop):
     def layer_map(self, layer: Layer, z: torch.Tensor) -> torch.Tensor:
         if layer.feedback is None:  # the model's first layer: nothing to send below
             return layer(z)
-        return layer.post(_FeedbackMap.apply(z, layer.weight, layer.feedback, layer))
+        # E enters detached: the error it carries never gives it a gradient (under `kp` its
+        # update is its layer's, set by the Stage at apply)
+        return layer.post(_FeedbackMap.apply(z, layer.weight, layer.feedback.detach(), layer))
