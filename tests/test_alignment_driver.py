@@ -179,3 +179,35 @@ def test_three_stage_sync_pipeline_probes_like_one_process(cluster, micro_batche
                 torch.testing.assert_close(ours[name]["tensors"][key], t, rtol=1e-12, atol=1e-12)
     finally:
         pipe.close()
+
+
+def test_a_run_records_the_angles_it_started_from_and_the_mirror_time(digits, tmp_path):
+    """metrics.json and /metrics hold E-W angles at the first step (near the weight mirror's
+    target with it on, about 90 degrees for KP synapses from zero without it) and the mirror's
+    time, which the run's wall time includes."""
+    from driver.api.metrics import Metrics
+
+    runs = {}
+    for name, sets in (("off", []), ("on", ["rule.mirror_angle=8.0", 'rule.head_init="kaiming"'])):
+        metrics = Metrics()
+        cfg = load_config(None, [*TINY, "train.max_steps=2", *sets])
+        ctl = Controller(cfg, out_dir=tmp_path / name, splits=digits, metrics=metrics)
+        ctl.run_to_end()
+        written = json.loads((tmp_path / name / "rec_lra" / "metrics.json").read_text())
+        scraped = metrics.registry.get_sample_value
+        runs[name] = written
+        for layer, angle in written["synapse_angle_at_start"].items():
+            got = scraped(
+                "reclra_layer_synapse_angle_at_start_degrees",
+                {"run": "rec_lra", "stage": "0", "layer": layer},
+            )
+            assert got == pytest.approx(angle), layer
+        assert scraped(
+            "reclra_stage_mirror_seconds_total", {"run": "rec_lra", "stage": "0"}
+        ) == pytest.approx(written["mirror_seconds"])
+    _, with_synapse = _layers(load_config(None, TINY), digits)
+    assert set(runs["on"]["synapse_angle_at_start"]) == with_synapse
+    assert all(a < 14 for a in runs["on"]["synapse_angle_at_start"].values())
+    assert all(a > 80 for a in runs["off"]["synapse_angle_at_start"].values())
+    assert runs["on"]["mirror_seconds"] > 0 and runs["off"]["mirror_seconds"] == 0
+    assert runs["on"]["wall_seconds"] > runs["on"]["mirror_seconds"]

@@ -38,6 +38,9 @@ USER = {
         "head_init": "kaiming",
         "carry_bn": False,
         "rescale_error": False,
+        "mirror_angle": 20.0,
+        "mirror_every": 3,
+        "mirror_rate": 0.25,
     },
     "optim": {
         "name": "sgd",

@@ -54,3 +54,7 @@ class StageStats:
     cached: int = 0  # micro-batches held when the stats were taken
     synapse_angle: dict[str, float] = field(default_factory=dict)  # degrees between E and W
     backprop_cosine: dict[str, float] = field(default_factory=dict)  # local update vs backprop
+    # degrees between E and W as training starts (after the weight-mirror phase, if any);
+    # reported once, by the first stats of a fresh stage
+    start_angle: dict[str, float] = field(default_factory=dict)
+    mirror_seconds: float = 0.0  # spent in weight-mirror steps (the phase and interleaved)

@@ -12,6 +12,7 @@ from torch import nn
 from workers.assemble import block_units, build_blocks, kp_pairs, named_parameters, trainable
 from workers.blocks import Block, BlockCache
 from workers.diagnostics import BackpropProbe, synapse_angles
+from workers.mirror import mirror
 from workers.optim import build_optimizer, reproject_, set_lr
 from workers.rules import ErrorSignal, make_rule, rule_chained
 from workers.spec import DTYPES, NonFiniteError, StageSpec, StageStats
@@ -38,6 +39,7 @@ class Stage:
             spec.optim, forward, feedback, feedback_rate=spec.rule.gamma
         )
         self._noise = torch.Generator().manual_seed(spec.seed * 7919 + 17)
+        self._started = False  # the first forward has run (the mirror phase is due before it)
         if spec.threads > 0:
             torch.set_num_threads(spec.threads)
         self._training = False
@@ -66,6 +68,8 @@ class Stage:
                 f"stage {self.spec.index}: {len(self._cache)} micro-batches cached without learn; "
                 "raise pipeline.max_in_flight or call learn for each forward"
             )
+        if not self._started:
+            self._start()
         t0 = self._begin(x)
         if not self._training:
             self.blocks.train()
@@ -90,6 +94,22 @@ class Stage:
             self._cache[mb] = (self.step, caches)
         self.stats.forward_seconds += self._end() - t0
         return self._send(out)
+
+    def _start(self) -> None:
+        """Before the first training forward of a fresh stage: the weight-mirror phase, and the
+        angles between E and W that training starts from (stats.start_angle)."""
+        self._started = True
+        if self.step > 0:  # resumed: its synapses come from the checkpoint
+            return
+        rule = self.spec.rule
+        if rule.mirror_angle > 0:
+            t0 = time.perf_counter()
+            mirror(self.block_list, rule.mirror_angle, self.spec.seed, 0)
+            spent = time.perf_counter() - t0
+            self.stats.mirror_seconds += spent
+            if self._last_end is not None:  # not idle: counted as mirror time
+                self._last_end += spent
+        self.stats.start_angle = synapse_angles(self.block_list)
 
     def forward_learn(
         self, mb: Any, x: torch.Tensor, signal: ErrorSignal, *, apply: bool = False
@@ -223,6 +243,11 @@ class Stage:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        rule = self.spec.rule
+        if rule.mirror_every and self.step % rule.mirror_every == 0:
+            t0 = time.perf_counter()
+            mirror(self.block_list, rule.mirror_angle, self.spec.seed, self.step, rule.mirror_rate)
+            self.stats.mirror_seconds += time.perf_counter() - t0
         self.progress += covered
         self._learns = 0
         per_unit: dict[str, float] = {}

@@ -121,6 +121,20 @@ class Metrics:
             ["run", "stage", "layer"],
             registry=r,
         )
+        self.start_angle = Gauge(
+            "reclra_layer_synapse_angle_at_start_degrees",
+            "Angle between a layer's error synapse E and its forward weight W at the first "
+            "training step, after the weight-mirror phase (rule.mirror_angle)",
+            ["run", "stage", "layer"],
+            registry=r,
+        )
+        self.mirror = Counter(
+            "reclra_stage_mirror_seconds",
+            "Time a stage spent in weight-mirror steps (the phase before training, and any "
+            "interleaved ones)",
+            ["run", "stage"],
+            registry=r,
+        )
         self.backprop_cosine = Gauge(
             "reclra_layer_backprop_cosine",
             "Cosine between a layer's local update and backprop's gradient of the same "
@@ -179,6 +193,9 @@ class Metrics:
                 self.update_norm.labels(run, s, layer).set(v)
             for layer, v in st.synapse_angle.items():
                 self.synapse_angle.labels(run, s, layer).set(v)
+            for layer, v in st.start_angle.items():
+                self.start_angle.labels(run, s, layer).set(v)
+            self.mirror.labels(run, s).inc(st.mirror_seconds)
             for layer, v in st.backprop_cosine.items():  # {} between probes: keeps the last
                 self.backprop_cosine.labels(run, s, layer).set(v)
 

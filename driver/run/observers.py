@@ -30,6 +30,8 @@ class RunLogWriter(Callback):
         run.step_seconds = ctl.train_seconds / max(run.steps, 1)
         run.samples_per_second = ctl.samples / max(ctl.train_seconds, 1e-9)
         run.stages = ctl.book.summary()
+        run.synapse_angle_at_start = ctl.book.start_angles()
+        run.mirror_seconds = ctl.book.mirror_seconds
         run.restarts = ctl.restarts
         if ctl.state in TERMINAL:
             run.wall_seconds = ctl.elapsed

@@ -40,6 +40,10 @@ class RunLog:
     # every train.log_every steps and at each epoch's end: {step, epoch, synapse_angle_deg,
     # backprop_cosine}, the latest value per layer (backprop_cosine: layers probed so far)
     alignment: list[dict[str, Any]] = field(default_factory=list)
+    # degrees between each layer's error synapse E and its W at the first training step (after
+    # the weight-mirror phase, rule.mirror_angle), and the mirror's time, summed over stages
+    synapse_angle_at_start: dict[str, float] = field(default_factory=dict)
+    mirror_seconds: float = 0.0
 
     def note_alignment(self, book: StatsBook, step: int, epoch: float) -> None:
         """Append the book's alignment at `step`; nothing while no stage reports any. Entries at

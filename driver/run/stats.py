@@ -22,6 +22,8 @@ class StageTotals:
     update_norm: dict[str, float] = field(default_factory=dict)
     synapse_angle: dict[str, float] = field(default_factory=dict)  # latest, per layer
     backprop_cosine: dict[str, float] = field(default_factory=dict)  # latest probed, per layer
+    start_angle: dict[str, float] = field(default_factory=dict)  # E-W as training started
+    mirror_seconds: float = 0.0  # weight-mirror time (workers/mirror.py)
 
     @property
     def staleness_mean(self) -> float:
@@ -37,6 +39,7 @@ class StageTotals:
             "staleness_mean": self.staleness_mean,
             "staleness_max": self.staleness_max,
             "cached": self.cached,
+            "mirror_s": self.mirror_seconds,
         }
 
 
@@ -61,9 +64,24 @@ class StatsBook:
             t.update_norm.update(st.update_norm)
             t.synapse_angle.update(st.synapse_angle)
             t.backprop_cosine.update(st.backprop_cosine)  # {} between probes: keeps the last
+            t.start_angle.update(st.start_angle)  # sent once, by a fresh stage's first stats
+            t.mirror_seconds += st.mirror_seconds
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {str(s): t.summary() for s, t in sorted(self.stages.items())}
+
+    def start_angles(self) -> dict[str, float]:
+        """Degrees between each layer's E and W as training started (after any weight-mirror
+        phase), over every stage."""
+        out: dict[str, float] = {}
+        for _, t in sorted(self.stages.items()):
+            out.update(t.start_angle)
+        return out
+
+    @property
+    def mirror_seconds(self) -> float:
+        """Weight-mirror time, the sum over stages (stages mirror at once, each on its own)."""
+        return sum(t.mirror_seconds for t in self.stages.values())
 
     def alignment(self) -> tuple[dict[str, float], dict[str, float]]:
         """(synapse angle in degrees, backprop cosine) per layer over every stage: the latest of

@@ -48,6 +48,14 @@ class RuleConfig:
     # Divide hidden error units by beta: e = (z - y) / beta ~ act'(h) * d, so errors keep their
     # scale down a chain instead of shrinking by beta per layer (a [choice]; off: e = z - y).
     rescale_error: bool = True
+    # Weight mirrors (workers/mirror.py): at its first forward, each stage sets every learning
+    # error synapse to an estimate of W from its own layer's response to noise, drawing enough
+    # noise for the estimate to lie about `mirror_angle` degrees from W (0: off); then, every
+    # `mirror_every` optimizer steps (0: never), moves it toward a fresh estimate at rate
+    # `mirror_rate`. Reads no W.
+    mirror_angle: float = 0.0
+    mirror_every: int = 0
+    mirror_rate: float = 0.5
 
     def __post_init__(self) -> None:
         if self.name not in RULES:
@@ -86,6 +94,17 @@ class RuleConfig:
                 raise ValueError(f"rule.{key}: must be >= 0, got {getattr(self, key)}")
         if self.reproject < 0:
             raise ValueError(f"rule.reproject: must be >= 0 (0 turns it off), got {self.reproject}")
+        if not 0.0 <= self.mirror_angle < 45.0:
+            raise ValueError(
+                f"rule.mirror_angle: must lie in [0, 45) degrees (0 turns the weight mirror "
+                f"off), got {self.mirror_angle}"
+            )
+        if self.mirror_every < 0:
+            raise ValueError(f"rule.mirror_every: must be >= 0 (0: never), got {self.mirror_every}")
+        if self.mirror_every and not self.mirror_angle:
+            raise ValueError("rule.mirror_every: needs rule.mirror_angle > 0 (how much noise)")
+        if not 0.0 < self.mirror_rate <= 1.0:
+            raise ValueError(f"rule.mirror_rate: must lie in (0, 1], got {self.mirror_rate}")
         if self.skip_grid < 0:
             raise ValueError(f"rule.skip_grid: must be >= 0 (0 means dense), got {self.skip_grid}")
 
