@@ -147,7 +147,7 @@ def soak(
     disk: SmallDisk | FullStore | None = None
     if store != "fsspec":  # a real filesystem that runs out of space: a small tmpfs
         try:
-            disk = SmallDisk(work / "chaos" / cfg.rule.name / "checkpoints", 32 << 20)
+            disk = SmallDisk(work / "chaos" / cfg.rule.label / "checkpoints", 32 << 20)
         except (OSError, subprocess.CalledProcessError) as exc:
             logging.warning("chaos: cannot mount a tmpfs (%s); using an fsspec store", exc)
     if disk is None:

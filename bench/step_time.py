@@ -12,6 +12,7 @@ so machine noise still hits every config alike. Only one process computes at any
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import statistics
 import time
@@ -84,10 +85,8 @@ def step_seconds(
         }
     finally:
         for conn in conns.values():
-            try:
+            with contextlib.suppress(BrokenPipeError, OSError):
                 conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
         for p in procs.values():
             p.join(10)
             if p.is_alive():

@@ -20,7 +20,7 @@ from driver.run.storage import location
 from workers.models import ModelConfig
 from workers.optim import OptimConfig
 from workers.rules import RULES, RuleConfig
-from workers.rules.recipes import recipe
+from workers.rules.recipes import label, recipe, split_label, variants
 
 
 class ConfigError(ValueError):
@@ -72,9 +72,9 @@ class TrainConfig:
         except ValueError as exc:
             raise ValueError(f"train.out_dir: {exc}") from None
         for name in self.compare:
-            if name not in RULES:
+            if name not in variants(sorted(RULES)):
                 raise ValueError(
-                    f"train.compare: unknown rule {name!r}; choose from {sorted(RULES)}"
+                    f"train.compare: unknown rule {name!r}; choose from {variants(sorted(RULES))}"
                 )
 
 
@@ -174,9 +174,9 @@ def parse_config(
                 f"--set {item!r}: unknown section {section!r}; known: {_known_sections()}"
             )
         raw[section][name] = value
-    rule = str(raw["rule"].get("name", RuleConfig.name))
+    rule = label(str(raw["rule"].get("name", RuleConfig.name)), str(raw["rule"].get("preset", "")))
     origin = {f"{sec}.{key}": "user" for sec in TUNED for key in raw[sec]}
-    for section in TUNED:  # the rule's own recipe, under what the config sets
+    for section in TUNED:  # the rule's (or its preset's) own recipe, under what the config sets
         filled = recipe(rule, section)
         origin.update({f"{section}.{k}": "recipe" for k in filled if k not in raw[section]})
         raw[section] = {**filled, **raw[section]}
@@ -270,10 +270,12 @@ def resolved_line(run: str, config: dict[str, Any], origin: dict[str, str]) -> s
 
 
 def with_rule(cfg: Config, name: str) -> Config:
-    """The same run (model, data, epochs, pipeline) with another learning rule, for
-    side-by-side comparisons: its [rule] is its recipe (workers/rules/recipes.py) under its own
-    [compare.<name>.rule] table; its [optim] is the run's, with the recipe's keys and then its
-    own [compare.<name>.optim] table on top. Nothing of the main rule's [rule] carries over."""
+    """The same run (model, data, epochs, pipeline) with another learning rule or preset (a
+    label: `backprop`, `rec_lra_paper`), for side-by-side comparisons: its [rule] is its
+    recipe (workers/rules/recipes.py) under its own [compare.<name>.rule] table; its [optim] is
+    the run's, with the recipe's keys and then its own [compare.<name>.optim] table on top.
+    Nothing of the main rule's [rule] carries over."""
+    rule_name, preset = split_label(name)
     own = cfg.compare.get(name, {})
     origin = {k: v for k, v in cfg.origin.items() if k.startswith("optim.")}
     values: dict[str, dict[str, Any]] = {}
@@ -282,9 +284,12 @@ def with_rule(cfg: Config, name: str) -> Config:
         origin.update({f"{section}.{k}": "recipe" for k in filled})
         origin.update({f"{section}.{k}": "user" for k in mine})
         values[section] = {**filled, **mine}
-    if "name" in values["rule"] and values["rule"]["name"] != name:
-        raise ValueError(f"compare.{name}.rule.name: a compared rule's table cannot rename it")
-    rule = _build(f"compare.{name}.rule", RuleConfig, {**values["rule"], "name": name})
+    for key, fixed in (("name", rule_name), ("preset", preset)):
+        if key in values["rule"] and values["rule"][key] != fixed:
+            raise ValueError(f"compare.{name}.rule.{key}: a compared rule's table cannot change it")
+    rule = _build(
+        f"compare.{name}.rule", RuleConfig, {**values["rule"], "name": rule_name, "preset": preset}
+    )
     optim = replace(
         cfg.optim,
         **_build(f"compare.{name}.optim", OptimConfig, values["optim"], partial=True),

@@ -14,13 +14,14 @@ import pytest
 from driver.config import ConfigError, load_config, parse_config, with_rule
 from workers.optim import OptimConfig
 from workers.rules import RULES, RuleConfig
-from workers.rules.recipes import RECIPES
+from workers.rules.recipes import RECIPES, split_label, variants
 
 # A valid value, unlike the default and unlike rec-LRA's recipe, for every key of [rule] and
 # [optim]. A new key must be added here: test_every_key_has_a_value_here fails until it is.
 USER = {
     "rule": {
         "name": "rec_lra",
+        "preset": "mirror",  # the default preset, named
         "topology": "adjacent",
         "feedback_update": "fixed",
         "skip_update": "local",
@@ -35,7 +36,7 @@ USER = {
         "init_std": 0.5,
         "feedback_init": "xavier",
         "kp_init": "orthogonal",
-        "head_init": "kaiming",
+        "head_init": "xavier",
         "carry_bn": False,
         "rescale_error": False,
         "mirror_angle": 20.0,
@@ -53,6 +54,11 @@ USER = {
         "total_steps": 7,
     },
 }
+# a second valid value where a recipe happens to hold USER's
+OTHER = {"head_init": "zeros", "carry_bn": True, "rescale_error": True, "kp_init": "zeros"}
+OTHER |= {"mirror_angle": 7.0, "input_noise": 0.3, "reproject": 3.0, "init_std": 2.0}
+OTHER |= {"mix_skip": 0.5, "mix_adjacent": 0.6, "init": "xavier", "feedback_init": "orthogonal"}
+OTHER |= {"beta": 0.2, "gamma": 0.7, "topology": "mirror", "feedback_update": "kp"}
 RUN = ["train.max_steps=2", "train.compare=[]", "model.width=4", "train.log_every=1"]
 
 
@@ -62,7 +68,7 @@ def test_every_key_has_a_value_here():
     defaults = {"rule": RuleConfig(), "optim": OptimConfig()}
     for section, values in USER.items():
         for key, value in values.items():
-            if key != "name":  # the default rule, named explicitly
+            if key not in ("name", "preset"):  # the default rule and preset, named explicitly
                 assert value != getattr(defaults[section], key), f"{section}.{key}"
 
 
@@ -149,16 +155,22 @@ def test_the_issues_example_writes_exactly_those_values(tmp_path):
     assert "optim.weight_decay" in body["recipe"]  # the recipe filled what was left unset
 
 
-@pytest.mark.parametrize("rule", sorted(RULES))
+@pytest.mark.parametrize("rule", variants(sorted(RULES)))
 def test_a_key_the_user_set_is_never_replaced_by_a_recipe(rule):
-    """For every rule and every key its recipe sets: the user's other value wins, as the main
-    rule and as a compared rule (through its [compare.<rule>] table)."""
+    """For every rule and preset and every key its recipe sets: the user's other value wins,
+    as the main rule and as a compared rule (through its [compare.<rule>] table)."""
+    name, preset = split_label(rule)
     for section in ("rule", "optim"):
         for key in RECIPES[rule][section]:
             mine = USER[section][key]
             if mine == RECIPES[rule][section][key]:  # pick another valid value then
-                mine = RuleConfig().__getattribute__(key) if section == "rule" else 0.123
-            sets = [f"rule.name={rule}", f"{section}.{key}={_toml(mine)}"]
+                mine = OTHER[key] if section == "rule" else 0.123
+            assert mine != RECIPES[rule][section][key], key
+            sets = [
+                f"rule.name={name}",
+                f'rule.preset="{preset}"',
+                f"{section}.{key}={_toml(mine)}",
+            ]
             cfg = load_config(None, sets)
             assert getattr(getattr(cfg, section), key) == mine, (rule, section, key)
             assert cfg.origin[f"{section}.{key}"] == "user"
@@ -214,7 +226,7 @@ input_noise = 0.2
         ("[train]\ncompare = ['fa']\n[compare.fa.model]\nwidth = 2", [], "compare.fa.model"),
         ("[train]\ncompare = ['fa']\n[compare.fa.optim]\nlr = -1.0", [], "optim.lr"),
         ("", ["train.compare=['fa']", "compare.fa.lr=0.1"], "compare.<rule>.<rule|optim>.<key>"),
-        ("", ["train.compare=['fa']", "compare.fa.rule.name=dfa"], "cannot rename"),
+        ("", ["train.compare=['fa']", "compare.fa.rule.name=dfa"], "cannot change it"),
     ],
 )
 def test_bad_compare_tables_are_one_line_errors(text, sets, needle):
@@ -240,3 +252,18 @@ def test_compare_table_by_set_reaches_the_compared_run(tmp_path):
     assert main["config"]["optim"]["lr"] == 0.002 and bp["config"]["optim"]["lr"] == 0.0007
     assert bp["config_origin"]["optim.lr"] == "user"
     assert bp["config_origin"]["optim.weight_decay"] == "recipe"
+
+
+def test_a_preset_is_one_key_away_and_names_its_runs(tmp_path):
+    paper = load_config(None, ['rule.preset="paper"', "rule.beta=0.2"])
+    assert paper.rule.label == "rec_lra_paper" and paper.rule.topology == "skip"
+    assert paper.origin["rule.topology"] == "recipe" and paper.rule.beta == 0.2  # the user's
+    assert paper.optim.weight_decay == RECIPES["rec_lra_paper"]["optim"]["weight_decay"]
+    assert load_config().rule.label == "rec_lra"
+    main = load_config(None, ["train.compare=['rec_lra_paper']", "train.max_steps=1"])
+    other = with_rule(main, "rec_lra_paper")
+    assert (other.rule.name, other.rule.preset, other.rule.topology) == ("rec_lra", "paper", "skip")
+    with pytest.raises(ConfigError, match="rule.preset: backprop has no preset 'paper'"):
+        load_config(None, ["rule.name=backprop", 'rule.preset="paper"'])
+    with pytest.raises(ConfigError, match="train.compare: unknown rule 'rec_lra_nope'"):
+        load_config(None, ["train.compare=['rec_lra_nope']"])

@@ -20,7 +20,7 @@ def compare_rules(cfg: Config, *, quiet: bool = False, progress: bool = False) -
     """Train cfg.rule exactly as configured, then every rule in cfg.train.compare with its own
     recipe (and its [compare.<rule>] table: driver/config.py:with_rule), on the same splits."""
     splits = load_dataset(cfg.data)
-    cfgs = [cfg] + [with_rule(cfg, n) for n in cfg.train.compare if n != cfg.rule.name]
+    cfgs = [cfg] + [with_rule(cfg, n) for n in cfg.train.compare if n != cfg.rule.label]
     runs = [train(c, quiet=quiet, progress=progress, splits=splits) for c in cfgs]
     summary_at = storage.join(cfg.train.out_dir, "summary.json")  # a path or URI
     storage.write_bytes(summary_at, json.dumps(summary(runs), indent=1).encode())

@@ -63,12 +63,12 @@ class Controller(TrainingWork, Resizing):
         run_id: str | None = None,
     ) -> None:
         self.cfg, self.track_test = cfg, track_test
-        self.run_id = run_id or cfg.rule.name
+        self.run_id = run_id or cfg.rule.label
         self.state = RunState.PENDING
         self.splits = splits
         self.config = config_to_dict(cfg)
-        self.out = storage.join(out_dir or cfg.train.out_dir, cfg.rule.name)
-        self.run = RunLog(rule=cfg.rule.name, config=self.config, config_origin=dict(cfg.origin))
+        self.out = storage.join(out_dir or cfg.train.out_dir, cfg.rule.label)
+        self.run = RunLog(rule=cfg.rule.label, config=self.config, config_origin=dict(cfg.origin))
         self.book = StatsBook()
         self.pos = Position()
         self.runner: Runner | None = None
@@ -234,7 +234,7 @@ class Controller(TrainingWork, Resizing):
         self._rng = state["torch_rng"]
         self.epoch = None
         at = f"step {self.run.steps} (epoch {self.pos.epoch + 1}, batch {self.pos.batch})"
-        log.info("%s: continuing at %s", self.cfg.rule.name, at)
+        log.info("%s: continuing at %s", self.cfg.rule.label, at)
 
     def _save(self, *, final: bool) -> None:
         """Snapshot the run now (driver/run/ckpt_writer.py); the write goes on in the

@@ -35,7 +35,7 @@ class Progress(Callback):
                 initial=ctl.epoch.start,
                 leave=False,
                 unit="step",
-                desc=f"{ctl.cfg.rule.name} epoch {ctl.pos.epoch + 1}/{ctl.cfg.train.epochs}",
+                desc=f"{ctl.cfg.rule.label} epoch {ctl.pos.epoch + 1}/{ctl.cfg.train.epochs}",
             )
 
     def after_train_step(self, ctl: RunView, seconds: float, samples: int) -> None:
@@ -48,7 +48,7 @@ class Progress(Callback):
         elif ctl.run.steps % ctl.cfg.train.log_every == 0:
             log.info(
                 "%s step %d (epoch %d/%d, batch %d/%d): train acc %.3f loss %.3f",
-                ctl.cfg.rule.name,
+                ctl.cfg.rule.label,
                 ctl.run.steps,
                 ctl.pos.epoch + 1,
                 ctl.cfg.train.epochs,
@@ -62,7 +62,7 @@ class Progress(Callback):
         self._close()
         log.info(
             "%s epoch %d: val acc %.4f loss %.4f",
-            ctl.cfg.rule.name,
+            ctl.cfg.rule.label,
             entry["epoch"],
             entry["val_acc"],
             entry["val_loss"],

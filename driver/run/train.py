@@ -35,7 +35,7 @@ def train(
     ever looks at validation). `resume` continues from a checkpoint file (or a run's checkpoint
     directory, a path or URI) at its exact step and data position. Raises RunFailed when the run
     ends failed. `out_dir` (default train.out_dir) may be a path or a URI (s3://bucket/runs)."""
-    where = storage.join(out_dir or cfg.train.out_dir, cfg.rule.name)
+    where = storage.join(out_dir or cfg.train.out_dir, cfg.rule.label)
     _say_where(cfg, where, "go to")
     metrics = server = None
     if cfg.metrics.enabled:
@@ -67,7 +67,7 @@ def _say_where(cfg: Config, where: storage.Location, verb: str) -> None:
         log.warning(
             "%s: outputs %s %s, local to this driver; for outputs that outlive a Ray job set "
             "train.out_dir to shared storage (s3://bucket/runs, a mounted volume)",
-            cfg.rule.name,
+            cfg.rule.label,
             verb,
             storage.describe(where),
         )

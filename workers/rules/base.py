@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from workers.rules.recipes import PRESETS, label
+
 if TYPE_CHECKING:
     from workers.blocks import Block, Wire
 
@@ -21,6 +23,9 @@ class RuleConfig:
     """How layers learn. Every [choice] of ALGORITHM.md is a key here, with its default."""
 
     name: str = "rec_lra"
+    # a named variant of the rule with a recipe of its own (workers/rules/recipes.py: PRESETS);
+    # "" is the rule's default preset (rec_lra: "mirror"; "paper" is the paper's reading)
+    preset: str = ""
     topology: str = "mirror"
     feedback_update: str = "kp"
     skip_update: str = "kp"
@@ -41,7 +46,7 @@ class RuleConfig:
     kp_init: str = "zeros"
     # The head's forward weight and, under `kp`, its error synapse. "zeros" for both makes
     # E_head = gamma * W_head exactly from the first step (KP keeps equal moves equal).
-    head_init: str = "zeros"
+    head_init: str = "kaiming"
     # Send each layer's error down through its own BatchNorm's batch Jacobian before its error
     # synapse, as that layer's forward map would (a [choice]; off: E sees the post-BN error).
     carry_bn: bool = True
@@ -53,14 +58,26 @@ class RuleConfig:
     # noise for the estimate to lie about `mirror_angle` degrees from W (0: off); then, every
     # `mirror_every` optimizer steps (0: never), moves it toward a fresh estimate at rate
     # `mirror_rate`. Reads no W.
-    mirror_angle: float = 0.0
+    mirror_angle: float = 10.0
     mirror_every: int = 0
     mirror_rate: float = 0.5
+
+    @property
+    def label(self) -> str:
+        """The variant's name in tables and run folders: rec_lra, rec_lra_paper, backprop..."""
+        return label(self.name, self.preset)
 
     def __post_init__(self) -> None:
         if self.name not in RULES:
             raise ValueError(
                 f"rule.name: unknown rule {self.name!r}; choose one of {sorted(RULES)}"
+            )
+        presets = PRESETS.get(self.name, ())
+        if self.preset and self.preset not in presets:
+            have = f"one of {list(presets)}" if presets else "none"
+            raise ValueError(
+                f"rule.preset: {self.name} has no preset {self.preset!r} (presets: {have}); "
+                "drop the key or pick one"
             )
         for key, value, allowed in (
             ("topology", self.topology, TOPOLOGIES),

@@ -1,7 +1,12 @@
 """Each rule's own recipe: the rule and optimizer settings it trains with unless a config says
 otherwise. Chosen per rule on Fashion-MNIST validation data (ResNet-8, 20,000 training images,
-4 epochs: README, Results); the dataclass defaults of RuleConfig and OptimConfig are rec-LRA's
-recipe, and a test keeps the two the same."""
+4 epochs: docs/results.md); the dataclass defaults of RuleConfig and OptimConfig are rec-LRA's
+recipe, and a test keeps the two the same.
+
+A rule may have presets: named variants, each with a recipe of its own, one key away
+(`rule.preset`). A variant's label is the rule's name, plus `_<preset>` for any preset but the
+rule's first (default) one: `rec_lra` (the `mirror` preset) and `rec_lra_paper`. Labels name runs,
+their folders and the rows of every table, and `train.compare` takes them."""
 
 from __future__ import annotations
 
@@ -16,18 +21,49 @@ _PLAIN = {  # what a torch user would do: no input noise, no update re-projectio
     "kp_init": "kaiming",
 }
 
+# the presets of each rule that has any; the first is the rule's default
+PRESETS: dict[str, tuple[str, ...]] = {"rec_lra": ("mirror", "paper")}
+
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    # the `mirror` preset: errors follow the forward skips, carried through each layer's own
+    # BatchNorm Jacobian and divided by beta; KP synapses, set by the weight mirror (about 10
+    # degrees from W) before the first step. In the limit: Kolen-Pollack backprop
     "rec_lra": {
         "rule": {
             "topology": "mirror",
             "input_noise": 0.0,
             "reproject": 0.0,
-            "head_init": "zeros",
+            "head_init": "kaiming",
             "carry_bn": True,
             "rescale_error": True,
             "kp_init": "zeros",
+            "mirror_angle": 10.0,
         },
         "optim": {"lr": 3e-3, "weight_decay": 1.0},
+    },
+    # the paper's reading (ALGORITHM.md, [reported]): junctions fed from e_L through skip error
+    # synapses, the L1/L2 error mix, input noise, re-projection, unit-Gaussian forward and error
+    # weights, beta ~ 0.12 and gamma ~ 0.15, e = z - y with no BatchNorm Jacobian in the carry.
+    # c (re-projection) and the weight decay were not recovered: chosen on validation
+    "rec_lra_paper": {
+        "rule": {
+            "topology": "skip",
+            "mix_skip": 0.19,
+            "mix_adjacent": 0.24,
+            "input_noise": 0.1,
+            "reproject": 1.0,
+            "init": "gaussian",
+            "init_std": 1.0,
+            "feedback_init": "gaussian",
+            "kp_init": "gaussian",
+            "head_init": "gaussian",
+            "beta": 0.12,
+            "gamma": 0.15,
+            "carry_bn": False,
+            "rescale_error": False,
+            "mirror_angle": 0.0,
+        },
+        "optim": {"lr": 1e-3, "weight_decay": 1e-4},
     },
     # the parent algorithm as published: e = z - y, KP synapses from a random start
     "lra_e": {
@@ -44,6 +80,26 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
-def recipe(rule: str, section: str) -> dict[str, Any]:
-    """The recipe's keys for one config section ("rule" or "optim"); {} for an unknown rule."""
-    return dict(RECIPES.get(rule, {}).get(section, {}))
+def label(name: str, preset: str = "") -> str:
+    """The variant's label: `name`, or `name_preset` for a preset other than the default."""
+    return name if not preset or preset == PRESETS.get(name, ("",))[0] else f"{name}_{preset}"
+
+
+def split_label(variant: str) -> tuple[str, str]:
+    """(rule name, preset) of a label; preset "" for a rule's default."""
+    for name, presets in PRESETS.items():
+        for preset in presets[1:]:
+            if variant == f"{name}_{preset}":
+                return name, preset
+    return variant, ""
+
+
+def variants(rules: list[str]) -> list[str]:
+    """Every label of the given rules: each rule, then its non-default presets."""
+    return [label(r, p) for r in rules for p in ("", *PRESETS.get(r, ())[1:])]
+
+
+def recipe(variant: str, section: str) -> dict[str, Any]:
+    """The recipe's keys for one config section ("rule" or "optim") of a rule or a variant's
+    label; {} for an unknown one."""
+    return dict(RECIPES.get(variant, {}).get(section, {}))
