@@ -37,7 +37,7 @@ from bench.step_time import ratios, step_seconds
 from driver.config import Config, config_to_dict, load_config, with_rule
 from driver.data.common import DataError
 from driver.data.load import load_dataset
-from workers.rules.recipes import recipe
+from workers.rules.recipes import computes, recipe
 
 RULES = ("rec_lra", "rec_lra_paper", "backprop", "kp", "sign", "fa", "dfa", "lra_e")
 GRID = "3e-4,1e-3,3e-3,1e-2,3e-2"
@@ -117,6 +117,7 @@ def summarise(base: Config, search_runs: dict, runs: dict, chosen: dict, times: 
         done = bool(reach) and None not in reach
         rules[rule] = {
             "lr": lr,
+            "computes": computes(rule),
             "recipe": {"rule": recipe(rule, "rule"), "optim": recipe(rule, "optim")},
             "test_acc_mean": statistics.mean(accs),
             "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
@@ -187,6 +188,7 @@ def format_table(result: dict) -> str:
             + ", ".join(f"{k}={v}" for k, v in knobs.items())
         )
     lines += [f"{k}: {v}" for k, v in result.get("targets", {}).items()]
+    lines += ["", *(f"{rule}: {computes(rule)}" for rule in result["rules"] if computes(rule))]
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from driver.api.report import ReportError, report
 from driver.config import load_config
-from driver.run.compare import compare_rules
+from driver.run.compare import compare_rules, format_table
 
 
 def test_report_of_a_compared_run(tmp_path):
@@ -28,9 +28,13 @@ def test_report_of_a_compared_run(tmp_path):
             "train.diagnose_every=10",
         ],
     )
-    compare_rules(cfg, quiet=True)
+    runs = compare_rules(cfg, quiet=True)
     md = report(tmp_path, tmp_path / "report")
     text = md.read_text()
+    # what each rule computes is said where users read it: the report and the closing table
+    assert "- `rec_lra`: rec-LRA targets" in text and "Kolen-Pollack backprop" in text
+    assert "- `backprop`: backpropagation" in text
+    assert "rec_lra: rec-LRA targets" in format_table(runs)
     for rule in ("rec_lra", "backprop"):
         run = json.loads((tmp_path / rule / "metrics.json").read_text())
         assert f"| {rule} | {run['test_acc']:.4f} |" in text

@@ -13,6 +13,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from driver.api.report_alignment import alignment_figure, alignment_markdown  # noqa: E402
+from workers.rules.recipes import computes  # noqa: E402
 
 
 class ReportError(ValueError):
@@ -92,6 +93,8 @@ def markdown(runs: dict[str, dict[str, Any]], alignment: list[str] | None = None
             f"{len(run['epochs'])} | {run['steps']} | "
             f"{run.get('samples_per_second', 0):.1f} | {run.get('restarts', 0)} |"
         )
+    lines += ["", "What each rule computes:", ""]
+    lines += [f"- `{rule}`: {computes(rule) or 'see its config'}" for rule in runs]
     lines += [
         "",
         "![curves](curves.png)",

@@ -9,6 +9,7 @@ from driver.data.load import load_dataset
 from driver.run import storage
 from driver.run.run_log import RunLog
 from driver.run.train import train
+from workers.rules.recipes import computes
 
 
 def epochs_to(run: RunLog, target: float) -> int | None:
@@ -44,11 +45,12 @@ def summary(runs: list[RunLog]) -> dict:
 
 def format_table(runs: list[RunLog]) -> str:
     rows = summary(runs)
-    lines = [f"{'rule':<10} {'test acc':>8} {'best val':>8} {'ep->95%bp':>9} {'ms/step':>8}"]
+    lines = [f"{'rule':<14} {'test acc':>8} {'best val':>8} {'ep->95%bp':>9} {'ms/step':>8}"]
     for rule, r in rows.items():
         ep = r["epochs_to_95pct_backprop"]
         lines.append(
-            f"{rule:<10} {r['test_acc']:>8.4f} {r['best_val_acc']:>8.4f} "
+            f"{rule:<14} {r['test_acc']:>8.4f} {r['best_val_acc']:>8.4f} "
             f"{'-' if ep is None else ep:>9} {r['step_ms']:>8.2f}"
         )
+    lines += ["", *(f"{rule}: {computes(rule)}" for rule in rows if computes(rule))]
     return "\n".join(lines)

@@ -80,6 +80,32 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# What each variant computes, in a line: shown in `reclra train`'s table, `reclra report` and the
+# benchmark tables, so that a variant that reduces to a known method says so where users read it.
+COMPUTES: dict[str, str] = {
+    "rec_lra": (
+        "rec-LRA targets with a mirror error path and KP synapses set by a weight mirror: in "
+        "the limit Kolen-Pollack backprop (finite-difference act', each layer's own BatchNorm "
+        "Jacobian)"
+    ),
+    "rec_lra_paper": (
+        "rec-LRA as ALGORITHM.md reads the paper: junctions fed from e_L through skip "
+        "synapses, L1/L2 errors, input noise, re-projection"
+    ),
+    "lra_e": "LRA-E (AAAI 2019): targets along the adjacent path, e = z - y, KP synapses",
+    "backprop": "backpropagation (stage-local autograd, the gradient passed between stages)",
+    "kp": "Kolen-Pollack (Akrout et al. 2019): backprop's chain through learned E, exact act'",
+    "sign": "sign symmetry: backprop's chain through rms(W) sign(W) (a one-bit transport)",
+    "fa": "feedback alignment: backprop's chain through fixed random E",
+    "dfa": "direct feedback alignment: e_L sent to every layer through fixed random maps",
+}
+
+
+def computes(variant: str) -> str:
+    """One line on what the variant computes ("" for an unknown one)."""
+    return COMPUTES.get(variant, "")
+
+
 def label(name: str, preset: str = "") -> str:
     """The variant's label: `name`, or `name_preset` for a preset other than the default."""
     return name if not preset or preset == PRESETS.get(name, ("",))[0] else f"{name}_{preset}"
