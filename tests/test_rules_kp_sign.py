@@ -32,7 +32,10 @@ RESNET_SHAPE = (1, 8, 8)
 MLP = ModelConfig(name="mlp", hidden=12, depth=4, gap=2, residual=True, batchnorm=True)
 MLP_SHAPE = (2, 3, 3)
 MODELS = {"resnet8": (RESNET, RESNET_SHAPE), "mlp": (MLP, MLP_SHAPE)}
-RANDOM = dict(kp_init="kaiming", head_init="kaiming", input_noise=0.0, reproject=0.0)
+# E from a random start, never set by the weight mirror (whose default would align it first)
+RANDOM = dict(
+    kp_init="kaiming", head_init="kaiming", input_noise=0.0, reproject=0.0, mirror_angle=0.0
+)
 ADAMW = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1, schedule="constant")
 SGD = OptimConfig(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.0, schedule="constant")
 
@@ -345,6 +348,7 @@ def test_kp_and_sign_are_registered_and_get_their_recipes():
     assert kp.rule.name == "kp"
     assert (kp.optim.name, kp.optim.lr, kp.optim.weight_decay) == ("adamw", 3e-3, 1.0)
     assert kp.rule.kp_init == "kaiming" and kp.rule.head_init == "kaiming"  # Akrout: random E
+    assert kp.rule.mirror_angle == 0.0  # not set by the weight mirror first
     assert kp.rule.input_noise == 0.0 and kp.rule.reproject == 0.0
     sign = load_config(None, ["rule.name=sign"])
     bp = load_config(None, ["rule.name=backprop"])
