@@ -57,7 +57,9 @@ def _learn(stage: Stage, x: torch.Tensor, y: torch.Tensor) -> None:
 def _feedback_moves(gamma: float, optim: OptimConfig) -> tuple[float, float]:
     """(|move of all E|, |move of all W|) in one step (later steps differ anyway: the errors
     that W learns from are carried by E)."""
-    rule = RuleConfig(name="rec_lra", gamma=gamma, kp_init="kaiming", head_init="kaiming")
+    rule = RuleConfig(
+        name="rec_lra", gamma=gamma, kp_init="kaiming", head_init="kaiming", mirror_angle=0.0
+    )
     stage = Stage(_spec(rule, optim))
     units = stage.units()
     before = {
@@ -92,7 +94,9 @@ def test_gamma_scales_the_move_of_the_error_synapses(optim):
 def test_kp_decay_matches_the_forward_weights_so_E_converges_to_gamma_W():
     """KP with weight decay: E - gamma*W shrinks by W's decay factor every step."""
     gamma, wd, lr = 0.5, 0.3, 1e-2
-    rule = RuleConfig(name="rec_lra", gamma=gamma, kp_init="kaiming", head_init="kaiming")
+    rule = RuleConfig(
+        name="rec_lra", gamma=gamma, kp_init="kaiming", head_init="kaiming", mirror_angle=0.0
+    )
     stage = Stage(
         _spec(rule, OptimConfig(name="adamw", lr=lr, weight_decay=wd, schedule="constant"))
     )
@@ -107,7 +111,14 @@ def test_kp_decay_matches_the_forward_weights_so_E_converges_to_gamma_W():
 
 def _tied_stage(**rule_kw) -> Stage:  # noqa: ANN003
     """A rec-LRA mirror stage whose error synapses equal their forward weights."""
-    rule = RuleConfig(name="rec_lra", topology="mirror", beta=1e-7, head_init="kaiming", **rule_kw)
+    rule = RuleConfig(
+        name="rec_lra",
+        topology="mirror",
+        beta=1e-7,
+        head_init="kaiming",
+        mirror_angle=0.0,
+        **rule_kw,
+    )
     stage = Stage(_spec(rule, OptimConfig(name="sgd", lr=0.1, momentum=0.0, weight_decay=0.0)))
     with torch.no_grad():
         for unit in stage.units().values():

@@ -188,7 +188,7 @@ def test_a_run_records_the_angles_it_started_from_and_the_mirror_time(digits, tm
     from driver.api.metrics import Metrics
 
     runs = {}
-    for name, sets in (("off", []), ("on", ["rule.mirror_angle=8.0", 'rule.head_init="kaiming"'])):
+    for name, sets in (("off", ["rule.mirror_angle=0.0"]), ("on", ["rule.mirror_angle=8.0"])):
         metrics = Metrics()
         cfg = load_config(None, [*TINY, "train.max_steps=2", *sets])
         ctl = Controller(cfg, out_dir=tmp_path / name, splits=digits, metrics=metrics)

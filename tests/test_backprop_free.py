@@ -42,7 +42,7 @@ K, B = 4, 6
 SHAPE = (3, 8, 8)
 # Random synapses everywhere (the default recipe starts KP synapses at zero, which would carry
 # nothing at the first step and make the leak tests below vacuous).
-RANDOM = dict(kp_init="kaiming", head_init="kaiming")
+RANDOM = dict(kp_init="kaiming", head_init="kaiming", mirror_angle=0.0)
 TARGET_RULES = {
     "rec_lra-skip": dict(name="rec_lra", topology="skip", **RANDOM),
     "rec_lra-mirror": dict(name="rec_lra", topology="mirror", **RANDOM),

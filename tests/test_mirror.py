@@ -112,7 +112,7 @@ def _feedback(stages) -> dict[str, torch.Tensor]:
 
 def test_a_fresh_stage_starts_aligned_and_reports_it():
     x, y = _data()
-    off = Stage(_spec(head_init="kaiming"))
+    off = Stage(_spec(head_init="kaiming", mirror_angle=0.0))
     on = Stage(_spec(head_init="kaiming", mirror_angle=8.0))
     for st in (off, on):
         st.forward(0, x)
@@ -178,7 +178,7 @@ def test_interleaved_mirror_steps_pull_a_drifting_synapse_back():
     [
         (dict(mirror_angle=-1.0), "rule.mirror_angle"),
         (dict(mirror_angle=50.0), "rule.mirror_angle"),
-        (dict(mirror_every=3), "needs rule.mirror_angle"),
+        (dict(mirror_every=3, mirror_angle=0.0), "needs rule.mirror_angle"),
         (dict(mirror_angle=5.0, mirror_rate=0.0), "rule.mirror_rate"),
     ],
 )

@@ -85,7 +85,7 @@ def test_three_steps_match_reference(case, rescale):
         rescale_error=rescale,
     )
     # the synapses' values are copied in from the reference: the init schemes do not matter
-    rule = RuleConfig(name=name, input_noise=0.0, **shared)
+    rule = RuleConfig(name=name, input_noise=0.0, mirror_angle=0.0, **shared)
     stage = _stage(depth, gap, residual, act, rule, lr)
     params = ref.init_params(D0, H, depth, K, gap, seed=3)
     binding = _bind(stage, params, depth, gap)

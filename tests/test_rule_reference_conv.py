@@ -135,6 +135,7 @@ def _stage(s: dict) -> Stage:
         mix_adjacent=s["mix"],
         reproject=s["reproject"],
         input_noise=0.0,
+        mirror_angle=0.0,  # the synapses are copied in from the reference
         carry_bn=s["carry_bn"],
         rescale_error=s["rescale_error"],
     )

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from workers.blocks import Block, Wire
-from workers.layers import Conv, Layer
+from workers.layers import Layer
 from workers.rules.backprop import Backprop
 from workers.rules.base import register
 
@@ -15,30 +15,11 @@ from workers.rules.base import register
 def feedback_backward(
     layer: Layer, z: torch.Tensor, feedback: torch.Tensor, grad: torch.Tensor, needs_input: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """(the error at the layer's input, sent down through `feedback` in place of W; the weight
-    gradient, the correlation of the input z with the error `grad` at the output).
-
-    A conv takes both from one convolution_backward call, as backprop's own conv backward does:
-    handed `feedback` as its weight, the kernel computes the input gradient with it, and the
-    weight gradient reads only the weight's shape, never its values.
-    """
-    if isinstance(layer, Conv):
-        grad_z, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad,
-            z,
-            feedback,
-            None,
-            [layer.stride] * 2,
-            [layer.padding] * 2,
-            [1, 1],
-            False,
-            [0, 0],
-            1,
-            [needs_input, True, False],
-        )
-        return grad_z, grad_w
-    grad_z = layer.transpose(grad, feedback, z) if needs_input else None
-    return grad_z, layer.weight_grad(z, grad)
+    """(the error at the layer's input, sent down through `feedback` in place of W, or None
+    unless `needs_input`; the weight gradient, the correlation of the input z with the error
+    `grad` at the output): Layer.update_and_carry, one kernel call for both on a conv."""
+    grad_w, grad_z = layer.update_and_carry(z, grad, feedback if needs_input else None)
+    return grad_z, grad_w
 
 
 class _FeedbackMap(torch.autograd.Function):

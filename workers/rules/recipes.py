@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-_PLAIN = {  # what a torch user would do: no input noise, no update re-projection
+_PLAIN = {  # what a torch user would do: no input noise, no update re-projection, no mirror
     "input_noise": 0.0,
+    "mirror_angle": 0.0,
     "reproject": 0.0,
     "head_init": "kaiming",
     "carry_bn": False,
@@ -42,9 +43,11 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         "optim": {"lr": 3e-3, "weight_decay": 1.0},
     },
     # the paper's reading (ALGORITHM.md, [reported]): junctions fed from e_L through skip error
-    # synapses, the L1/L2 error mix, input noise, re-projection, unit-Gaussian forward and error
+    # synapses, the L1/L2 error mix, input noise, re-projection, Gaussian forward and error
     # weights, beta ~ 0.12 and gamma ~ 0.15, e = z - y with no BatchNorm Jacobian in the carry.
-    # c (re-projection) and the weight decay were not recovered: chosen on validation
+    # Chosen on validation (bench.ablation, docs/algorithm.md): the Gaussians at Kaiming scale
+    # (read as unit variance they learned at most 0.48 on the short budget, against 0.68), c
+    # (re-projection, not recovered) and the weight decay
     "rec_lra_paper": {
         "rule": {
             "topology": "skip",
@@ -52,18 +55,18 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
             "mix_adjacent": 0.24,
             "input_noise": 0.1,
             "reproject": 1.0,
-            "init": "gaussian",
+            "init": "kaiming",
             "init_std": 1.0,
-            "feedback_init": "gaussian",
-            "kp_init": "gaussian",
-            "head_init": "gaussian",
+            "feedback_init": "kaiming",
+            "kp_init": "kaiming",
+            "head_init": "kaiming",
             "beta": 0.12,
             "gamma": 0.15,
             "carry_bn": False,
             "rescale_error": False,
             "mirror_angle": 0.0,
         },
-        "optim": {"lr": 1e-3, "weight_decay": 1e-4},
+        "optim": {"lr": 1e-2, "weight_decay": 1e-4},
     },
     # the parent algorithm as published: e = z - y, KP synapses from a random start
     "lra_e": {
@@ -76,7 +79,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # kp and sign: not yet tuned here; the benchmark chooses their lr on validation data.
     # KP needs weight decay to converge (E - gamma*W shrinks by it; the decay of E is matched)
     # (Akrout et al.'s start: E from rule.kp_init at random, no weight mirror)
-    "kp": {"rule": {**_PLAIN, "mirror_angle": 0.0}, "optim": {"lr": 3e-3, "weight_decay": 1.0}},
+    "kp": {"rule": dict(_PLAIN), "optim": {"lr": 3e-3, "weight_decay": 1.0}},
     "sign": {"rule": dict(_PLAIN), "optim": {"lr": 3e-3, "weight_decay": 1.0}},  # backprop's
 }
 
