@@ -5,6 +5,9 @@ and thread pool, so one model's memory traffic does not slow the other's (two mo
 in turn inside one process do interfere: on ResNet-18 the larger working set lost 10-15% that
 way). The processes take turns: the parent asks one for `steps` steps at a time, round-robin,
 so machine noise still hits every config alike. Only one process computes at any moment.
+Ratios are medians over rounds of within-round ratios, of CPU time by default (a busy
+neighbour inflates wall time by up to 1.5x a round here, CPU time much less); wall-time
+ratios are reported beside them.
 
     python -m bench.step_time --rules rec_lra,backprop,kp --model resnet18 --width 32
 """
@@ -43,10 +46,10 @@ def _worker(cfg: Config, input_shape: tuple[int, ...] | None, batch: int, conn: 
         steps = conn.recv()
         if steps is None:
             break
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(steps):
             runner.step(x, y)
-        conn.send(time.perf_counter() - t0)
+        conn.send((time.perf_counter() - t0, time.process_time() - c0))
 
 
 def step_seconds(
@@ -75,12 +78,20 @@ def step_seconds(
             conn.send(warmup)
             conn.recv()
         per_round: dict[str, list[float]] = {name: [] for name in cfgs}
+        cpu_round: dict[str, list[float]] = {name: [] for name in cfgs}
         for _ in range(rounds):
             for name, conn in conns.items():  # one at a time: the others wait
                 conn.send(steps)
-                per_round[name].append(conn.recv() / steps)
+                wall, cpu = conn.recv()
+                per_round[name].append(wall / steps)
+                cpu_round[name].append(cpu / steps)
         return {
-            name: {"step_seconds": statistics.mean(ts), "per_round": ts}
+            name: {
+                "step_seconds": statistics.mean(ts),
+                "per_round": ts,
+                "cpu_step_seconds": statistics.mean(cpu_round[name]),
+                "cpu_per_round": cpu_round[name],
+            }
             for name, ts in per_round.items()
         }
     finally:
@@ -93,10 +104,18 @@ def step_seconds(
                 p.kill()
 
 
-def ratios(times: dict[str, dict[str, Any]], ref: str) -> dict[str, float]:
-    """Each config's step time over `ref`'s, the ratio of the round means."""
-    base = times[ref]["step_seconds"]
-    return {name: t["step_seconds"] / base for name, t in times.items()}
+def ratios(
+    times: dict[str, dict[str, Any]], ref: str, key: str = "cpu_per_round"
+) -> dict[str, float]:
+    """Each config's step time over `ref`'s: the median over rounds of the ratio within a
+    round (the configs of one round ran back to back, so a noisy round cancels out). By default
+    the CPU time of the stepping process (one thread), which a neighbour on a shared machine
+    does not inflate the way it inflates wall time; `key="per_round"` gives wall time."""
+    base = times[ref][key]
+    return {
+        name: statistics.median(a / b for a, b in zip(t[key], base, strict=True))
+        for name, t in times.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -129,8 +148,13 @@ def main(argv: list[str] | None = None) -> dict:
         shape = (load_dataset(base.data).input_shape[0], args.size, args.size)
     times = step_seconds(cfgs, rounds=args.rounds, steps=args.steps, input_shape=shape)
     ref = "backprop" if "backprop" in times else names[0]
+    wall = ratios(times, ref, "per_round")
     for name, r in ratios(times, ref).items():
-        print(f"{name:<12} {1e3 * times[name]['step_seconds']:9.1f} ms/step  {r:.3f}x {ref}")
+        t = times[name]
+        print(
+            f"{name:<12} {1e3 * t['step_seconds']:8.1f} ms/step wall, {wall[name]:.3f}x {ref}; "
+            f"{1e3 * t['cpu_step_seconds']:8.1f} ms CPU, {r:.3f}x {ref}"
+        )
     return times
 
 

@@ -38,6 +38,10 @@ class TrainConfig:
     # in-process: one stage, or pipeline.backend = "local"), restored after; 0 keeps torch's
     # setting. Ray stages take theirs from pipeline.threads_per_stage
     threads: int = 0
+    # CPU runs: each training process's malloc keeps freed memory for reuse instead of handing it
+    # back to the kernel, so a step reuses the last step's pages (workers/allocator.py; rec-LRA's
+    # ResNet-18 step 1.10-1.23x -> 0.99-1.04x backprop's). The process keeps its peak resident
+    keep_freed_memory: bool = True
     out_dir: str = "runs/default"  # a local path or a URI: file://, s3://, gs://, memory://
     log_every: int = 50  # steps between log summaries
     max_steps: int = 0  # stop after this many steps (0: run all epochs)

@@ -35,6 +35,8 @@ class StageSpec:
     device: str = "cpu"
     max_cached: int = 64  # micro-batches a stage may hold between forward and learn
     threads: int = 0  # torch threads for this stage's process; 0 leaves the process setting
+    # on CPU, have this process's malloc keep freed memory for reuse (workers/allocator.py)
+    keep_freed_memory: bool = True
     send_to_cpu: bool = False  # return activations and signals on the CPU (between processes)
     diagnose_every: int = 0  # probe backprop's gradient every N steps (0: never); see diagnostics
     apply_every: int = 1  # learn(apply=True) steps the optimizer once per this many learns

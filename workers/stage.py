@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.allocator import keep_freed_memory
 from workers.assemble import block_units, build_blocks, kp_pairs, named_parameters, trainable
 from workers.blocks import Block, BlockCache
 from workers.diagnostics import BackpropProbe, synapse_angles
@@ -42,6 +43,8 @@ class Stage:
         self._started = False  # the first forward has run (the mirror phase is due before it)
         if spec.threads > 0:
             torch.set_num_threads(spec.threads)
+        if spec.keep_freed_memory and self.device.type == "cpu":
+            keep_freed_memory()
         self._training = False
         self._last_end: float | None = None
         self._cache: dict[Any, Any] = {}

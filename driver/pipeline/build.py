@@ -68,6 +68,7 @@ def base_spec(cfg: Config, splits: DatasetSplits, n_blocks: int | None = None) -
         dtype=cfg.train.dtype,
         device=resolve_device(cfg.train.device),
         diagnose_every=cfg.train.diagnose_every,
+        keep_freed_memory=cfg.train.keep_freed_memory,
     )
 
 
