@@ -205,19 +205,7 @@ class Conv(Layer):
         # input-gradient kernel backprop itself uses. Handing it a real tensor of the source's
         # shape and layout matters: conv_transpose2d and conv2d_input (an expanded dummy input)
         # take CPU paths up to 2x slower.
-        return torch.ops.aten.convolution_backward(
-            e,
-            src,
-            weight,
-            None,
-            [self.stride] * 2,
-            [self.padding] * 2,
-            [1, 1],
-            False,
-            [0, 0],
-            1,
-            [True, False, False],
-        )[0]
+        return self._backward(e, src, weight, carry=True, update=False)[0]
 
     def weight_grad(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return self.update_and_carry(z, e, None)[0]
@@ -227,10 +215,19 @@ class Conv(Layer):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # backprop's own kernel, handed E where backprop would hand W: the input error comes
         # out through E, and the weight correlation (of z with e) does not depend on either
+        weight = self.weight if feedback is None else feedback
+        carried, grad = self._backward(e, z, weight, carry=feedback is not None, update=True)
+        return grad, carried
+
+    def _backward(
+        self, e: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, *, carry: bool, update: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conv's backward kernel: (e through `weight` to z's shape, the correlation of z
+        with e), each only where asked (the other slot is then undefined)."""
         carried, grad, _ = torch.ops.aten.convolution_backward(
             e,
             z,
-            self.weight if feedback is None else feedback,
+            weight,
             None,
             [self.stride] * 2,
             [self.padding] * 2,
@@ -238,9 +235,9 @@ class Conv(Layer):
             False,
             [0, 0],
             1,
-            [feedback is not None, True, False],
+            [carry, update, False],
         )
-        return grad, carried
+        return carried, grad
 
 
 class PooledHead(Dense):

@@ -21,6 +21,7 @@ def _add(slot: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
     return value if slot is None else slot + value
 
 
+@torch.no_grad()
 def sweep_stage(
     blocks: list[Block],
     caches: list[BlockCache],
@@ -32,20 +33,7 @@ def sweep_stage(
 ) -> torch.Tensor | None:
     """Learn a stage's blocks, top first, from the displacement at its output (None at the
     head, which starts from e_L); return the displacement at the stage input. Nothing here
-    builds a graph: the only backward taken is each BatchNorm layer's own, from its cache."""
-    with torch.no_grad():
-        return _sweep(blocks, caches, rule, d_out=d_out, e_out=e_out, losses=losses)
-
-
-def _sweep(
-    blocks: list[Block],
-    caches: list[BlockCache],
-    rule: Rule,
-    *,
-    d_out: torch.Tensor | None,
-    e_out: torch.Tensor,
-    losses: dict[str, torch.Tensor],
-) -> torch.Tensor | None:
+    builds a graph: each layer's backward is an explicit kernel on its own cache."""
     for block, cache in zip(reversed(blocks), reversed(caches), strict=True):
         d_out = sweep_block(block, cache, rule, d_out=d_out, e_out=e_out, losses=losses)
     return d_out
