@@ -79,7 +79,8 @@ def search(base: Config, rules: list[str], grid: list[float], seeds: list[int], 
     for _ in range(args.widen + 1):
         pairs = [(r, lr, s) for r, lr in todo for s in seeds]
         cfgs = [_cfg(base, r, lr, s) for r, lr, s in pairs]
-        for (r, lr, _), out in zip(pairs, run_all(cfgs, args.workers), strict=True):
+        selection = run_all(cfgs, args.workers, track_test=False)  # validation only
+        for (r, lr, _), out in zip(pairs, selection, strict=True):
             runs[r].setdefault(lr, []).append(out)
         todo = []
         for r, lr in select(runs).items():
