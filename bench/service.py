@@ -27,8 +27,8 @@ import ray
 from bench.output import save
 from driver.api.metrics import Metrics, MetricsServer
 from driver.api.service import Client, Service, messages
-from driver.api.service_config import ServiceConfig
 from driver.config import parse_config
+from driver.config.service import ServiceConfig
 from driver.data.load import load_dataset
 from driver.run import checkpoint
 from driver.run.callbacks import Callback

@@ -74,6 +74,46 @@ def _serve(cfg: Config) -> None:
     endpoint.close()
 
 
+def _train(cfg: Config, args: argparse.Namespace) -> None:
+    """`reclra train`: the main rule (resumed with --resume), then the compared rules and their
+    table; with metrics.enabled, one /metrics endpoint serves every run of the command."""
+    from driver.api.metrics import Metrics, MetricsServer
+    from driver.api.metrics_callback import MetricsCallback
+    from driver.run.compare import compare_rules, format_table
+    from driver.run.train import train
+
+    metrics = server = None
+    if cfg.metrics.enabled:
+        metrics = Metrics()
+        server = MetricsServer(metrics, cfg.metrics.addr, cfg.metrics.port)
+        logging.getLogger(__name__).info("metrics at %s", server.url)
+
+    def observers(c: Config) -> list:
+        return [] if metrics is None else [MetricsCallback(metrics, c.rule.label)]
+
+    try:
+        if args.resume:
+            run = train(
+                cfg,
+                quiet=args.quiet,
+                progress=args.progress,
+                resume=args.resume,
+                callbacks=observers(cfg),
+            )
+            curves = storage.describe(storage.join(cfg.train.out_dir, run.rule, "metrics.json"))
+            print(
+                f"{run.rule}: test acc {run.test_acc:.4f} after {run.steps} steps; curves: {curves}"
+            )
+            return
+        runs = compare_rules(cfg, quiet=args.quiet, progress=args.progress, callbacks=observers)
+        print(format_table(runs))
+        curves = storage.describe(storage.join(cfg.train.out_dir, "<rule>", "metrics.json"))
+        print(f"curves: {curves}")
+    finally:
+        if server is not None:
+            server.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -91,23 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.command == "train" and args.resume:
-            from driver.run.train import train
-
-            run = train(cfg, quiet=args.quiet, progress=args.progress, resume=args.resume)
-            curves = storage.describe(storage.join(cfg.train.out_dir, run.rule, "metrics.json"))
-            print(
-                f"{run.rule}: test acc {run.test_acc:.4f} after {run.steps} steps; curves: {curves}"
-            )
-        elif args.command == "serve":
+        if args.command == "serve":
             _serve(cfg)
-        elif args.command == "train":
-            from driver.run.compare import compare_rules, format_table
-
-            runs = compare_rules(cfg, quiet=args.quiet, progress=args.progress)
-            print(format_table(runs))
-            curves = storage.describe(storage.join(cfg.train.out_dir, "<rule>", "metrics.json"))
-            print(f"curves: {curves}")
+        else:
+            _train(cfg, args)
     except (ConfigError, DataError, ValueError) as exc:
         print(f"reclra: error: {exc}", file=sys.stderr)
         return 2

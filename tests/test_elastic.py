@@ -19,6 +19,7 @@ from ckpt_helpers import TINY
 from prometheus_client import generate_latest
 
 from driver.api.metrics import Metrics, MetricsServer
+from driver.api.metrics_callback import MetricsCallback
 from driver.config import load_config
 from driver.pipeline.elastic import Elastic, largest_fitting
 from driver.pipeline.partition import Partition
@@ -135,9 +136,8 @@ def _elastic_run(digits, out: Path, run_id: str) -> tuple[Controller, Metrics, S
         load_config(None, ELASTIC),
         out_dir=out,
         splits=digits,
-        metrics=metrics,
         run_id=run_id,
-        callbacks=[counts],
+        callbacks=[MetricsCallback(metrics, run_id), counts],
     )
     return ctl, metrics, counts
 

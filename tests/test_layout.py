@@ -142,3 +142,56 @@ def test_layout_parser_reads_nested_folders() -> None:
         "driver/run/controller.py",
         "driver/cli.py",
     }
+
+
+# The layer order of the code, lowest first: a module may import its own layer and those below
+# it, never one above (TYPE_CHECKING imports included). workers/ (pure torch) and cluster/ (Ray
+# plumbing) know nothing of each other or of driver/; inside driver/, config sits at the bottom,
+# then data, pipeline, run (the lifecycle: it learns of the service only through callbacks), api
+# (metrics, the service, reports) and the command line.
+LAYERS: list[tuple[str, ...]] = [
+    ("workers",),
+    ("cluster",),
+    ("driver.config",),
+    ("driver.data",),
+    ("driver.pipeline",),
+    ("driver.run",),
+    ("driver.api",),
+    ("driver.cli",),
+]
+
+
+def layer_of(module: str) -> int:
+    for i, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    raise AssertionError(f"{module} is in no layer of LAYERS; place it")
+
+
+def test_imports_follow_the_layer_order() -> None:
+    files = product_files()
+    names = {module_name(p) for p in files}
+    against = []
+    for path in files:
+        mod = module_name(path)
+        for dep in sorted(imports(path, names)):
+            low, high = layer_of(dep), layer_of(mod)
+            # workers and cluster are side by side: neither imports the other
+            side_by_side = {low, high} == {0, 1}
+            if low > high or side_by_side:
+                against.append(f"{mod} imports {dep}")
+    assert not against, "imports against the layer order: " + "; ".join(against)
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path: Path) -> None:
+    """A lower layer importing a higher one, even only for type checking, is caught."""
+    f = tmp_path / "x.py"
+    f.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from driver.api.metrics import Metrics\n"
+    )
+    found = imports(f, {"driver.api.metrics"})
+    assert found == {"driver.api.metrics"} and layer_of("driver.api.metrics") > layer_of(
+        "driver.run.x"
+    )

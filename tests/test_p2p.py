@@ -15,7 +15,7 @@ from test_pipeline_local import (  # the same tiny float64 model
 )
 
 from cluster.errors import ActorError
-from driver.pipeline.config import PipelineConfig
+from driver.config.pipeline import PipelineConfig
 from driver.pipeline.p2p import P2PPipeline
 from driver.pipeline.stream import LocalPipeline
 from workers.chain import LocalRunner, stage_specs

@@ -12,7 +12,7 @@ from ray.exceptions import RayActorError
 
 from cluster.errors import ActorDied, ActorError, ActorTimeout, PlacementError
 from cluster.group import ActorGroup
-from driver.pipeline.config import PipelineConfig
+from driver.config.pipeline import PipelineConfig
 from driver.pipeline.stream import RayPipeline
 from driver.run.stats import StatsBook
 from workers.chain import LocalRunner, stage_specs

@@ -14,6 +14,7 @@ from ckpt_helpers import TINY
 from prometheus_client import generate_latest
 
 from driver.api.metrics import Metrics
+from driver.api.metrics_callback import MetricsCallback
 from driver.config import load_config
 from driver.run import checkpoint
 from driver.run.controller import Controller, RunFailed, RunState
@@ -50,7 +51,13 @@ def test_killed_stage_is_recreated_and_the_run_ends_as_if_nothing_happened(
     ref = train(cfg, quiet=True, out_dir=tmp_path / "ref", splits=digits)
 
     metrics = Metrics()
-    ctl = Controller(cfg, out_dir=tmp_path / "hit", splits=digits, metrics=metrics, run_id="hit")
+    ctl = Controller(
+        cfg,
+        out_dir=tmp_path / "hit",
+        splits=digits,
+        run_id="hit",
+        callbacks=[MetricsCallback(metrics, "hit")],
+    )
     seen: list[RunState] = []
     killed = False
     while not ctl.done:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from driver.api.service import Client, RpcError, Service, StatusCode, messages
-from driver.api.service_config import ServiceConfig, TokenMissing
+from driver.config.service import ServiceConfig, TokenMissing
 from driver.run import checkpoint
 
 RUN = """

@@ -22,8 +22,8 @@ import ray
 import torch
 
 from cluster.group import ActorGroup
+from driver.config.pipeline import PipelineConfig
 from driver.pipeline.batches import split
-from driver.pipeline.config import PipelineConfig
 from driver.pipeline.p2p_stage import P2PStage
 from driver.pipeline.stream import pipeline_specs
 from workers.spec import StageSpec, StageStats

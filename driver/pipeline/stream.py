@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from driver.config.pipeline import PipelineConfig
 from driver.pipeline.batches import split
-from driver.pipeline.config import PipelineConfig
 from driver.pipeline.cut import Cut
 from driver.pipeline.schedule import APPLY, FORWARD, LEARN, Op, Stream
 from driver.pipeline.stages import LocalStages, RayStages, Stages

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from driver.api.metrics import Metrics
 from driver.config import Config, config_to_dict, resolved_line
 from driver.data.common import DatasetSplits
 from driver.data.load import load_dataset
@@ -31,7 +30,7 @@ from driver.run.callbacks import TERMINAL, Callback, RunState
 from driver.run.ckpt_writer import Checkpoints, run_part
 from driver.run.epochs import Epoch, Position
 from driver.run.errors import RECOVERABLE, RunFailed, failure_message
-from driver.run.observers import MetricsCallback, RunLogWriter
+from driver.run.observers import RunLogWriter
 from driver.run.progress import Progress
 from driver.run.resize import Resizing
 from driver.run.run_log import RunLog
@@ -46,9 +45,10 @@ log = logging.getLogger(__name__)
 class Controller(TrainingWork, Resizing):
     """Drives one training run: data, runner, epochs, evaluation, checkpoints, recovery.
 
-    `callbacks` observe it (default: progress log lines); the run log (metrics.json) is always
-    written, and `metrics` adds the run's Prometheus series. A `resume` checkpoint that cannot
-    be used raises CheckpointError here, before the run exists."""
+    `callbacks` observe it (default: progress log lines; the service adds its Prometheus
+    series, driver/api/metrics_callback.py); the run log (metrics.json) is always written. A
+    `resume` checkpoint that cannot be used raises CheckpointError here, before the run
+    exists."""
 
     def __init__(
         self,
@@ -59,7 +59,6 @@ class Controller(TrainingWork, Resizing):
         resume: str | Path | None = None,
         track_test: bool = False,
         callbacks: Sequence[Callback] | None = None,
-        metrics: Metrics | None = None,
         run_id: str | None = None,
     ) -> None:
         self.cfg, self.track_test = cfg, track_test
@@ -92,8 +91,6 @@ class Controller(TrainingWork, Resizing):
             checkpoint.check_compatible(state, self.config, resume)
             self._restore(state)
         own: list[Callback] = [RunLogWriter(storage.join(self.out, "metrics.json"))]
-        if metrics is not None:
-            own.append(MetricsCallback(metrics, self.run_id))
         self.callbacks = [*own, *(callbacks if callbacks is not None else [Progress()])]
 
     # -- driving ------------------------------------------------------------------------------
