@@ -80,3 +80,22 @@ def connect(cfg: ClusterConfig) -> bool:
         ray.cluster_resources(),
     )
     return not remote
+
+
+class RaySession:
+    """The Ray a runner uses: joined (or started) on construction; close() shuts down only a
+    local Ray this session started, never a cluster it joined or a Ray someone else began."""
+
+    def __init__(self, cfg: ClusterConfig) -> None:
+        self.started = connect(cfg)
+
+    @property
+    def can_grow(self) -> bool | None:
+        """False for a local Ray this session started (a placement that cannot fit never
+        will); None: ask the cluster (an autoscaler may add nodes)."""
+        return False if self.started else None
+
+    def close(self) -> None:
+        if self.started and ray.is_initialized():
+            ray.shutdown()
+        self.started = False

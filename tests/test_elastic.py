@@ -20,7 +20,7 @@ from prometheus_client import generate_latest
 
 from driver.api.metrics import Metrics, MetricsServer
 from driver.api.metrics_callback import MetricsCallback
-from driver.config import load_config
+from driver.config import config_to_dict, load_config
 from driver.pipeline.elastic import Elastic, largest_fitting
 from driver.pipeline.partition import Partition
 from driver.run import checkpoint
@@ -151,6 +151,7 @@ def test_a_run_that_cannot_place_3_stages_again_goes_on_on_2_then_grows_back(
     on 2. At step 9 the CPU is given back: the checkpoint at step 12 finds room for 3 and the
     run grows back. /metrics is scraped after every build."""
     ctl, metrics, counts = _elastic_run(digits, tmp_path, "el")
+    asked, asked_dict = ctl.cfg, config_to_dict(ctl.cfg)
     server = MetricsServer(metrics)
     gauge: list[float] = []
     hold, killed, shrunk = None, False, None
@@ -184,6 +185,9 @@ def test_a_run_that_cannot_place_3_stages_again_goes_on_on_2_then_grows_back(
     assert ctl.restarts == restarts  # neither the shrink nor the growth counts as a restart
     assert ctl.run.partition[:3] == [0, 1, 3]  # the partition asked for, again
     assert ctl.run.steps == STEPS  # the full step count
+    # the config is input, never state: the same object, unchanged, through shrink and growth
+    assert ctl.cfg is asked and config_to_dict(ctl.cfg) == asked_dict
+    assert ctl.cfg.pipeline.stages == 3 and ctl.plan is not None and ctl.plan.k == 3
     _assert_same_weights(_final_units(tmp_path), one_process)  # nothing lost or learned twice
 
 

@@ -195,3 +195,33 @@ def test_the_layer_check_sees_an_upward_import(tmp_path: Path) -> None:
     assert found == {"driver.api.metrics"} and layer_of("driver.api.metrics") > layer_of(
         "driver.run.x"
     )
+
+
+def _classes() -> dict[str, list[str]]:
+    """Every class defined in the product: its name -> the names of its bases."""
+    out: dict[str, list[str]] = {}
+    for path in product_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                out[f"{module_name(path)}.{node.name}"] = [ast.unparse(b) for b in node.bases]
+    return out
+
+
+def test_no_class_inherits_from_more_than_one_project_class() -> None:
+    """Collaborators are composed, not mixed in: a class in driver/ or cluster/ has at most one
+    base of the project's own (and no Protocol listing a host's private attributes)."""
+    classes = _classes()
+    ours = {name.rsplit(".", 1)[1] for name in classes}
+    mixed = {
+        name: bases
+        for name, bases in classes.items()
+        if name.startswith(("driver.", "cluster."))
+        and sum(b.rsplit(".", 1)[-1] in ours for b in bases) > 1
+    }
+    assert not mixed, f"classes with several project bases: {mixed}"
+    hosts = [
+        name
+        for name, bases in classes.items()
+        if "Protocol" in bases and name.rsplit(".", 1)[1].startswith("_")
+    ]
+    assert not hosts, f"private Protocols of a host's attributes: {hosts}"

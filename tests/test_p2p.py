@@ -264,7 +264,7 @@ def test_a_p2p_run_recovers_a_killed_stage_and_ends_with_one_process_weights(
     while not ctl.done:
         ctl.step()
         if not killed and ctl.run.steps == 8 and ctl.state is RunState.RUNNING:
-            assert type(ctl.runner).__name__ == "P2PRunner"
+            assert type(ctl.runner).__name__ == "P2PPipeline"
             actor = ctl.runner.group.actors[1]  # type: ignore[union-attr]
             pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
             os.kill(pid, signal.SIGKILL)

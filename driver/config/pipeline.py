@@ -82,8 +82,3 @@ class PipelineConfig:
                 f"pipeline.boundaries: {len(self.boundaries)} cuts given for "
                 f"{self.stages} stages; give stages - 1 block indices, or none"
             )
-
-    @property
-    def window(self) -> int:
-        """Forwards a stage may run ahead of its learns (the stage count until resolved)."""
-        return self.max_in_flight or (self.stages if isinstance(self.stages, int) else 1)
