@@ -23,7 +23,7 @@ from driver.api.metrics_callback import MetricsCallback
 from driver.config import config_to_dict, load_config
 from driver.pipeline.elastic import Elastic, largest_fitting
 from driver.pipeline.partition import Partition
-from driver.run import checkpoint
+from driver.run import checkpoint_store
 from driver.run.callbacks import Callback, RunState, RunView
 from driver.run.controller import Controller
 from driver.run.train import train
@@ -108,7 +108,7 @@ def one_process(digits, tmp_path_factory):
 
 
 def _final_units(out: Path) -> dict:
-    return checkpoint.load(out / "rec_lra" / "checkpoints")["runner"]["units"]
+    return checkpoint_store.load(out / "rec_lra" / "checkpoints")["runner"]["units"]
 
 
 def _kill_worker(actor) -> None:  # noqa: ANN001

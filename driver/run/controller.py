@@ -26,9 +26,9 @@ from driver.data.load import load_dataset
 from driver.pipeline.build import Runner
 from driver.pipeline.elastic import Elastic
 from driver.pipeline.plan import PipelinePlan
-from driver.run import checkpoint, storage
+from driver.run import checkpoint_store, storage
 from driver.run.callbacks import TERMINAL, Callback, RunState
-from driver.run.ckpt_writer import Checkpoints, run_part
+from driver.run.checkpointing import Checkpoints, run_part
 from driver.run.epochs import Epoch, Position
 from driver.run.errors import RECOVERABLE, FailurePolicy, RunFailed, failure_message
 from driver.run.observers import RunLogWriter
@@ -46,7 +46,7 @@ class Controller:
 
     One class that only steps states; it composes its collaborators rather than inheriting
     them: the runner and its plan (driver/pipeline/build.py), the elastic stage count
-    (driver/pipeline/elastic.py), the checkpoint writer (driver/run/ckpt_writer.py), the
+    (driver/pipeline/elastic.py), the checkpoint writer (driver/run/checkpointing.py), the
     failure policy (driver/run/errors.py) and the callbacks that observe it.
 
     `callbacks` observe it (default: progress log lines; the service adds its Prometheus
@@ -93,8 +93,8 @@ class Controller:
         self._stop = False
         self._threads: int | None = None  # torch's thread count before train.threads
         if resume is not None:
-            state = checkpoint.load(resume)
-            checkpoint.check_compatible(state, self.config, resume)
+            state = checkpoint_store.load(resume)
+            checkpoint_store.check_compatible(state, self.config, resume)
             self._restore(state)
         own: list[Callback] = [RunLogWriter(storage.join(self.out, "metrics.json"))]
         self.callbacks = [*own, *(callbacks if callbacks is not None else [Progress()])]
@@ -187,7 +187,7 @@ class Controller:
         if self._resume_state is not None:
             self.runner.load_state_dict(self._resume_state["runner"])
             self._resume_state = None
-        elif self.cfg.train.max_restarts and not checkpoint.checkpoints(self.ckpt_dir):
+        elif self.cfg.train.max_restarts and not checkpoint_store.checkpoints(self.ckpt_dir):
             self._save(final=False)  # recovery needs something to go back to from step 1 on
         return RunState.RUNNING
 
@@ -239,7 +239,7 @@ class Controller:
 
     def _recovering(self) -> RunState:
         self._close()  # waits for the writer: the last good checkpoint is complete on disk
-        self._restore(checkpoint.load(self.ckpt_dir))
+        self._restore(checkpoint_store.load(self.ckpt_dir))
         self.restarts += 1
         for cb in self.callbacks:
             cb.on_restart(self)
@@ -257,7 +257,7 @@ class Controller:
         log.info("%s: continuing at %s", self.cfg.rule.label, at)
 
     def _save(self, *, final: bool) -> None:
-        """Snapshot the run now (driver/run/ckpt_writer.py); the write goes on in the
+        """Snapshot the run now (driver/run/checkpointing.py); the write goes on in the
         background. A final checkpoint is waited for, and its failure fails the run."""
         assert self.runner is not None
         position = {"epoch": self.pos.epoch, "batch": self.pos.batch}
@@ -274,7 +274,7 @@ class Controller:
         action, message = self.failures.after_lost_actors(
             exc,
             restarts=self.restarts,
-            has_checkpoint=bool(checkpoint.checkpoints(self.ckpt_dir)),
+            has_checkpoint=bool(checkpoint_store.checkpoints(self.ckpt_dir)),
             fresh=self.run.steps == 0 and self._resume_state is None,
             where=str(self.ckpt_dir),
         )

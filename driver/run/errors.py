@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from cluster.errors import ActorDied, ActorError, ActorTimeout, ClusterError, PlacementError
 from driver.data.common import DataError
-from driver.run.checkpoint import CheckpointError
+from driver.run.checkpoint_store import CheckpointError
 from workers.spec import NonFiniteError
 
 RECOVERABLE = (ActorDied, ActorTimeout, PlacementError)
