@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
         "good checkpoint), a local path or a URI such as s3://bucket/runs/rec_lra/checkpoints; "
         "trains cfg.rule only",
     )
+    c = sub.add_parser(
+        "config",
+        help="print the resolved config of a file and --sets (recipes applied) as TOML, each "
+        "key with where its value came from and what it does",
+    )
+    c.add_argument("--config", help="TOML config file")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r = sub.add_parser("report", help="plots and a markdown summary of a finished run")
     r.add_argument("run_dir", help="the run's train.out_dir (holding <rule>/metrics.json)")
     r.add_argument("--out", help="where to write (default: the run directory)")
@@ -131,7 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.command == "serve":
+        if args.command == "config":
+            from driver.config.docs import describe
+
+            print(describe(cfg), end="")
+        elif args.command == "serve":
             _serve(cfg)
         else:
             _train(cfg, args)

@@ -70,6 +70,18 @@ class PipelineConfig:
             if not ok:
                 raise ValueError(f"pipeline.{key}: out of range ({getattr(self, key)!r})")
         check_choices("pipeline", self)
+        if self.engine == "p2p" and self.backend == "local":
+            raise ValueError(
+                'pipeline.engine: "p2p" runs its stages as Ray actors; set pipeline.backend = '
+                '"auto" or "ray", or engine = "stream" for stages in this process'
+            )
+        if self.stages == "auto" and self.backend == "local":
+            raise ValueError('pipeline.stages: "auto" needs the Ray backend (pipeline.backend)')
+        if self.engine == "p2p" and self.transport == "nccl" and 0 <= self.gpus_per_stage < 1:
+            raise ValueError(
+                "pipeline.transport: nccl needs a whole GPU per stage (it refuses two ranks on "
+                'one device); set pipeline.gpus_per_stage = 1, or transport = "gloo"'
+            )
         if self.engine == "p2p" and self.transport == "object_store":
             raise ValueError(
                 'pipeline.transport: "object_store" is the stream engine\'s; the p2p engine sends '

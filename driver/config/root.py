@@ -43,17 +43,20 @@ class Config:
     # [compare.<rule>.rule] and [compare.<rule>.optim]: a compared rule's own settings, applied
     # over its recipe (with_rule). Only rules listed in train.compare may have a table.
     compare: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    # where each [rule] and [optim] value came from: "rule.beta" -> "user" (the file or --set)
-    # or "recipe" (the rule's recipe filled a key the user left unset); absent: the default
+    # where each value came from: "rule.beta" -> "user" (the file or --set) or "recipe" (the
+    # rule's recipe filled a [rule] or [optim] key the user left unset); absent: the default
     origin: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        """The checks that span sections (each section checks its own keys)."""
         for name in self.compare:
             if name not in self.train.compare:
                 raise ValueError(
                     f"compare.{name}: {name!r} is not in train.compare; add it there or drop "
                     "the table"
                 )
+        if self.pipeline.transport == "nccl" and self.train.device == "cpu":
+            raise ValueError('pipeline.transport: nccl needs train.device = "cuda"; use gloo')
         if self.pipeline.micro_batches > self.train.batch_size:
             raise ValueError(
                 f"pipeline.micro_batches ({self.pipeline.micro_batches}) exceeds "
@@ -125,7 +128,7 @@ def parse_config(
             )
         raw[section][name] = value
     rule = label(str(raw["rule"].get("name", RuleConfig.name)), str(raw["rule"].get("preset", "")))
-    origin = {f"{sec}.{key}": "user" for sec in TUNED for key in raw[sec]}
+    origin = {f"{sec}.{key}": "user" for sec in SECTIONS for key in raw[sec]}
     for section in TUNED:  # the rule's (or its preset's) own recipe, under what the config sets
         filled = recipe(rule, section)
         origin.update({f"{section}.{k}": "recipe" for k in filled if k not in raw[section]})
@@ -231,7 +234,7 @@ def with_rule(cfg: Config, name: str) -> Config:
     Nothing of the main rule's [rule] carries over."""
     rule_name, preset = split_label(name)
     own = cfg.compare.get(name, {})
-    origin = {k: v for k, v in cfg.origin.items() if k.startswith("optim.")}
+    origin = {k: v for k, v in cfg.origin.items() if not k.startswith("rule.")}
     values: dict[str, dict[str, Any]] = {}
     for section in TUNED:
         filled, mine = recipe(name, section), own.get(section, {})
