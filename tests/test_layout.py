@@ -91,9 +91,10 @@ def test_actor_calls_name_their_methods() -> None:
 
 
 def readme_layout(text: str) -> set[str]:
-    """The paths a README's layout block lists: `dir/` lines open a folder (indent: two spaces
-    a level), other lines name a file in the folder above them."""
-    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    """The paths the layout page's block lists (docs/layout.md, its first code block): `dir/`
+    lines open a folder (indent: two spaces a level), other lines name a file in the folder
+    above them."""
+    block = text.split("```", 2)[1]
     listed: set[str] = set()
     stack: list[str] = []
     for line in block.splitlines():
@@ -121,10 +122,10 @@ def test_readme_layout_mirrors_the_tree() -> None:
         and "__pycache__" not in p.parts
     }
     actual |= {str(Path(f).parent) for f in actual}
-    listed = readme_layout((ROOT / "README.md").read_text())
+    listed = readme_layout((ROOT / "docs" / "layout.md").read_text())
     listed = {p for p in listed if p.split("/")[0] in PACKAGES}
     assert listed == actual, (
-        f"README layout lacks {sorted(actual - listed)}; lists what is not there: "
+        f"docs/layout.md lacks {sorted(actual - listed)}; lists what is not there: "
         f"{sorted(listed - actual)}"
     )
 
@@ -132,7 +133,7 @@ def test_readme_layout_mirrors_the_tree() -> None:
 def test_layout_parser_reads_nested_folders() -> None:
     """The parser walks folders by indent and skips continuation lines, so the comparison above
     sees a misplaced or missing file."""
-    text = "## Layout\n\n```\nworkers/  what\n  stage.py  does\n           more words\n"
+    text = "# Layout\n\n```\nworkers/  what\n  stage.py  does\n           more words\n"
     text += "driver/\n  run/\n    controller.py\n  cli.py\n```\n"
     assert readme_layout(text) == {
         "workers",
@@ -225,3 +226,47 @@ def test_no_class_inherits_from_more_than_one_project_class() -> None:
         if "Protocol" in bases and name.rsplit(".", 1)[1].startswith("_")
     ]
     assert not hosts, f"private Protocols of a host's attributes: {hosts}"
+
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _docs() -> list[Path]:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return pages + [p for p in (ROOT / "deploy" / "README.md", ROOT / "bench" / "README.md")]
+
+
+def test_every_relative_link_in_the_docs_resolves() -> None:
+    """README.md, docs/ and the folder READMEs: every relative link names a file or folder that
+    exists (links into ../shared may point outside a user's clone and are not checked)."""
+    broken = []
+    for page in _docs():
+        for target in LINK.findall(page.read_text()):
+            if "://" in target or target.startswith(("#", "mailto:")) or "shared/" in target:
+                continue
+            path = (page.parent / target.split("#", 1)[0]).resolve()
+            if not path.exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, "broken links: " + "; ".join(broken)
+
+
+def test_the_readme_is_a_front_door() -> None:
+    text = (ROOT / "README.md").read_text()
+    assert len(text.encode()) <= 20_000, "README.md over 20 KB: move details to docs/"
+    assert "docs/" in text
+
+
+def test_the_readme_map_names_every_top_level_folder() -> None:
+    """The README's map (its "## Map" block) lists exactly the top-level folders of the tree."""
+    block = (ROOT / "README.md").read_text().split("## Map", 1)[1].split("```", 2)[1]
+    listed = {line.split()[0].rstrip("/") for line in block.splitlines() if line.strip()}
+    folders = {
+        p.name
+        for p in ROOT.iterdir()
+        if p.is_dir()
+        and not p.name.startswith(".")
+        and p.name not in ("runs", "build")
+        and not p.name.endswith(".egg-info")
+        and p.name != "__pycache__"
+    }
+    assert listed == folders, f"map {sorted(listed)} != tree {sorted(folders)}"
