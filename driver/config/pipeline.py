@@ -46,9 +46,22 @@ class PipelineConfig:
     elastic: bool = False
     """When the stages cannot be placed again, go on from the last checkpoint on the largest
     stage count that fits, and back to `stages` at a checkpoint once it fits again."""
-    engine: Literal["stream", "p2p"] = "stream"
-    """stream: the driver submits every op as an actor call; p2p: each stage runs a whole step
-    per call and sends to its neighbours itself (torch.distributed), K calls a step."""
+    engine: Literal["auto", "stream", "p2p"] = "auto"
+    """How stages on Ray are driven. p2p: each stage runs a whole step per call and sends to
+    its neighbours itself (torch.distributed), K calls a step; stream: the driver submits every
+    op as an actor call. auto: p2p (faster wherever measured, docs/pipeline.md), except where
+    only stream runs: stages in this process (backend local), the object-store transport, and
+    nccl between stages that share a GPU."""
+
+    @property
+    def resolved_engine(self) -> Literal["stream", "p2p"]:
+        """The engine `engine` stands for with the rest of this section."""
+        if self.engine != "auto":
+            return self.engine
+        shared_gpu = self.transport == "nccl" and 0 <= self.gpus_per_stage < 1
+        if self.backend == "local" or self.transport == "object_store" or shared_gpu:
+            return "stream"
+        return "p2p"
 
     def __post_init__(self) -> None:
         if self.stages != "auto" and not (

@@ -89,7 +89,7 @@ def build_runner(
     specs = stage_specs(base, list(part.bounds))
     use_ray = pc.backend == "ray" or (pc.backend == "auto" and len(specs) > 1)
     if use_ray:
-        engine = P2PPipeline if pc.engine == "p2p" else RayPipeline
+        engine = P2PPipeline if pc.resolved_engine == "p2p" else RayPipeline
         session = RaySession(cfg.cluster)
         try:  # a local Ray this run started cannot grow: a placement that cannot fit fails now
             fixed = True if session.can_grow is False else None
@@ -154,7 +154,7 @@ def _plan(cfg: Config, base: StageSpec, names: tuple[str, ...], splits: DatasetS
                 cores=cores,
                 sync=pc.schedule == "sync",
                 single_seconds=single,
-                engine=pc.engine,
+                engine=pc.resolved_engine,
             )
             for j in sorted(ks)
         }
