@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from driver.config import Config
+from driver.config.data import DataConfig
 from driver.data.common import DatasetSplits
-from driver.data.config import DataConfig
 from driver.data.load import load_dataset
 from driver.run.train import train
 

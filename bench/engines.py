@@ -23,8 +23,8 @@ import torch
 
 from bench.output import save
 from bench.pipeline import MODELS as PIPELINE_MODELS
-from bench.scaling_predict import MODEL, pipeline, time_runner
-from bench.scaling_profile import config_of, sample
+from bench.scaling.predict import MODEL, pipeline, time_runner
+from bench.scaling.profile import config_of, sample
 from driver.pipeline.build import base_spec, block_names
 from driver.pipeline.partition import plan_partition
 from workers.chain import LocalRunner

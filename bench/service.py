@@ -27,10 +27,10 @@ import ray
 from bench.output import save
 from driver.api.metrics import Metrics, MetricsServer
 from driver.api.service import Client, Service, messages
-from driver.api.service_config import ServiceConfig
 from driver.config import parse_config
+from driver.config.service import ServiceConfig
 from driver.data.load import load_dataset
-from driver.run import checkpoint
+from driver.run import checkpoint_store
 from driver.run.callbacks import Callback
 from driver.run.controller import Controller, RunState
 
@@ -178,7 +178,7 @@ def checkpoint_speed(out: Path) -> dict:
     times = []
     for i in range(3):
         t0 = time.perf_counter()
-        path = checkpoint.save(out, i, state, keep=1)
+        path = checkpoint_store.save(out, i, state, keep=1)
         times.append(time.perf_counter() - t0)
     mb = path.stat().st_size / 2**20
     return {

@@ -17,11 +17,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class ClusterConfig:
-    address: str = ""  # "" : RAY_ADDRESS if set, else start a local Ray on this machine
-    num_cpus: int = 0  # local cluster only; 0 lets Ray count the cores
-    num_gpus: int = -1  # local cluster only; -1 lets Ray detect them
+    address: str = ""
+    """The Ray cluster to join; "": RAY_ADDRESS if set, else a local Ray on this machine."""
+    num_cpus: int = 0
+    """A local Ray's CPUs; 0 lets Ray count the cores."""
+    num_gpus: int = -1
+    """A local Ray's GPUs; -1 lets Ray detect them."""
     namespace: str = "reclra"
-    runtime_env: dict[str, Any] = field(default_factory=dict)  # Ray runtime_env, e.g. env_vars
+    """The Ray namespace of the run's actors."""
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    """Ray's runtime_env for the workers (e.g. env_vars)."""
 
     def __post_init__(self) -> None:
         if self.num_cpus < 0:
@@ -80,3 +85,22 @@ def connect(cfg: ClusterConfig) -> bool:
         ray.cluster_resources(),
     )
     return not remote
+
+
+class RaySession:
+    """The Ray a runner uses: joined (or started) on construction; close() shuts down only a
+    local Ray this session started, never a cluster it joined or a Ray someone else began."""
+
+    def __init__(self, cfg: ClusterConfig) -> None:
+        self.started = connect(cfg)
+
+    @property
+    def can_grow(self) -> bool | None:
+        """False for a local Ray this session started (a placement that cannot fit never
+        will); None: ask the cluster (an autoscaler may add nodes)."""
+        return False if self.started else None
+
+    def close(self) -> None:
+        if self.started and ray.is_initialized():
+            ray.shutdown()
+        self.started = False

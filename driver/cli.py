@@ -42,6 +42,13 @@ def _parser() -> argparse.ArgumentParser:
         "good checkpoint), a local path or a URI such as s3://bucket/runs/rec_lra/checkpoints; "
         "trains cfg.rule only",
     )
+    c = sub.add_parser(
+        "config",
+        help="print the resolved config of a file and --sets (recipes applied) as TOML, each "
+        "key with where its value came from and what it does",
+    )
+    c.add_argument("--config", help="TOML config file")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r = sub.add_parser("report", help="plots and a markdown summary of a finished run")
     r.add_argument("run_dir", help="the run's train.out_dir (holding <rule>/metrics.json)")
     r.add_argument("--out", help="where to write (default: the run directory)")
@@ -74,6 +81,46 @@ def _serve(cfg: Config) -> None:
     endpoint.close()
 
 
+def _train(cfg: Config, args: argparse.Namespace) -> None:
+    """`reclra train`: the main rule (resumed with --resume), then the compared rules and their
+    table; with metrics.enabled, one /metrics endpoint serves every run of the command."""
+    from driver.api.metrics import Metrics, MetricsServer
+    from driver.api.metrics_callback import MetricsCallback
+    from driver.run.compare import compare_rules, format_table
+    from driver.run.train import train
+
+    metrics = server = None
+    if cfg.metrics.enabled:
+        metrics = Metrics()
+        server = MetricsServer(metrics, cfg.metrics.addr, cfg.metrics.port)
+        logging.getLogger(__name__).info("metrics at %s", server.url)
+
+    def observers(c: Config) -> list:
+        return [] if metrics is None else [MetricsCallback(metrics, c.rule.label)]
+
+    try:
+        if args.resume:
+            run = train(
+                cfg,
+                quiet=args.quiet,
+                progress=args.progress,
+                resume=args.resume,
+                callbacks=observers(cfg),
+            )
+            curves = storage.describe(storage.join(cfg.train.out_dir, run.rule, "metrics.json"))
+            print(
+                f"{run.rule}: test acc {run.test_acc:.4f} after {run.steps} steps; curves: {curves}"
+            )
+            return
+        runs = compare_rules(cfg, quiet=args.quiet, progress=args.progress, callbacks=observers)
+        print(format_table(runs))
+        curves = storage.describe(storage.join(cfg.train.out_dir, "<rule>", "metrics.json"))
+        print(f"curves: {curves}")
+    finally:
+        if server is not None:
+            server.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -91,23 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.command == "train" and args.resume:
-            from driver.run.train import train
+        if args.command == "config":
+            from driver.config.docs import describe
 
-            run = train(cfg, quiet=args.quiet, progress=args.progress, resume=args.resume)
-            curves = storage.describe(storage.join(cfg.train.out_dir, run.rule, "metrics.json"))
-            print(
-                f"{run.rule}: test acc {run.test_acc:.4f} after {run.steps} steps; curves: {curves}"
-            )
+            print(describe(cfg), end="")
         elif args.command == "serve":
             _serve(cfg)
-        elif args.command == "train":
-            from driver.run.compare import compare_rules, format_table
-
-            runs = compare_rules(cfg, quiet=args.quiet, progress=args.progress)
-            print(format_table(runs))
-            curves = storage.describe(storage.join(cfg.train.out_dir, "<rule>", "metrics.json"))
-            print(f"curves: {curves}")
+        else:
+            _train(cfg, args)
     except (ConfigError, DataError, ValueError) as exc:
         print(f"reclra: error: {exc}", file=sys.stderr)
         return 2

@@ -11,10 +11,11 @@ import pytest
 import ray
 import torch
 
+from driver.api.metrics_callback import MetricsCallback
 from driver.config import Config, load_config
+from driver.config.pipeline import PipelineConfig
 from driver.data.common import DatasetSplits
 from driver.pipeline.build import base_spec
-from driver.pipeline.config import PipelineConfig
 from driver.pipeline.stream import RayPipeline
 from driver.run.controller import Controller
 from driver.run.train import train
@@ -191,7 +192,12 @@ def test_a_run_records_the_angles_it_started_from_and_the_mirror_time(digits, tm
     for name, sets in (("off", ["rule.mirror_angle=0.0"]), ("on", ["rule.mirror_angle=8.0"])):
         metrics = Metrics()
         cfg = load_config(None, [*TINY, "train.max_steps=2", *sets])
-        ctl = Controller(cfg, out_dir=tmp_path / name, splits=digits, metrics=metrics)
+        ctl = Controller(
+            cfg,
+            out_dir=tmp_path / name,
+            splits=digits,
+            callbacks=[MetricsCallback(metrics, "rec_lra")],
+        )
         ctl.run_to_end()
         written = json.loads((tmp_path / name / "rec_lra" / "metrics.json").read_text())
         scraped = metrics.registry.get_sample_value

@@ -1,15 +1,15 @@
-"""A short chaos soak (bench/chaos.py) on a real local Ray cluster: one stage's worker process is
-SIGKILLed and the checkpoint location runs out of space once, during one K = 2 sync run; it
-ends with the full step count and the weights of an uninterrupted run."""
+"""A short chaos soak (bench/chaos/soak.py) on a real local Ray cluster: one stage's worker
+process is SIGKILLed and the checkpoint location runs out of space once, during one K = 2 sync
+run; it ends with the full step count and the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
 import pytest
 import ray
 
-from bench.chaos import soak
-from bench.chaos_faults import SmallDisk
-from bench.chaos_plan import Fault, chaos_config
+from bench.chaos.faults import SmallDisk
+from bench.chaos.plan import Fault, chaos_config
+from bench.chaos.soak import soak
 from driver.data.load import load_dataset
 
 pytestmark = pytest.mark.ray

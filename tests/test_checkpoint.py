@@ -9,15 +9,15 @@ import torch
 from ckpt_helpers import TINY
 
 from driver.config import load_config
-from driver.run import checkpoint
-from driver.run.checkpoint import CheckpointError
+from driver.run import checkpoint_store
+from driver.run.checkpoint_store import CheckpointError
 from driver.run.train import train
 
 BASE = [*TINY, "train.epochs=2"]  # the tiny float64 digits run, two epochs
 
 
 def _units(path):
-    return checkpoint.load(path)["runner"]["units"]
+    return checkpoint_store.load(path)["runner"]["units"]
 
 
 def _assert_same(a: dict, b: dict, tol: float = 0.0) -> None:
@@ -39,10 +39,10 @@ def uninterrupted(digits, tmp_path_factory):
 
 def test_checkpoints_written_every_n_steps_and_at_the_end(uninterrupted):
     ckpts, run = uninterrupted
-    steps = [int(p.name[5:13]) for p in checkpoint.checkpoints(ckpts)]
+    steps = [int(p.name[5:13]) for p in checkpoint_store.checkpoints(ckpts)]
     # step 0: written at the start so that a lost stage can always be recovered
     assert run.steps == 2 * 19 and steps == [0, 7, 14, 21, 28, 35, 38]
-    state = checkpoint.load(ckpts / "ckpt-00000007.pt")
+    state = checkpoint_store.load(ckpts / "ckpt-00000007.pt")
     assert state["position"] == {"epoch": 0, "batch": 7}
     assert state["config"]["model"]["width"] == 4
     units = state["runner"]["units"]  # keyed by layer name, error synapses with their layer
@@ -76,7 +76,7 @@ def test_resumed_run_ends_with_the_same_weights(uninterrupted, digits, tmp_path,
 def _digest(directory) -> dict:
     return {
         p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in checkpoint.checkpoints(directory)
+        for p in checkpoint_store.checkpoints(directory)
     }
 
 
@@ -113,14 +113,14 @@ def test_mismatched_checkpoint_names_the_keys(uninterrupted, digits, tmp_path):
 
 def test_keep_prunes_old_checkpoints(tmp_path):
     for step in range(1, 6):
-        checkpoint.save(tmp_path, step, {"x": torch.zeros(1)}, keep=2)
-    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == [
+        checkpoint_store.save(tmp_path, step, {"x": torch.zeros(1)}, keep=2)
+    assert [p.name for p in checkpoint_store.checkpoints(tmp_path)] == [
         "ckpt-00000004.pt",
         "ckpt-00000005.pt",
     ]
-    assert checkpoint.load(tmp_path)["x"].shape == (1,)  # a directory loads its newest
+    assert checkpoint_store.load(tmp_path)["x"].shape == (1,)  # a directory loads its newest
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no ckpt"):
-        checkpoint.load(tmp_path / "empty")
+        checkpoint_store.load(tmp_path / "empty")
     with pytest.raises(CheckpointError, match="no file at"):
-        checkpoint.load(tmp_path / "missing.pt")
+        checkpoint_store.load(tmp_path / "missing.pt")

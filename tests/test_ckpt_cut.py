@@ -12,7 +12,7 @@ from ckpt_helpers import stage_states as _stage_states
 from driver.config import load_config
 from driver.pipeline.build import build_runner
 from driver.pipeline.stream import StreamPipeline
-from driver.run import checkpoint
+from driver.run import checkpoint_store
 from driver.run.train import train
 
 BASE = CUT
@@ -83,19 +83,19 @@ def test_an_async_run_checkpoints_without_changing_its_weights_and_resumes_exact
     a = train(every, quiet=True, out_dir=tmp_path / "every", splits=digits)
     b = train(plain, quiet=True, out_dir=tmp_path / "plain", splits=digits)
     ckpts = tmp_path / "every" / "rec_lra" / "checkpoints"
-    last = checkpoint.load(ckpts)
+    last = checkpoint_store.load(ckpts)
     _assert_equal(
         last["runner"]["units"],
-        checkpoint.load(tmp_path / "plain" / "rec_lra" / "checkpoints")["runner"]["units"],
+        checkpoint_store.load(tmp_path / "plain" / "rec_lra" / "checkpoints")["runner"]["units"],
     )
     assert a.steps == b.steps == 19
-    mid = checkpoint.load(ckpts / "ckpt-00000009.pt")
+    mid = checkpoint_store.load(ckpts / "ckpt-00000009.pt")
     assert mid["position"] == {"epoch": 0, "batch": 9}
     assert mid["runner"]["progress"] == 9.0
     resumed = train(
         plain, quiet=True, out_dir=tmp_path / "resumed", splits=digits, resume=ckpts / mid_name(9)
     )
-    end = checkpoint.load(tmp_path / "resumed" / "rec_lra" / "checkpoints")["runner"]
+    end = checkpoint_store.load(tmp_path / "resumed" / "rec_lra" / "checkpoints")["runner"]
     assert resumed.steps == 19
     assert end["step"] == last["runner"]["step"] and end["progress"] == last["runner"]["progress"]
 

@@ -16,7 +16,7 @@ from ckpt_helpers import stage_states as _stage_states
 
 from driver.config import load_config
 from driver.pipeline.build import build_runner
-from driver.run import checkpoint
+from driver.run import checkpoint_store
 from driver.run.controller import Controller, RunState
 
 pytestmark = pytest.mark.ray
@@ -76,6 +76,6 @@ def test_an_async_run_recovers_from_a_cut_after_a_stage_is_killed(cluster, digit
             killed = True
     assert killed and ctl.state is RunState.SUCCEEDED, ctl.error
     assert ctl.restarts == 1 and ctl.run.steps == 19
-    final = checkpoint.load(tmp_path / "rec_lra" / "checkpoints")
+    final = checkpoint_store.load(tmp_path / "rec_lra" / "checkpoints")
     # back to step 5's cut and on: the surviving weights learned each of the 19 steps once
     assert final["runner"]["progress"] == pytest.approx(19.0)

@@ -17,9 +17,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch.utils.data import Dataset
 
 from driver.api.metrics import STATE_CODES, Metrics, MetricsServer
+from driver.api.metrics_callback import MetricsCallback
 from driver.api.service import Client, Service, messages
-from driver.api.service_config import ServiceConfig
 from driver.config import load_config
+from driver.config.service import ServiceConfig
 from driver.data.load import load_dataset
 from driver.run.callbacks import Callback
 from driver.run.controller import Controller, RunFailed, RunState
@@ -91,8 +92,8 @@ def test_an_unexpected_error_while_running_fails_the_run_through_the_same_path(t
             cfg,
             out_dir=tmp_path,
             splits=replace(digits, train=_BadLabels(digits.train)),
-            metrics=metrics,
             run_id="bad",
+            callbacks=[MetricsCallback(metrics, "bad")],
         )
         seen = []
         while not ctl.done:

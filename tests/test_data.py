@@ -23,8 +23,8 @@ from sklearn.datasets import load_digits
 from sklearn.neighbors import NearestCentroid
 from torch.utils.data import Dataset
 
+from driver.config.data import DataConfig
 from driver.data.common import DataError, DatasetSplits
-from driver.data.config import DataConfig
 from driver.data.load import load_dataset, make_loader
 
 CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)

@@ -28,10 +28,11 @@ from fixtures_data import (
 )
 from torch.utils.data import Dataset
 
+from driver.config.data import DataConfig
 from driver.data import mnist as datasets_mnist
 from driver.data.common import DataError, DatasetSplits
-from driver.data.config import DataConfig, balanced_subset
 from driver.data.load import load_dataset
+from driver.data.split import balanced_subset
 
 FOLDERS = {"fashion_mnist": "FashionMNIST", "mnist": "MNIST"}
 N_TRAIN, N_TEST, VAL = 60, 20, 10  # the fixture: 50 train + the last 10 of the train file as val

@@ -19,10 +19,11 @@ from ckpt_helpers import TINY
 from prometheus_client import generate_latest
 
 from driver.api.metrics import Metrics, MetricsServer
-from driver.config import load_config
+from driver.api.metrics_callback import MetricsCallback
+from driver.config import config_to_dict, load_config
 from driver.pipeline.elastic import Elastic, largest_fitting
 from driver.pipeline.partition import Partition
-from driver.run import checkpoint
+from driver.run import checkpoint_store
 from driver.run.callbacks import Callback, RunState, RunView
 from driver.run.controller import Controller
 from driver.run.train import train
@@ -107,7 +108,7 @@ def one_process(digits, tmp_path_factory):
 
 
 def _final_units(out: Path) -> dict:
-    return checkpoint.load(out / "rec_lra" / "checkpoints")["runner"]["units"]
+    return checkpoint_store.load(out / "rec_lra" / "checkpoints")["runner"]["units"]
 
 
 def _kill_worker(actor) -> None:  # noqa: ANN001
@@ -135,9 +136,8 @@ def _elastic_run(digits, out: Path, run_id: str) -> tuple[Controller, Metrics, S
         load_config(None, ELASTIC),
         out_dir=out,
         splits=digits,
-        metrics=metrics,
         run_id=run_id,
-        callbacks=[counts],
+        callbacks=[MetricsCallback(metrics, run_id), counts],
     )
     return ctl, metrics, counts
 
@@ -151,6 +151,7 @@ def test_a_run_that_cannot_place_3_stages_again_goes_on_on_2_then_grows_back(
     on 2. At step 9 the CPU is given back: the checkpoint at step 12 finds room for 3 and the
     run grows back. /metrics is scraped after every build."""
     ctl, metrics, counts = _elastic_run(digits, tmp_path, "el")
+    asked, asked_dict = ctl.cfg, config_to_dict(ctl.cfg)
     server = MetricsServer(metrics)
     gauge: list[float] = []
     hold, killed, shrunk = None, False, None
@@ -184,6 +185,9 @@ def test_a_run_that_cannot_place_3_stages_again_goes_on_on_2_then_grows_back(
     assert ctl.restarts == restarts  # neither the shrink nor the growth counts as a restart
     assert ctl.run.partition[:3] == [0, 1, 3]  # the partition asked for, again
     assert ctl.run.steps == STEPS  # the full step count
+    # the config is input, never state: the same object, unchanged, through shrink and growth
+    assert ctl.cfg is asked and config_to_dict(ctl.cfg) == asked_dict
+    assert ctl.cfg.pipeline.stages == 3 and ctl.plan is not None and ctl.plan.k == 3
     _assert_same_weights(_final_units(tmp_path), one_process)  # nothing lost or learned twice
 
 

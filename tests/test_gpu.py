@@ -65,7 +65,7 @@ def test_ray_pipeline_on_a_shared_gpu_matches_one_gpu_process(engine):
     memory (NCCL takes one rank per device); either trains one GPU process's weights."""
     import ray
 
-    from driver.pipeline.config import PipelineConfig
+    from driver.config.pipeline import PipelineConfig
     from driver.pipeline.p2p import P2PPipeline
     from driver.pipeline.stream import RayPipeline
 

@@ -91,9 +91,10 @@ def test_actor_calls_name_their_methods() -> None:
 
 
 def readme_layout(text: str) -> set[str]:
-    """The paths a README's layout block lists: `dir/` lines open a folder (indent: two spaces
-    a level), other lines name a file in the folder above them."""
-    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    """The paths the layout page's block lists (docs/layout.md, its first code block): `dir/`
+    lines open a folder (indent: two spaces a level), other lines name a file in the folder
+    above them."""
+    block = text.split("```", 2)[1]
     listed: set[str] = set()
     stack: list[str] = []
     for line in block.splitlines():
@@ -121,10 +122,10 @@ def test_readme_layout_mirrors_the_tree() -> None:
         and "__pycache__" not in p.parts
     }
     actual |= {str(Path(f).parent) for f in actual}
-    listed = readme_layout((ROOT / "README.md").read_text())
+    listed = readme_layout((ROOT / "docs" / "layout.md").read_text())
     listed = {p for p in listed if p.split("/")[0] in PACKAGES}
     assert listed == actual, (
-        f"README layout lacks {sorted(actual - listed)}; lists what is not there: "
+        f"docs/layout.md lacks {sorted(actual - listed)}; lists what is not there: "
         f"{sorted(listed - actual)}"
     )
 
@@ -132,7 +133,7 @@ def test_readme_layout_mirrors_the_tree() -> None:
 def test_layout_parser_reads_nested_folders() -> None:
     """The parser walks folders by indent and skips continuation lines, so the comparison above
     sees a misplaced or missing file."""
-    text = "## Layout\n\n```\nworkers/  what\n  stage.py  does\n           more words\n"
+    text = "# Layout\n\n```\nworkers/  what\n  stage.py  does\n           more words\n"
     text += "driver/\n  run/\n    controller.py\n  cli.py\n```\n"
     assert readme_layout(text) == {
         "workers",
@@ -142,3 +143,130 @@ def test_layout_parser_reads_nested_folders() -> None:
         "driver/run/controller.py",
         "driver/cli.py",
     }
+
+
+# The layer order of the code, lowest first: a module may import its own layer and those below
+# it, never one above (TYPE_CHECKING imports included). workers/ (pure torch) and cluster/ (Ray
+# plumbing) know nothing of each other or of driver/; inside driver/, config sits at the bottom,
+# then data, pipeline, run (the lifecycle: it learns of the service only through callbacks), api
+# (metrics, the service, reports) and the command line.
+LAYERS: list[tuple[str, ...]] = [
+    ("workers",),
+    ("cluster",),
+    ("driver.config",),
+    ("driver.data",),
+    ("driver.pipeline",),
+    ("driver.run",),
+    ("driver.api",),
+    ("driver.cli",),
+]
+
+
+def layer_of(module: str) -> int:
+    for i, prefixes in enumerate(LAYERS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    raise AssertionError(f"{module} is in no layer of LAYERS; place it")
+
+
+def test_imports_follow_the_layer_order() -> None:
+    files = product_files()
+    names = {module_name(p) for p in files}
+    against = []
+    for path in files:
+        mod = module_name(path)
+        for dep in sorted(imports(path, names)):
+            low, high = layer_of(dep), layer_of(mod)
+            # workers and cluster are side by side: neither imports the other
+            side_by_side = {low, high} == {0, 1}
+            if low > high or side_by_side:
+                against.append(f"{mod} imports {dep}")
+    assert not against, "imports against the layer order: " + "; ".join(against)
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path: Path) -> None:
+    """A lower layer importing a higher one, even only for type checking, is caught."""
+    f = tmp_path / "x.py"
+    f.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from driver.api.metrics import Metrics\n"
+    )
+    found = imports(f, {"driver.api.metrics"})
+    assert found == {"driver.api.metrics"} and layer_of("driver.api.metrics") > layer_of(
+        "driver.run.x"
+    )
+
+
+def _classes() -> dict[str, list[str]]:
+    """Every class defined in the product: its name -> the names of its bases."""
+    out: dict[str, list[str]] = {}
+    for path in product_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                out[f"{module_name(path)}.{node.name}"] = [ast.unparse(b) for b in node.bases]
+    return out
+
+
+def test_no_class_inherits_from_more_than_one_project_class() -> None:
+    """Collaborators are composed, not mixed in: a class in driver/ or cluster/ has at most one
+    base of the project's own (and no Protocol listing a host's private attributes)."""
+    classes = _classes()
+    ours = {name.rsplit(".", 1)[1] for name in classes}
+    mixed = {
+        name: bases
+        for name, bases in classes.items()
+        if name.startswith(("driver.", "cluster."))
+        and sum(b.rsplit(".", 1)[-1] in ours for b in bases) > 1
+    }
+    assert not mixed, f"classes with several project bases: {mixed}"
+    hosts = [
+        name
+        for name, bases in classes.items()
+        if "Protocol" in bases and name.rsplit(".", 1)[1].startswith("_")
+    ]
+    assert not hosts, f"private Protocols of a host's attributes: {hosts}"
+
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _docs() -> list[Path]:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return pages + [p for p in (ROOT / "deploy" / "README.md", ROOT / "bench" / "README.md")]
+
+
+def test_every_relative_link_in_the_docs_resolves() -> None:
+    """README.md, docs/ and the folder READMEs: every relative link names a file or folder that
+    exists (links into ../shared may point outside a user's clone and are not checked)."""
+    broken = []
+    for page in _docs():
+        for target in LINK.findall(page.read_text()):
+            if "://" in target or target.startswith(("#", "mailto:")) or "shared/" in target:
+                continue
+            path = (page.parent / target.split("#", 1)[0]).resolve()
+            if not path.exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, "broken links: " + "; ".join(broken)
+
+
+def test_the_readme_is_a_front_door() -> None:
+    text = (ROOT / "README.md").read_text()
+    assert len(text.encode()) <= 20_000, "README.md over 20 KB: move details to docs/"
+    assert "docs/" in text
+
+
+def test_the_readme_map_names_every_top_level_folder() -> None:
+    """The README's map (its "## Map" block) lists exactly the top-level folders of the tree."""
+    block = (ROOT / "README.md").read_text().split("## Map", 1)[1].split("```", 2)[1]
+    listed = {line.split()[0].rstrip("/") for line in block.splitlines() if line.strip()}
+    folders = {
+        p.name
+        for p in ROOT.iterdir()
+        if p.is_dir()
+        and not p.name.startswith(".")
+        and p.name not in ("runs", "build")
+        and not p.name.endswith(".egg-info")
+        and p.name != "__pycache__"
+    }
+    assert listed == folders, f"map {sorted(listed)} != tree {sorted(folders)}"

@@ -8,6 +8,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from driver.api.metrics import STATE_CODES, Metrics, MetricsServer
+from driver.api.metrics_callback import MetricsCallback
 from driver.config import load_config
 from driver.run.controller import Controller
 
@@ -46,7 +47,13 @@ def test_metrics_move_with_a_real_two_stage_run(digits, tmp_path):
     server = MetricsServer(metrics)  # 127.0.0.1, a free port
     assert server.addr == "127.0.0.1"
     try:
-        ctl = Controller(cfg, out_dir=tmp_path, splits=digits, metrics=metrics, run_id="r1")
+        ctl = Controller(
+            cfg,
+            out_dir=tmp_path,
+            splits=digits,
+            run_id="r1",
+            callbacks=[MetricsCallback(metrics, "r1")],
+        )
         while ctl.run.steps < 5:
             ctl.step()
         first = _scrape(server.url)
@@ -108,7 +115,13 @@ def test_alignment_gauges_in_a_real_scrape(digits, tmp_path):
     metrics = Metrics()
     server = MetricsServer(metrics)
     try:
-        ctl = Controller(cfg, out_dir=tmp_path, splits=digits, metrics=metrics, run_id="a1")
+        ctl = Controller(
+            cfg,
+            out_dir=tmp_path,
+            splits=digits,
+            run_id="a1",
+            callbacks=[MetricsCallback(metrics, "a1")],
+        )
         while ctl.run.steps < 1:
             ctl.step()
         first = _scrape(server.url)

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from driver.api.metrics import Metrics, MetricsServer
+from driver.api.metrics_callback import MetricsCallback
 from driver.config import load_config
 from driver.data.load import load_dataset
 from driver.run.controller import Controller
@@ -176,8 +177,8 @@ def scraped_run(tmp_path):
             cfg,
             out_dir=tmp_path / "run",
             splits=load_dataset(cfg.data),
-            metrics=metrics,
             run_id=RUN,
+            callbacks=[MetricsCallback(metrics, RUN)],
         )
         t0 = time.monotonic()
         while not ctl.done:

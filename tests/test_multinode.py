@@ -18,7 +18,7 @@ from cluster.errors import PlacementError
 from cluster.group import ActorGroup
 from cluster.placement import cluster_can_grow, never_fits, node_resources
 from driver.config import load_config
-from driver.run import checkpoint
+from driver.run import checkpoint_store
 from driver.run.controller import Controller, RunState
 from driver.run.train import train
 
@@ -80,7 +80,7 @@ def reference(digits, tmp_path_factory):
 
 
 def _final_units(out: Path) -> dict:
-    return checkpoint.load(out / "rec_lra" / "checkpoints")["runner"]["units"]
+    return checkpoint_store.load(out / "rec_lra" / "checkpoints")["runner"]["units"]
 
 
 def _assert_bitwise_equal(a: dict, b: dict) -> None:

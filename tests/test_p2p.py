@@ -15,7 +15,7 @@ from test_pipeline_local import (  # the same tiny float64 model
 )
 
 from cluster.errors import ActorError
-from driver.pipeline.config import PipelineConfig
+from driver.config.pipeline import PipelineConfig
 from driver.pipeline.p2p import P2PPipeline
 from driver.pipeline.stream import LocalPipeline
 from workers.chain import LocalRunner, stage_specs
@@ -137,7 +137,7 @@ def test_an_async_p2p_checkpoint_is_cut_in_flow_as_the_stream_engines(cluster):
     each stage takes its state at the cut's point of its own op order, in a later call. The
     states equal the stream engine's cut, bit for bit (input noise on: its RNG is part of the
     forward-side state), and training goes on exactly as there."""
-    from driver.run.ckpt_writer import take_snapshot
+    from driver.run.checkpointing import take_snapshot
     from workers.state import merge_states
 
     cfg = PipelineConfig(stages=3, schedule="async", micro_batches=3, engine="p2p")
@@ -250,7 +250,7 @@ def test_a_p2p_run_recovers_a_killed_stage_and_ends_with_one_process_weights(
     from ckpt_helpers import TINY
 
     from driver.config import load_config
-    from driver.run import checkpoint
+    from driver.run import checkpoint_store
     from driver.run.controller import Controller, RunState
     from driver.run.train import train
 
@@ -264,14 +264,14 @@ def test_a_p2p_run_recovers_a_killed_stage_and_ends_with_one_process_weights(
     while not ctl.done:
         ctl.step()
         if not killed and ctl.run.steps == 8 and ctl.state is RunState.RUNNING:
-            assert type(ctl.runner).__name__ == "P2PRunner"
+            assert type(ctl.runner).__name__ == "P2PPipeline"
             actor = ctl.runner.group.actors[1]  # type: ignore[union-attr]
             pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=60)
             os.kill(pid, signal.SIGKILL)
             killed = True
     assert killed and ctl.state is RunState.SUCCEEDED, ctl.error
     assert ctl.restarts == 1 and ctl.run.steps == ref.steps == 19
-    load = checkpoint.load
+    load = checkpoint_store.load
     want = load(tmp_path / "ref" / "rec_lra" / "checkpoints")["runner"]["units"]
     got = load(tmp_path / "p2p" / "rec_lra" / "checkpoints")["runner"]["units"]
     for name in want:
@@ -286,7 +286,7 @@ def test_an_async_p2p_run_trains_what_the_async_stream_trains(cluster, digits, t
     from ckpt_helpers import TINY
 
     from driver.config import load_config
-    from driver.run import checkpoint
+    from driver.run import checkpoint_store
     from driver.run.train import train
 
     base = [*TINY, "train.epochs=2", 'pipeline.schedule="async"', "pipeline.micro_batches=4"]
@@ -303,8 +303,8 @@ def test_an_async_p2p_run_trains_what_the_async_stream_trains(cluster, digits, t
     # returned in different chunks (a step's here, a micro-batch's there): float64 sums agree
     got_loss = [e["train_loss"] for e in runs["p2p"].epochs]
     assert got_loss == pytest.approx([e["train_loss"] for e in runs["stream"].epochs], rel=1e-12)
-    want = checkpoint.load(tmp_path / "stream" / "rec_lra" / "checkpoints")["runner"]["units"]
-    got = checkpoint.load(tmp_path / "p2p" / "rec_lra" / "checkpoints")["runner"]["units"]
+    want = checkpoint_store.load(tmp_path / "stream" / "rec_lra" / "checkpoints")["runner"]["units"]
+    got = checkpoint_store.load(tmp_path / "p2p" / "rec_lra" / "checkpoints")["runner"]["units"]
     for name in want:
         for key, t in want[name]["tensors"].items():
             assert torch.equal(got[name]["tensors"][key], t), (name, key)

@@ -18,7 +18,7 @@ import pytest
 import ray
 import torch
 
-from driver.pipeline.config import PipelineConfig
+from driver.config.pipeline import PipelineConfig
 from driver.pipeline.stream import LocalPipeline, RayPipeline
 from workers.chain import LocalRunner, stage_specs
 from workers.models import ModelConfig, model_plan

@@ -12,7 +12,7 @@ from ray.exceptions import RayActorError
 
 from cluster.errors import ActorDied, ActorError, ActorTimeout, PlacementError
 from cluster.group import ActorGroup
-from driver.pipeline.config import PipelineConfig
+from driver.config.pipeline import PipelineConfig
 from driver.pipeline.stream import RayPipeline
 from driver.run.stats import StatsBook
 from workers.chain import LocalRunner, stage_specs
@@ -129,7 +129,7 @@ def test_async_pipeline_applies_per_micro_batch_and_reports_staleness(cluster):
         assert [book.stages[s].micro_batches for s in (0, 1)] == [16, 16]
         assert book.stages[0].staleness_max >= 1, "stage 0 runs ahead: some forwards are stale"
         for stage in (0, 1):  # stage s runs at most window - s forwards ahead of its learns
-            assert book.stages[stage].staleness_max <= cfg.window - stage - 1
+            assert book.stages[stage].staleness_max <= pipe.window - stage - 1
         assert pipe.state_dict()["step"] == 16  # one apply per micro-batch
     finally:
         pipe.close()

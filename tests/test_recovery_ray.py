@@ -14,8 +14,9 @@ from ckpt_helpers import TINY
 from prometheus_client import generate_latest
 
 from driver.api.metrics import Metrics
+from driver.api.metrics_callback import MetricsCallback
 from driver.config import load_config
-from driver.run import checkpoint
+from driver.run import checkpoint_store
 from driver.run.controller import Controller, RunFailed, RunState
 from driver.run.train import train
 
@@ -39,7 +40,7 @@ def _kill_worker(actor) -> int:  # noqa: ANN001
 
 
 def _final_units(out: Path) -> dict:
-    return checkpoint.load(out / "rec_lra" / "checkpoints")["runner"]["units"]
+    return checkpoint_store.load(out / "rec_lra" / "checkpoints")["runner"]["units"]
 
 
 @pytest.mark.parametrize("stages, bounds, victim", [(2, "[2]", 1), (3, "[1, 3]", 0)])
@@ -50,7 +51,13 @@ def test_killed_stage_is_recreated_and_the_run_ends_as_if_nothing_happened(
     ref = train(cfg, quiet=True, out_dir=tmp_path / "ref", splits=digits)
 
     metrics = Metrics()
-    ctl = Controller(cfg, out_dir=tmp_path / "hit", splits=digits, metrics=metrics, run_id="hit")
+    ctl = Controller(
+        cfg,
+        out_dir=tmp_path / "hit",
+        splits=digits,
+        run_id="hit",
+        callbacks=[MetricsCallback(metrics, "hit")],
+    )
     seen: list[RunState] = []
     killed = False
     while not ctl.done:
@@ -89,9 +96,9 @@ def test_non_finite_update_fails_the_run_and_keeps_the_last_good_checkpoint(digi
     with pytest.raises(RunFailed, match=r"stage 0: non-finite .* at step \d+") as info:
         train(cfg, quiet=True, out_dir=tmp_path, splits=digits)
     assert "\n" not in str(info.value)
-    good = checkpoint.checkpoints(tmp_path / "rec_lra" / "checkpoints")
+    good = checkpoint_store.checkpoints(tmp_path / "rec_lra" / "checkpoints")
     assert good, "the last good checkpoint is kept"
-    checkpoint.load(good[-1])  # and it verifies
+    checkpoint_store.load(good[-1])  # and it verifies
 
 
 def test_a_hung_stage_times_out_and_is_recreated(cluster, digits, tmp_path):
@@ -134,4 +141,4 @@ def test_a_start_that_fails_before_any_checkpoint_is_retried_up_to_max_restarts(
         ctl.run_to_end()
     assert ctl.restarts == 2
     assert ctl.run.steps == 0
-    assert not checkpoint.checkpoints(tmp_path / "rec_lra" / "checkpoints")
+    assert not checkpoint_store.checkpoints(tmp_path / "rec_lra" / "checkpoints")

@@ -1,10 +1,10 @@
-"""The scaling simulator (bench.scaling_sim) on hand-checkable cases; no Ray, no timing."""
+"""The scaling simulator (bench.scaling.sim) on hand-checkable cases; no Ray, no timing."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.scaling_sim import RULES, StageCosts, one_process, simulate, step_seconds, window_of
+from bench.scaling.sim import RULES, StageCosts, one_process, simulate, step_seconds, window_of
 from driver.pipeline.schedule import FORWARD, LEARN, Op, ticks
 
 
@@ -176,7 +176,7 @@ def test_p2p_calls_cover_the_stream_once_in_each_stages_order(k, m, steps, chain
     """The p2p engine's calls: every stage runs each forward and learn once, in the order
     stage_ops gives (the top: each learn right after its forward), and under sync one step is
     exactly stage_ops with its apply."""
-    from bench.scaling_sim import p2p_calls
+    from bench.scaling.sim import p2p_calls
     from driver.pipeline.schedule import stage_ops
 
     n = m * steps

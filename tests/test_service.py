@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from driver.api.service import Client, RpcError, Service, StatusCode, messages
-from driver.api.service_config import ServiceConfig, TokenMissing
-from driver.run import checkpoint
+from driver.config.service import ServiceConfig, TokenMissing
+from driver.run import checkpoint_store
 
 RUN = """
 [model]
@@ -84,7 +84,7 @@ def test_stop_is_graceful_checkpoint_then_stop(service):
     client.call("StopRun", messages.StopRunRequest(run_id=run_id))
     final = list(client.watch(run_id))[-1].run
     assert final.state == "stopped" and final.step < 50 * 19
-    saved = checkpoint.load(f"{final.out_dir}/checkpoints")
+    saved = checkpoint_store.load(f"{final.out_dir}/checkpoints")
     assert saved["runlog"]["steps"] == final.step  # the stop wrote a checkpoint of where it was
 
 

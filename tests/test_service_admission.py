@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from driver.api.service import Client, RpcError, Service, StatusCode, messages
-from driver.api.service_config import ServiceConfig
 from driver.config import ConfigError, parse_config
+from driver.config.service import ServiceConfig
 
 RUN = """
 [model]

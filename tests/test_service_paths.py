@@ -13,7 +13,7 @@ import pytest
 
 from driver.api.runs import RUN_ID
 from driver.api.service import Client, RpcError, Service, StatusCode, messages
-from driver.api.service_config import ServiceConfig
+from driver.config.service import ServiceConfig
 
 TINY = """
 [model]

@@ -15,8 +15,8 @@ import torch
 import bench.faults as faults
 from driver.cli import main
 from driver.config import ConfigError, load_config
-from driver.run import checkpoint, storage
-from driver.run.checkpoint import CheckpointError
+from driver.run import checkpoint_store, storage
+from driver.run.checkpoint_store import CheckpointError
 from driver.run.train import train
 
 TINY = ["model.width=4", "train.epochs=1", "train.max_steps=3", "train.compare=[]"]
@@ -33,8 +33,8 @@ def test_locations_keep_local_paths_as_paths():
 
 def test_a_file_uri_writes_the_same_bytes_as_a_path(tmp_path):
     state = {"x": torch.arange(4.0)}
-    a = checkpoint.save(tmp_path / "a", 2, state)
-    b = checkpoint.save(f"file://{tmp_path}/b", 2, state)
+    a = checkpoint_store.save(tmp_path / "a", 2, state)
+    b = checkpoint_store.save(f"file://{tmp_path}/b", 2, state)
     assert hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["ckpt-00000002.pt"]
 
@@ -42,31 +42,31 @@ def test_a_file_uri_writes_the_same_bytes_as_a_path(tmp_path):
 def test_memory_uri_publishes_with_a_marker_and_prunes_after(tmp_path):
     where = "memory://storage-test/ckpts"
     for step in range(1, 5):
-        checkpoint.save(where, step, {"s": torch.tensor(step)}, keep=2)
+        checkpoint_store.save(where, step, {"s": torch.tensor(step)}, keep=2)
     fs, root = storage.filesystem(where)
     assert sorted(fs.ls(root, detail=False)) == [
         f"{root}/ckpt-0000000{s}.{e}" for s in (3, 4) for e in ("json", "pt")
     ]
     assert json.loads(fs.cat_file(f"{root}/ckpt-00000004.json"))["step"] == 4
-    assert int(checkpoint.load(where)["s"]) == 4
+    assert int(checkpoint_store.load(where)["s"]) == 4
 
 
 def test_enospc_fails_fast_in_one_line_and_keeps_the_last_good(caplog):
     where = "enospc://full/ckpts"
     faults.FullFileSystem.reset(clear=True)
-    checkpoint.save(where, 1, {"s": torch.tensor(1)})
+    checkpoint_store.save(where, 1, {"s": torch.tensor(1)})
     faults.FullFileSystem.fail_next(1, match="ckpt-00000002")
     caplog.set_level(logging.WARNING)
     with pytest.raises(CheckpointError) as info:
-        checkpoint.save(where, 2, {"s": torch.tensor(2)})
+        checkpoint_store.save(where, 2, {"s": torch.tensor(2)})
     msg = str(info.value)
     assert "\n" not in msg and f"{where}/ckpt-00000002.pt" in msg
     assert "No space left on device" in msg and "free space there" in msg
     assert faults.FullFileSystem.refused == ["/full/ckpts/ckpt-00000002.pt"]  # no retries
     assert "retry" not in caplog.text
-    assert int(checkpoint.load(where)["s"]) == 1
-    checkpoint.save(where, 2, {"s": torch.tensor(2)})  # space again: it goes on
-    assert int(checkpoint.load(where)["s"]) == 2
+    assert int(checkpoint_store.load(where)["s"]) == 1
+    checkpoint_store.save(where, 2, {"s": torch.tensor(2)})  # space again: it goes on
+    assert int(checkpoint_store.load(where)["s"]) == 2
 
 
 def test_a_run_out_of_space_fails_with_the_location(digits):

@@ -26,8 +26,8 @@ moto_server = pytest.importorskip("moto.server")
 from ckpt_helpers import TINY  # noqa: E402
 
 from driver.config import load_config  # noqa: E402
-from driver.run import checkpoint, storage  # noqa: E402
-from driver.run.checkpoint import CheckpointError  # noqa: E402
+from driver.run import checkpoint_store, storage  # noqa: E402
+from driver.run.checkpoint_store import CheckpointError  # noqa: E402
 from driver.run.train import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def s3():
 
 
 def _units(where) -> dict:
-    return checkpoint.load(where)["runner"]["units"]
+    return checkpoint_store.load(where)["runner"]["units"]
 
 
 def test_killed_run_resumes_from_s3_with_the_same_weights(s3, digits, tmp_path):
@@ -162,7 +162,7 @@ def test_killed_run_resumes_from_s3_with_the_same_weights(s3, digits, tmp_path):
         rule.release.set()
         proc.kill()
     ckpts = "s3://runs/killed/rec_lra/checkpoints"
-    assert [storage.name(p) for p in checkpoint.checkpoints(ckpts)] == [
+    assert [storage.name(p) for p in checkpoint_store.checkpoints(ckpts)] == [
         "ckpt-00000000.pt",
         "ckpt-00000007.pt",
     ]
@@ -194,7 +194,7 @@ def test_transient_errors_and_a_stall_are_retried_and_logged(s3, caplog, monkeyp
     caplog.set_level(logging.WARNING, logger="driver.run.storage")
     state = {"x": torch.arange(5.0)}
     t0 = time.perf_counter()
-    checkpoint.save("s3://runs/transient", 3, state)
+    checkpoint_store.save("s3://runs/transient", 3, state)
     took = time.perf_counter() - t0
     stall.release.set()
     assert proxy.count("PUT", "/transient/ckpt-00000003.pt") == 3
@@ -203,7 +203,7 @@ def test_transient_errors_and_a_stall_are_retried_and_logged(s3, caplog, monkeyp
     assert sum("write s3://runs/transient/ckpt-00000003.pt failed" in m for m in lines) == 2
     assert any("ckpt-00000003.json failed (TimeoutError: no answer within 2 s)" in m for m in lines)
     assert all("retry" in m for m in lines) and took < 20
-    torch.testing.assert_close(checkpoint.load("s3://runs/transient")["x"], state["x"])
+    torch.testing.assert_close(checkpoint_store.load("s3://runs/transient")["x"], state["x"])
 
 
 @pytest.mark.parametrize(
@@ -218,34 +218,34 @@ def test_permanent_errors_fail_at_once_in_one_line(s3, status, code, needle, fix
     where = f"s3://runs/denied-{status}"
     proxy.rules.append(Rule("PUT", f"/denied-{status}/ckpt-00000001.pt", status=status, code=code))
     with pytest.raises(CheckpointError) as info:
-        checkpoint.save(where, 1, {"x": torch.zeros(1)})
+        checkpoint_store.save(where, 1, {"x": torch.zeros(1)})
     msg = str(info.value)
     assert "\n" not in msg and f"{where}/ckpt-00000001.pt" in msg and needle in msg and fix in msg
     assert proxy.count("PUT", f"/denied-{status}/ckpt-00000001.pt") == 1  # no retries
-    assert checkpoint.checkpoints(where) == []
+    assert checkpoint_store.checkpoints(where) == []
 
 
 def test_partial_uploads_are_ignored_and_load_returns_the_last_good(s3, caplog):
     where = "s3://runs/partial"
     for step in (1, 2):
-        checkpoint.save(where, step, {"step": torch.tensor(step)}, keep=0)
+        checkpoint_store.save(where, step, {"step": torch.tensor(step)}, keep=0)
     fs, root = storage.filesystem(where)
     good = fs.cat_file(f"{root}/ckpt-00000002.pt")
     fs.pipe_file(f"{root}/ckpt-00000003.pt", good)  # complete object, marker never written
     fs.pipe_file(f"{root}/ckpt-00000004.pt", good[:-20])  # truncated, with a forged marker
     fs.pipe_file(f"{root}/ckpt-00000004.json", json.dumps({"sha256": "x"}).encode())
-    caplog.set_level(logging.WARNING, logger="driver.run.checkpoint")
-    assert [storage.name(p)[5:13] for p in checkpoint.checkpoints(where)] == [
+    caplog.set_level(logging.WARNING, logger="driver.run.checkpoint_store")
+    assert [storage.name(p)[5:13] for p in checkpoint_store.checkpoints(where)] == [
         "00000001",
         "00000002",
         "00000004",
     ]
-    assert int(checkpoint.load(where)["step"]) == 2
+    assert int(checkpoint_store.load(where)["step"]) == 2
     text = caplog.text
     assert "ckpt-00000003.pt: no marker" in text and "ckpt-00000004.pt is truncated" in text
     with pytest.raises(CheckpointError, match="no marker ckpt-00000003.json"):
-        checkpoint.load(f"{where}/ckpt-00000003.pt")
-    checkpoint.save(where, 5, {"step": torch.tensor(5)}, keep=2)  # retention, then cleanup
+        checkpoint_store.load(f"{where}/ckpt-00000003.pt")
+    checkpoint_store.save(where, 5, {"step": torch.tensor(5)}, keep=2)  # retention, then cleanup
     assert sorted(fs.ls(root, detail=False)) == [
         f"{root}/ckpt-0000000{s}.{e}" for s in (4, 5) for e in ("json", "pt")
     ]

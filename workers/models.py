@@ -5,30 +5,41 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from torch import nn
 
 from workers.blocks import Block, Wire
 from workers.layers import Conv, Dense, Layer, PooledHead
 
-MODELS = ("mlp", "resnet8", "resnet18", "resnet34")
+ModelName = Literal["mlp", "resnet8", "resnet18", "resnet34"]
+MODELS = get_args(ModelName)
 RESNET_LAYOUT = {"resnet8": (1, 1, 1), "resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    name: str = "resnet8"
-    form: str = "cifar"  # cifar: 3x3 stem; imagenet: 7x7 stride-2 stem + max-pool
-    width: int = 16  # channels of the first ResNet stage (doubling per stage)
-    hidden: int = 128  # MLP width
-    depth: int = 2  # MLP hidden layers
-    gap: int = 1  # MLP layers per block (the residual gap)
-    residual: bool = False  # MLP: identity skip over each block whose input width matches
-    act: str = "relu"
+    name: ModelName = "resnet8"
+    """The network: an MLP, or a ResNet of depth 8, 18 or 34."""
+    form: Literal["cifar", "imagenet"] = "cifar"
+    """ResNets: cifar (3x3 stem) or imagenet (7x7 stride-2 stem and a max-pool)."""
+    width: int = 16
+    """ResNets: channels of the first stage (doubling per stage)."""
+    hidden: int = 128
+    """MLP: the hidden width."""
+    depth: int = 2
+    """MLP: hidden layers."""
+    gap: int = 1
+    """MLP: layers per block (the residual gap)."""
+    residual: bool = False
+    """MLP: an identity skip over each block whose input width matches."""
+    act: Literal["relu", "tanh"] = "relu"
+    """The hidden nonlinearity."""
     batchnorm: bool = True
-    # ResNets: each residual branch's last BatchNorm starts with scale 0, so every block starts
-    # as its shortcut (Goyal et al. 2017); errors then first flow back through the shortcuts
+    """BatchNorm after every conv or dense layer (part of the layer's forward map)."""
     zero_init_residual: bool = False
+    """ResNets: each residual branch's last BatchNorm starts at scale 0, so every block starts
+    as its shortcut (Goyal et al. 2017)."""
 
     def __post_init__(self) -> None:
         if self.name not in MODELS:

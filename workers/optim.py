@@ -5,24 +5,33 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZERS = ("adamw", "sgd")  # the Literal choices of OptimConfig.name and .schedule
 SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    name: str = "adamw"
+    name: Literal["adamw", "sgd"] = "adamw"
+    """The optimizer the local updates are fed to, as if they were gradients."""
     lr: float = 3e-3
+    """The learning rate (error synapses: times rule.gamma)."""
     weight_decay: float = 1.0
+    """Decoupled weight decay of kernels and matrices (not biases or BatchNorm); the error
+    synapses' decay is matched so that E and W shrink alike (Kolen-Pollack)."""
     momentum: float = 0.9
+    """SGD's momentum."""
     beta1: float = 0.9
+    """AdamW's first-moment decay."""
     beta2: float = 0.999
-    schedule: str = "cosine"  # learning rate over the run: constant, or cosine decay to 0
-    total_steps: int = 0  # steps the schedule spans; 0: filled in by the driver from the run
+    """AdamW's second-moment decay."""
+    schedule: Literal["constant", "cosine"] = "cosine"
+    """The learning rate over the run: constant, or cosine decay to 0."""
+    total_steps: int = 0
+    """Steps the schedule spans; 0: the run's own (filled in by the driver)."""
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import dataclass
 from importlib import metadata
 
 from prometheus_client import (
@@ -29,17 +28,6 @@ STATE_CODES = {
     "failed": 6,
     "stopped": 7,
 }
-
-
-@dataclass(frozen=True, kw_only=True)
-class MetricsConfig:
-    enabled: bool = False  # serve /metrics while `reclra train` runs
-    addr: str = "127.0.0.1"  # bind address; 0.0.0.0 to let a Prometheus on the network scrape
-    port: int = 9464
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"metrics.port: {self.port} is not a TCP port (0-65535)")
 
 
 class Metrics:

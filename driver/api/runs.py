@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from driver.api.metrics import Metrics
-from driver.api.service_config import ServiceConfig
+from driver.api.metrics_callback import MetricsCallback
 from driver.config import SECTIONS, Config, parse_config
+from driver.config.service import ServiceConfig
 from driver.run.callbacks import Callback, RunState, RunView
 from driver.run.controller import Controller, RunFailed
 from driver.run.progress import Progress
@@ -115,8 +116,12 @@ class RunHandle(Callback):
         # log's (first in the list), so a watcher that sees "succeeded" finds metrics.json final
         self.state = RunState.PENDING
         out: Any = folder if is_uri(folder) else Path(folder)  # a URI goes to the storage layer
+        observers = [] if runs.metrics is None else [MetricsCallback(runs.metrics, run_id)]
         self.ctl = Controller(
-            cfg, out_dir=out, metrics=runs.metrics, run_id=run_id, callbacks=[Progress(), self]
+            cfg,
+            out_dir=out,
+            run_id=run_id,
+            callbacks=[Progress(), *observers, self],
         )
         self.thread = threading.Thread(target=self._drive, name=f"run-{run_id}", daemon=True)
 

@@ -14,8 +14,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from driver.api import reclra_pb2 as _pb
 from driver.api.metrics import Metrics
 from driver.api.runs import Closing, QueueFull, RunExists, RunHandle, Runs, UnknownRun
-from driver.api.service_config import ServiceConfig
 from driver.config import ConfigError
+from driver.config.service import ServiceConfig
 from driver.run.callbacks import RunState
 
 log = logging.getLogger(__name__)

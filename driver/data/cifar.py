@@ -17,7 +17,7 @@ from torchvision.transforms import v2
 from driver.data.common import DataError, DatasetSplits, TensorImages
 
 if TYPE_CHECKING:
-    from driver.data.config import DataConfig
+    from driver.config.data import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def load_cifar10(cfg: DataConfig) -> DatasetSplits:
 
     A ``train_size`` keeps a class-balanced, seeded subset of the training images (0: all).
     """
-    from driver.data.config import split_train
+    from driver.data.split import split_train
 
     x, y = _read(cfg.root, train=True, download=cfg.download)
     x_test, y_test = _read(cfg.root, train=False, download=False)

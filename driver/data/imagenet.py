@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from driver.data.common import DataError, DatasetSplits
 
 if TYPE_CHECKING:
-    from driver.data.config import DataConfig
+    from driver.config.data import DataConfig
 
 log = logging.getLogger(__name__)
 

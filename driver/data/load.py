@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from driver.config.data import DataConfig
 from driver.data.common import DatasetSplits, TensorImages
-from driver.data.config import DataConfig
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 from driver.data.common import DataError, DatasetSplits, TensorImages
 
 if TYPE_CHECKING:
-    from driver.data.config import DataConfig
+    from driver.config.data import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def load_mnist(cfg: DataConfig) -> DatasetSplits:
     A ``train_size`` keeps a class-balanced, seeded subset of the training images (0: all);
     pixels are standardised with the mean and std of the training images kept.
     """
-    from driver.data.config import split_train
+    from driver.data.split import split_train
 
     try:
         files = read_idx(cfg.name, cfg.root)

@@ -7,15 +7,15 @@ import math
 from dataclasses import replace
 from typing import Any, Protocol
 
-import ray
 import torch
 from torch.utils.data import default_collate
 
-from cluster.runtime import connect
+from cluster.runtime import RaySession
 from driver.config import Config
 from driver.data.common import DatasetSplits
 from driver.pipeline.p2p import P2PPipeline
 from driver.pipeline.partition import Partition, plan_partition, profile, time_whole
+from driver.pipeline.plan import PipelinePlan, plan_of
 from driver.pipeline.stage_count import choose, cluster_cores, hop_seconds, predict, warn_if_slower
 from driver.pipeline.stream import LocalPipeline, RayPipeline
 from workers.chain import LocalRunner, stage_specs
@@ -72,41 +72,11 @@ def base_spec(cfg: Config, splits: DatasetSplits, n_blocks: int | None = None) -
     )
 
 
-class OwnsRay:
-    """A Ray runner that also shuts down the local Ray it started."""
-
-    def __init__(self, specs: list[StageSpec], cfg: Config) -> None:
-        self._started = connect(cfg.cluster)
-        try:  # a local Ray this run started cannot grow: a placement that cannot fit fails now
-            super().__init__(  # type: ignore[call-arg]
-                specs, cfg.pipeline, fixed_size=True if self._started else None
-            )
-        except BaseException:
-            self._stop_ray()
-            raise
-
-    def _stop_ray(self) -> None:
-        if self._started and ray.is_initialized():
-            ray.shutdown()
-            self._started = False
-
-    def close(self) -> None:
-        super().close()  # type: ignore[misc]
-        self._stop_ray()
-
-
-class RayRunner(OwnsRay, RayPipeline):
-    """The stream engine on Ray (pipeline.engine = "stream")."""
-
-
-class P2PRunner(OwnsRay, P2PPipeline):
-    """The p2p engine on Ray (pipeline.engine = "p2p")."""
-
-
 def build_runner(
     cfg: Config, splits: DatasetSplits, bounds: tuple[int, ...] | None = None
-) -> tuple[Runner, Partition]:
-    """The runner for `cfg`; `bounds` reuses a partition already chosen (no profiling)."""
+) -> tuple[Runner, PipelinePlan]:
+    """The runner for `cfg`, and the plan it resolved (the cut, K, the window); `bounds`
+    reuses a partition already chosen (no profiling). `cfg` is only read."""
     names = block_names(cfg, splits)  # the model plan, built once here for the driver
     base = base_spec(cfg, splits, len(names))
     pc = cfg.pipeline
@@ -116,25 +86,25 @@ def build_runner(
         )
     else:
         part = _plan(cfg, base, names, splits)
-        cfg = replace(cfg, pipeline=replace(pc, stages=len(part.bounds) - 1))
-        pc = cfg.pipeline
     specs = stage_specs(base, list(part.bounds))
     use_ray = pc.backend == "ray" or (pc.backend == "auto" and len(specs) > 1)
     if use_ray:
-        return (P2PRunner if pc.engine == "p2p" else RayRunner)(specs, cfg), part
-    if pc.engine == "p2p" and pc.backend == "local":
-        raise ValueError(
-            'pipeline.engine: "p2p" runs its stages as Ray actors; set pipeline.backend = '
-            '"auto" or "ray", or engine = "stream" for stages in this process'
-        )
+        engine = P2PPipeline if pc.resolved_engine == "p2p" else RayPipeline
+        session = RaySession(cfg.cluster)
+        try:  # a local Ray this run started cannot grow: a placement that cannot fit fails now
+            fixed = True if session.can_grow is False else None
+            return engine(specs, pc, fixed_size=fixed, session=session), plan_of(pc, part)
+        except BaseException:
+            session.close()
+            raise
     if base.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             "train.device: cuda asked for but no CUDA device is visible here; "
             'set train.device = "cpu" or "auto"'
         )
     if pc.backend == "local" or pc.schedule == "async":  # the pipeline's stream, in process
-        return LocalPipeline(specs, pc), part
-    return LocalRunner(specs), part
+        return LocalPipeline(specs, pc), plan_of(pc, part)
+    return LocalRunner(specs), plan_of(pc, part)
 
 
 def plan(cfg: Config, splits: DatasetSplits) -> Partition:
@@ -184,7 +154,7 @@ def _plan(cfg: Config, base: StageSpec, names: tuple[str, ...], splits: DatasetS
                 cores=cores,
                 sync=pc.schedule == "sync",
                 single_seconds=single,
-                engine=pc.engine,
+                engine=pc.resolved_engine,
             )
             for j in sorted(ks)
         }
@@ -192,6 +162,6 @@ def _plan(cfg: Config, base: StageSpec, names: tuple[str, ...], splits: DatasetS
             k = choose(list(preds.values())).k
         else:
             warn_if_slower(preds[int(k)], preds[1])
-    elif k == "auto":
+    elif k == "auto":  # PipelineConfig refuses it; kept for configs built around it
         raise ValueError('pipeline.stages: "auto" needs the Ray backend (pipeline.backend)')
     return plan_partition(driver_side, int(k), (), None, pc.profile_steps, costs=costs, names=names)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import replace
 from typing import Any
 
 import ray
@@ -20,6 +19,7 @@ from driver.config import Config
 from driver.data.common import DatasetSplits
 from driver.pipeline.build import Runner, block_names, build_runner, plan, resolve_device
 from driver.pipeline.partition import Partition, best_partition
+from driver.pipeline.plan import PipelinePlan, plan_of
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,6 @@ def largest_fitting(below: int, bundle: dict[str, float], strategy: str, nodes: 
     return next((k for k in range(below - 1, 1, -1) if fits(k, bundle, strategy, nodes)), 1)
 
 
-def with_bounds(cfg: Config, bounds: tuple[int, ...]) -> Config:
-    """`cfg` for the stages `bounds` cut (the window, backend choice and checks follow K)."""
-    return replace(cfg, pipeline=replace(cfg.pipeline, stages=len(bounds) - 1, boundaries=()))
-
-
 class Elastic:
     """The stage count a run asked for, the one it trains on, and the partitions of each."""
 
@@ -91,7 +86,7 @@ class Elastic:
 
     def build(
         self, cfg: Config, splits: DatasetSplits, bounds: tuple[int, ...] | None
-    ) -> tuple[Runner, Partition]:
+    ) -> tuple[Runner, PipelinePlan]:
         """build_runner(cfg, splits, bounds); elastic, a placement that fails is tried again on
         the largest K' that fits now (each try waits at most pipeline.placement_timeout_s)."""
         if not self.on:
@@ -105,14 +100,14 @@ class Elastic:
         while True:
             k = len(bounds) - 1
             try:
-                runner, _ = build_runner(with_bounds(cfg, bounds), splits, bounds)
+                runner, _ = build_runner(cfg, splits, bounds)
             except PlacementError as exc:
                 if k == 1:
                     raise
                 bounds = self.shrink(cfg, k, exc)
                 continue
             self.k = k
-            return runner, self.partition(bounds)
+            return runner, plan_of(cfg.pipeline, self.partition(bounds))
 
     def shrink(self, cfg: Config, k: int, why: PlacementError) -> tuple[int, ...]:
         smaller = largest_fitting(k, stage_bundle(cfg), cfg.pipeline.strategy, free_nodes(cfg))

@@ -22,9 +22,11 @@ import ray
 import torch
 
 from cluster.group import ActorGroup
+from cluster.runtime import RaySession
+from driver.config.pipeline import PipelineConfig
 from driver.pipeline.batches import split
-from driver.pipeline.config import PipelineConfig
 from driver.pipeline.p2p_stage import P2PStage
+from driver.pipeline.plan import window
 from driver.pipeline.stream import pipeline_specs
 from workers.spec import StageSpec, StageStats
 from workers.state import merge_states
@@ -72,9 +74,15 @@ class P2PPipeline:
     """A Runner (driver/pipeline/build.py) over K P2PStage actors."""
 
     def __init__(
-        self, specs: list[StageSpec], cfg: PipelineConfig, *, fixed_size: bool | None = None
+        self,
+        specs: list[StageSpec],
+        cfg: PipelineConfig,
+        *,
+        fixed_size: bool | None = None,
+        session: RaySession | None = None,
     ) -> None:
         cuda = specs[0].device.startswith("cuda")
+        self.session = session  # the Ray closed after the stages (one the run started), if any
         self.transport = p2p_backend(cfg, cuda)
         self.cfg, self.k = cfg, len(specs)
         self.sync = cfg.schedule == "sync"
@@ -86,7 +94,7 @@ class P2PPipeline:
         ]
         self.group = ActorGroup(
             P2PStage,
-            [(s, self.k, cfg.window, self.sync) for s in specs],
+            [(s, self.k, window(cfg, self.k), self.sync) for s in specs],
             cpus=cfg.cpus_per_stage,
             gpus=gpus,
             strategy=cfg.strategy,
@@ -244,4 +252,8 @@ class P2PPipeline:
         )
 
     def close(self) -> None:
-        self.group.shutdown()
+        try:
+            self.group.shutdown()
+        finally:
+            if self.session is not None:
+                self.session.close()

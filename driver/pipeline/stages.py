@@ -1,10 +1,12 @@
-"""Typed handles on K stages: the same methods whether each stage is an object in this process or
-a Ray actor. A call returns a future (the value itself in process, an ObjectRef on Ray); `gather`
-turns futures into values, with a deadline on Ray."""
+"""Typed handles on K stages: one interface (StageHandles), two implementations: stages as
+objects in this process (LocalStages, the test double) or as Ray actors (RayStages). A call
+returns a future (the value itself in process, an ObjectRef on Ray); `gather` turns futures
+into values, with a deadline on Ray."""
 
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +22,74 @@ log = logging.getLogger(__name__)
 Future = Any  # a value (LocalStages) or a ray.ObjectRef (RayStages)
 
 
-class LocalStages:
+class StageHandles(ABC):
+    """What the stream engine calls on its K stages, by stage index. Every method is a typed
+    call on the stage's own method of the same name (workers/stage.py), never a name string."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def forward(self, i: int, mb: int, x: Future) -> Future:
+        """Stage i's train-mode forward of micro-batch mb; its activation."""
+
+    @abstractmethod
+    def forward_learn(
+        self, i: int, mb: int, x: Future, signal: ErrorSignal, *, apply: bool
+    ) -> tuple[Future, Future]:
+        """The top stage's forward and learn in one call: (logits, the signal it sends)."""
+
+    @abstractmethod
+    def learn(
+        self, i: int, mb: int, signal: Future, *, apply: bool, direct: bool = False
+    ) -> Future:
+        """Stage i learns mb from `signal`; the signal it sends down. `direct`: only the stage
+        below takes the result (Ray may send it by the direct transport)."""
+
+    @abstractmethod
+    def apply(self, i: int) -> Future: ...
+
+    @abstractmethod
+    def apply_pending(self, i: int) -> Future: ...
+
+    @abstractmethod
+    def infer(self, i: int, x: Future) -> Future: ...
+
+    @abstractmethod
+    def pop_stats(self, i: int) -> Future: ...
+
+    @abstractmethod
+    def mark(self, i: int) -> Future: ...
+
+    @abstractmethod
+    def state_dict(self, i: int, *, marked: bool = False) -> Future: ...
+
+    @abstractmethod
+    def load_state_dict(self, i: int, state: Any) -> Future: ...
+
+    @abstractmethod
+    def put(self, value: Any) -> Any:
+        """A value every stage may take as an argument (an object ref on Ray)."""
+
+    @abstractmethod
+    def ready(self) -> None:
+        """Return once every stage is built; a constructor's error surfaces here."""
+
+    @abstractmethod
+    def gather(
+        self, futures: Sequence[tuple[int, Future]], what: str, timeout_s: float
+    ) -> list[Any]:
+        """The futures' values, in order, within `timeout_s`; an error names its stage."""
+
+    @abstractmethod
+    def finished(self, futures: Sequence[Future]) -> int:
+        """How many of `futures`, from the first, have their values."""
+
+    @abstractmethod
+    def shutdown(self) -> None: ...
+
+
+class LocalStages(StageHandles):
     """Stages in this process: every call runs at once, in submission order."""
 
     def __init__(self, specs: Sequence[StageSpec]) -> None:
@@ -83,7 +152,7 @@ class LocalStages:
             stage.drop_cache()
 
 
-class RayStages:
+class RayStages(StageHandles):
     """One Stage actor per placement-group bundle (cluster.group.ActorGroup); calls are typed
     method calls on the actors, and `gather` waits with the pipeline's step deadline."""
 
@@ -209,4 +278,4 @@ class RayStages:
         self.group.shutdown()
 
 
-Stages = LocalStages | RayStages
+Stages = StageHandles  # the name the stream engine uses

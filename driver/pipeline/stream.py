@@ -9,9 +9,11 @@ from typing import Any
 
 import torch
 
+from cluster.runtime import RaySession
+from driver.config.pipeline import PipelineConfig
 from driver.pipeline.batches import split
-from driver.pipeline.config import PipelineConfig
 from driver.pipeline.cut import Cut
+from driver.pipeline.plan import window
 from driver.pipeline.schedule import APPLY, FORWARD, LEARN, Op, Stream
 from driver.pipeline.stages import LocalStages, RayStages, Stages
 from workers.chain import learns_chained, signal_source
@@ -31,7 +33,7 @@ def pipeline_specs(specs: list[StageSpec], cfg: PipelineConfig) -> list[StageSpe
     return [
         replace(
             s,
-            max_cached=cfg.window + 1,
+            max_cached=window(cfg, len(specs)) + 1,
             apply_every=every if cfg.schedule == "async" else 1,
             learn_fraction=1.0 / cfg.micro_batches,
         )
@@ -52,6 +54,7 @@ class StreamPipeline:
     def __init__(self, stages: Stages, cfg: PipelineConfig, *, chained: bool) -> None:
         self.cfg, self.stages = cfg, stages
         self.k = len(stages)
+        self.window = window(cfg, self.k)
         self.sync = cfg.schedule == "sync"
         self.chained = chained
         try:  # constructors run remotely: surface their errors here, with a deadline
@@ -68,7 +71,7 @@ class StreamPipeline:
 
     # -- the stream ---------------------------------------------------------------------------
     def _reset_stream(self) -> None:
-        self.stream = Stream(self.k, self.cfg.window, chained=self.chained, sync=self.sync)
+        self.stream = Stream(self.k, self.window, chained=self.chained, sync=self.sync)
         self._refs: dict[Op, Any] = {}
         self._data: dict[int, tuple[Any, torch.Tensor]] = {}
         self._outputs: list[tuple[int, Any]] = []  # (mb, logits) not yet returned
@@ -170,7 +173,7 @@ class StreamPipeline:
             return out
         self._submit_ready()
         self._pop_stats()
-        backlog = len(self._learned) - 2 * (self.cfg.window + self.k)
+        backlog = len(self._learned) - 2 * (self.window + self.k)
         if backlog > 0:  # bound what the stream holds: wait for the oldest micro-batches
             old = self._learned[:backlog]
             del self._learned[:backlog]
@@ -250,10 +253,17 @@ class RayPipeline(StreamPipeline):
     actor as object references."""
 
     def __init__(
-        self, specs: list[StageSpec], cfg: PipelineConfig, *, fixed_size: bool | None = None
+        self,
+        specs: list[StageSpec],
+        cfg: PipelineConfig,
+        *,
+        fixed_size: bool | None = None,
+        session: RaySession | None = None,
     ) -> None:
         """`fixed_size`: True when the cluster cannot grow (a local Ray the run started), so a
-        placement that can never fit fails at once; None asks the cluster."""
+        placement that can never fit fails at once; None asks the cluster. `session`: the Ray
+        this pipeline closes after its stages (one it started), if any."""
+        self.session = session
         chained = learns_chained(specs[0])
         cuda = specs[0].device.startswith("cuda")
         gpus = cfg.gpus_per_stage if cfg.gpus_per_stage >= 0 else (1.0 if cuda else 0.0)
@@ -286,6 +296,13 @@ class RayPipeline(StreamPipeline):
         self.transport = stages.transport
         log.info("pipeline: activations go stage to stage by %s", self.transport)
         self.group = stages.group  # recovery and tests reach the actors through it
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.session is not None:
+                self.session.close()
 
 
 class LocalPipeline(StreamPipeline):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 
 from driver.config import Config, with_rule
 from driver.data.load import load_dataset
 from driver.run import storage
+from driver.run.callbacks import Callback
 from driver.run.run_log import RunLog
 from driver.run.train import train
 from workers.rules.recipes import computes
@@ -17,12 +19,28 @@ def epochs_to(run: RunLog, target: float) -> int | None:
     return next((int(e["epoch"]) for e in run.epochs if e["val_acc"] >= target), None)
 
 
-def compare_rules(cfg: Config, *, quiet: bool = False, progress: bool = False) -> list[RunLog]:
+def compare_rules(
+    cfg: Config,
+    *,
+    quiet: bool = False,
+    progress: bool = False,
+    callbacks: Callable[[Config], Sequence[Callback]] | None = None,
+) -> list[RunLog]:
     """Train cfg.rule exactly as configured, then every rule in cfg.train.compare with its own
-    recipe (and its [compare.<rule>] table: driver/config.py:with_rule), on the same splits."""
+    recipe (and its [compare.<rule>] table: driver/config/root.py:with_rule), on the same
+    splits. `callbacks(cfg)` gives each run's observers beside its progress."""
     splits = load_dataset(cfg.data)
     cfgs = [cfg] + [with_rule(cfg, n) for n in cfg.train.compare if n != cfg.rule.label]
-    runs = [train(c, quiet=quiet, progress=progress, splits=splits) for c in cfgs]
+    runs = [
+        train(
+            c,
+            quiet=quiet,
+            progress=progress,
+            splits=splits,
+            callbacks=callbacks(c) if callbacks else (),
+        )
+        for c in cfgs
+    ]
     summary_at = storage.join(cfg.train.out_dir, "summary.json")  # a path or URI
     storage.write_bytes(summary_at, json.dumps(summary(runs), indent=1).encode())
     return runs

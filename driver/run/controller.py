@@ -20,35 +20,39 @@ from typing import Any
 
 import torch
 
-from driver.api.metrics import Metrics
 from driver.config import Config, config_to_dict, resolved_line
 from driver.data.common import DatasetSplits
 from driver.data.load import load_dataset
 from driver.pipeline.build import Runner
 from driver.pipeline.elastic import Elastic
-from driver.run import checkpoint, storage
+from driver.pipeline.plan import PipelinePlan
+from driver.run import checkpoint_store, storage
 from driver.run.callbacks import TERMINAL, Callback, RunState
-from driver.run.ckpt_writer import Checkpoints, run_part
+from driver.run.checkpointing import Checkpoints, run_part
 from driver.run.epochs import Epoch, Position
-from driver.run.errors import RECOVERABLE, RunFailed, failure_message
-from driver.run.observers import MetricsCallback, RunLogWriter
+from driver.run.errors import RECOVERABLE, FailurePolicy, RunFailed, failure_message
+from driver.run.observers import RunLogWriter
 from driver.run.progress import Progress
-from driver.run.resize import Resizing
-from driver.run.run_log import RunLog
+from driver.run.run_log import RunLog, evaluate
 from driver.run.stats import StatsBook
-from driver.run.training import TrainingWork
 
 __all__ = ["TERMINAL", "Controller", "Position", "RunFailed", "RunState"]
 
 log = logging.getLogger(__name__)
 
 
-class Controller(TrainingWork, Resizing):
+class Controller:
     """Drives one training run: data, runner, epochs, evaluation, checkpoints, recovery.
 
-    `callbacks` observe it (default: progress log lines); the run log (metrics.json) is always
-    written, and `metrics` adds the run's Prometheus series. A `resume` checkpoint that cannot
-    be used raises CheckpointError here, before the run exists."""
+    One class that only steps states; it composes its collaborators rather than inheriting
+    them: the runner and its plan (driver/pipeline/build.py), the elastic stage count
+    (driver/pipeline/elastic.py), the checkpoint writer (driver/run/checkpointing.py), the
+    failure policy (driver/run/errors.py) and the callbacks that observe it.
+
+    `callbacks` observe it (default: progress log lines; the service adds its Prometheus
+    series, driver/api/metrics_callback.py); the run log (metrics.json) is always written. A
+    `resume` checkpoint that cannot be used raises CheckpointError here, before the run
+    exists."""
 
     def __init__(
         self,
@@ -59,7 +63,6 @@ class Controller(TrainingWork, Resizing):
         resume: str | Path | None = None,
         track_test: bool = False,
         callbacks: Sequence[Callback] | None = None,
-        metrics: Metrics | None = None,
         run_id: str | None = None,
     ) -> None:
         self.cfg, self.track_test = cfg, track_test
@@ -76,24 +79,24 @@ class Controller(TrainingWork, Resizing):
         self.epoch: Epoch | None = None
         self.restarts = 0
         self.checkpoints = Checkpoints(keep=cfg.train.keep_checkpoints)  # written in the background
+        self.failures = FailurePolicy(cfg.train.max_restarts)
         self.error: str | None = None
         self.train_seconds = 0.0
         self.samples = 0
         self._t_start = time.perf_counter()
         self._cause: BaseException | None = None
-        self._bounds: tuple[int, ...] | None = None
+        self._bounds: tuple[int, ...] | None = None  # the cut to rebuild on (None: plan one)
+        self.plan: PipelinePlan | None = None  # what the last build resolved (K, cut, window)
         self._rng: torch.Tensor | None = None
         self._resume_state: dict[str, Any] | None = None
         self._after_checkpoint = RunState.RUNNING
         self._stop = False
         self._threads: int | None = None  # torch's thread count before train.threads
         if resume is not None:
-            state = checkpoint.load(resume)
-            checkpoint.check_compatible(state, self.config, resume)
+            state = checkpoint_store.load(resume)
+            checkpoint_store.check_compatible(state, self.config, resume)
             self._restore(state)
         own: list[Callback] = [RunLogWriter(storage.join(self.out, "metrics.json"))]
-        if metrics is not None:
-            own.append(MetricsCallback(metrics, self.run_id))
         self.callbacks = [*own, *(callbacks if callbacks is not None else [Progress()])]
 
     # -- driving ------------------------------------------------------------------------------
@@ -177,14 +180,14 @@ class Controller(TrainingWork, Resizing):
         if self.cfg.train.threads and self._threads is None:
             self._threads = torch.get_num_threads()
             torch.set_num_threads(self.cfg.train.threads)
-        self.runner, part = self.elastic.build(self.cfg, self.splits, self._bounds)
-        self._bounds = part.bounds
-        self.run.partition = list(part.bounds)
-        self.run.predicted_stage_seconds = list(part.stage_costs)
+        self.runner, self.plan = self.elastic.build(self.cfg, self.splits, self._bounds)
+        self._bounds = self.plan.bounds
+        self.run.partition = list(self.plan.bounds)
+        self.run.predicted_stage_seconds = list(self.plan.partition.stage_costs)
         if self._resume_state is not None:
             self.runner.load_state_dict(self._resume_state["runner"])
             self._resume_state = None
-        elif self.cfg.train.max_restarts and not checkpoint.checkpoints(self.ckpt_dir):
+        elif self.cfg.train.max_restarts and not checkpoint_store.checkpoints(self.ckpt_dir):
             self._save(final=False)  # recovery needs something to go back to from step 1 on
         return RunState.RUNNING
 
@@ -212,14 +215,31 @@ class Controller(TrainingWork, Resizing):
         return RunState.RUNNING
 
     def _checkpointing(self) -> RunState:
-        if self._after_checkpoint is RunState.RUNNING and self._grow_due():
-            return self._grow()  # pipeline.elastic: back to the K asked for (run/resize.py)
+        if self._after_checkpoint is RunState.RUNNING and self.elastic.grow_due(
+            self.cfg, self.runner
+        ):
+            return self._grow()
         self._save(final=self._after_checkpoint is not RunState.RUNNING)
         return self._after_checkpoint
 
+    def _grow(self) -> RunState:
+        """pipeline.elastic, back to the K asked for: the checkpoint due now, then the K'
+        stages drained; their state (what a drained checkpoint would hold) is loaded into the
+        K stages the next start builds. The epoch goes on where it is: nothing is replayed."""
+        assert self.runner is not None
+        self._save(final=False)
+        done = self.runner.flush()
+        if self.epoch is not None:
+            self.epoch.tally.add(done)
+        self.checkpoints.hand_over()  # a cut the drain completed goes to the writer
+        self._resume_state = {"runner": self.runner.state_dict()}
+        self._close()  # waits for the checkpoint's write
+        self._bounds = self.elastic.bounds_for(self.elastic.asked)
+        return RunState.STARTING
+
     def _recovering(self) -> RunState:
         self._close()  # waits for the writer: the last good checkpoint is complete on disk
-        self._restore(checkpoint.load(self.ckpt_dir))
+        self._restore(checkpoint_store.load(self.ckpt_dir))
         self.restarts += 1
         for cb in self.callbacks:
             cb.on_restart(self)
@@ -237,7 +257,7 @@ class Controller(TrainingWork, Resizing):
         log.info("%s: continuing at %s", self.cfg.rule.label, at)
 
     def _save(self, *, final: bool) -> None:
-        """Snapshot the run now (driver/run/ckpt_writer.py); the write goes on in the
+        """Snapshot the run now (driver/run/checkpointing.py); the write goes on in the
         background. A final checkpoint is waited for, and its failure fails the run."""
         assert self.runner is not None
         position = {"epoch": self.pos.epoch, "batch": self.pos.batch}
@@ -249,22 +269,25 @@ class Controller(TrainingWork, Resizing):
 
     def _lost_actors(self, exc: Exception) -> RunState:
         self.error = str(exc)
-        max_restarts = self.cfg.train.max_restarts
         self.checkpoints.drop()  # a cut the lost stages never finished
         self.checkpoints.publish(self, self.callbacks, wait=True)  # recovery needs it on disk
-        if self.restarts >= max_restarts:
-            return self._fail(exc, f"{exc}; no restarts left (train.max_restarts = {max_restarts})")
-        if not checkpoint.checkpoints(self.ckpt_dir):
-            if self.run.steps == 0 and self._resume_state is None:  # nothing trained: start over
-                log.warning("%s; nothing trained yet, starting the actors again", exc)
-                self._close()
-                self.restarts += 1
-                for cb in self.callbacks:
-                    cb.on_restart(self)
-                return RunState.STARTING
-            return self._fail(exc, f"{exc}; no checkpoint to recover from in {self.ckpt_dir}")
-        log.warning("%s; recreating the actors from the last checkpoint", exc)
+        action, message = self.failures.after_lost_actors(
+            exc,
+            restarts=self.restarts,
+            has_checkpoint=bool(checkpoint_store.checkpoints(self.ckpt_dir)),
+            fresh=self.run.steps == 0 and self._resume_state is None,
+            where=str(self.ckpt_dir),
+        )
+        if action == "fail":
+            return self._fail(exc, message)
         self._close()
+        if action == "restart":
+            log.warning("%s; nothing trained yet, starting the actors again", exc)
+            self.restarts += 1
+            for cb in self.callbacks:
+                cb.on_restart(self)
+            return RunState.STARTING
+        log.warning("%s; recreating the actors from the last checkpoint", exc)
         return RunState.RECOVERING
 
     def _fail(self, exc: BaseException, message: str | None = None) -> RunState:
@@ -298,3 +321,76 @@ class Controller(TrainingWork, Resizing):
             log.exception("run %s: closing its runner failed", self.run_id)
         finally:
             self.checkpoints.close()
+
+    # -- the running state's units of work ---------------------------------------------------
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._t_start
+
+    def _open_epoch(self) -> Epoch:
+        assert self.splits is not None
+        self.epoch = Epoch(self.cfg, self.splits.train, self.pos, self._rng)
+        self._rng = None
+        for cb in self.callbacks:
+            cb.after_epoch_start(self)
+        return self.epoch
+
+    def _train_batch(self, epoch: Epoch, batch: Any) -> None:
+        assert self.runner is not None
+        t0 = time.perf_counter()
+        x, y = batch
+        epoch.tally.add(self.runner.step(x, y, self.cfg.pipeline.micro_batches))
+        self.run.steps += 1
+        self.pos.batch += 1
+        self._record(self.runner.drain_stats())
+        dt = time.perf_counter() - t0
+        self.train_seconds += dt
+        self.samples += len(y)
+        for cb in self.callbacks:
+            cb.after_train_step(self, dt, len(y))
+        every = self.cfg.train.eval_every_steps
+        if every and self.run.steps % every == 0:
+            acc, loss = self._evaluate("val", periodic=True)
+            self.run.evals.append({"step": self.run.steps, "val_acc": acc, "val_loss": loss})
+
+    def _close_epoch(self, epoch: Epoch, *, finished: bool) -> None:
+        assert self.runner is not None
+        t0 = time.perf_counter()
+        epoch.tally.add(self.runner.flush())
+        self._record(self.runner.drain_stats(wait=True), epoch_end=True)
+        self.train_seconds += time.perf_counter() - t0
+        val_acc, val_loss = self._evaluate("val")
+        entry = {
+            "epoch": self.pos.epoch + 1,
+            "train_acc": epoch.tally.acc,
+            "train_loss": epoch.tally.mean_loss,
+            "val_acc": val_acc,
+            "val_loss": val_loss,
+            "seconds": self.elapsed,
+            "train_seconds": self.train_seconds,
+        }
+        if self.track_test:
+            entry["test_acc"] = self._evaluate("test", periodic=True)[0]
+        self.run.epochs.append(entry)
+        for cb in self.callbacks:
+            cb.after_epoch(self, entry)
+        self.epoch = None
+        if finished:  # max_steps keeps the position mid-epoch, where a resume continues
+            self.pos = Position(self.pos.epoch + 1, 0)
+
+    def _evaluate(self, split: str, *, periodic: bool = False) -> tuple[float, float]:
+        assert self.runner is not None and self.splits is not None
+        ds = self.splits.val if split == "val" else self.splits.test
+        acc, loss = evaluate(self.runner, ds, self.cfg.train.batch_size)
+        for cb in self.callbacks:
+            cb.after_evaluation(self, split, acc, loss, periodic=periodic)
+        return acc, loss
+
+    def _record(self, reports: list, *, epoch_end: bool = False) -> None:
+        self.book.add(reports)
+        for cb in self.callbacks:
+            cb.after_stage_stats(self, reports)
+        if epoch_end or self.run.steps % self.cfg.train.log_every == 0:
+            size = self.epoch.size if self.epoch is not None else 1
+            epoch = self.pos.epoch + self.pos.batch / max(size, 1)
+            self.run.note_alignment(self.book, self.run.steps, epoch)

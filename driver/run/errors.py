@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from cluster.errors import ActorDied, ActorError, ActorTimeout, ClusterError, PlacementError
 from driver.data.common import DataError
-from driver.run.checkpoint import CheckpointError
+from driver.run.checkpoint_store import CheckpointError
 from workers.spec import NonFiniteError
 
 RECOVERABLE = (ActorDied, ActorTimeout, PlacementError)
@@ -22,3 +22,25 @@ def failure_message(exc: BaseException) -> tuple[str, bool]:
     if isinstance(exc, EXPECTED):
         return str(exc), False
     return f"{type(exc).__name__}: {exc}", not isinstance(exc, ValueError)
+
+
+class FailurePolicy:
+    """What a run does when its actors are lost (died, hung, or could not be placed): go back
+    to the last checkpoint while restarts are left, start over when nothing was trained yet,
+    else fail, saying why in a line. It decides; the controller acts."""
+
+    def __init__(self, max_restarts: int) -> None:
+        self.max_restarts = max_restarts
+
+    def after_lost_actors(
+        self, exc: BaseException, *, restarts: int, has_checkpoint: bool, fresh: bool, where: str
+    ) -> tuple[str, str | None]:
+        """("recover" | "restart" | "fail", the failure's message or None). `fresh`: nothing
+        was trained and nothing resumed; `where`: the checkpoint folder, for the message."""
+        if restarts >= self.max_restarts:
+            return "fail", f"{exc}; no restarts left (train.max_restarts = {self.max_restarts})"
+        if has_checkpoint:
+            return "recover", None
+        if fresh:
+            return "restart", None
+        return "fail", f"{exc}; no checkpoint to recover from in {where}"

@@ -28,10 +28,10 @@ from typing import Any, TypeVar
 import fsspec
 import fsspec.config
 
+from driver.config.locations import CheckpointError, Location, location
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Location = Path | str  # a Path is local; a str is a URI with a (non-file) protocol
-LOCAL = ("file", "local")
 OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss", "memory")
 RATE = 4 * 2**20  # bytes per second of deadline added to each write
 FATAL_ERRNO = {
@@ -51,23 +51,6 @@ TRANSIENT_NAMES |= {"IncompleteRead", "ClientPayloadError", "ClientConnectionErr
 TRANSIENT_NAMES |= {"ServerDisconnectedError", "FSTimeoutError"}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint or run output that cannot be read or written: one line naming the
-    location, what is wrong and the fix."""
-
-
-def location(where: str | Path) -> Location:
-    """`where` as a Location: a plain path or file:// URI becomes a Path, any other URI stays."""
-    text = str(where)
-    protocol, sep, rest = text.partition("://")
-    if not sep or isinstance(where, Path):
-        return Path(where)
-    if protocol in LOCAL:
-        return Path(rest)
-    _check_protocol(protocol, text)
-    return text.rstrip("/")
-
-
 def is_remote(where: Location) -> bool:
     return isinstance(where, str)
 
@@ -81,22 +64,6 @@ def join(base: str | Path, *parts: str) -> Location:
 
 def name(where: Location) -> str:
     return where.name if isinstance(where, Path) else where.rsplit("/", 1)[-1]
-
-
-def _check_protocol(protocol: str, uri: str) -> None:
-    """Refuse an unknown protocol, or one whose package is missing, before anything is written."""
-    try:
-        fsspec.get_filesystem_class(protocol)
-    except ValueError:
-        raise CheckpointError(
-            f"storage: unknown protocol {protocol}:// in {uri}; use a local path, file://, "
-            "s3://, gs://, memory:// or another fsspec protocol"
-        ) from None
-    except ImportError as exc:
-        raise CheckpointError(
-            f"storage: {uri} needs a package that is not installed ({exc}); "
-            "install it (pip install 'reclra[cloud]' for s3fs and gcsfs)"
-        ) from None
 
 
 def describe(where: Location) -> str:

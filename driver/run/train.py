@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
-from driver.api.metrics import Metrics, MetricsServer
 from driver.config import Config
 from driver.data.common import DatasetSplits
 from driver.run import storage
+from driver.run.callbacks import Callback
 from driver.run.controller import Controller
 from driver.run.progress import Progress, bar_wanted
 from driver.run.run_log import RunLog
@@ -26,6 +27,7 @@ def train(
     splits: DatasetSplits | None = None,
     track_test: bool = False,
     resume: str | Path | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> RunLog:
     """Train `cfg.rule` on `cfg.model` and `cfg.data`; return (and write) its curves.
 
@@ -34,14 +36,10 @@ def train(
     accuracy after every epoch (benchmarks measure convergence with it; model selection only
     ever looks at validation). `resume` continues from a checkpoint file (or a run's checkpoint
     directory, a path or URI) at its exact step and data position. Raises RunFailed when the run
-    ends failed. `out_dir` (default train.out_dir) may be a path or a URI (s3://bucket/runs)."""
+    ends failed. `out_dir` (default train.out_dir) may be a path or a URI (s3://bucket/runs).
+    `callbacks` observe the run beside the progress (e.g. its Prometheus series)."""
     where = storage.join(out_dir or cfg.train.out_dir, cfg.rule.label)
     _say_where(cfg, where, "go to")
-    metrics = server = None
-    if cfg.metrics.enabled:
-        metrics = Metrics()
-        server = MetricsServer(metrics, cfg.metrics.addr, cfg.metrics.port)
-        log.info("metrics at %s", server.url)
     try:
         ctl = Controller(
             cfg,
@@ -49,13 +47,10 @@ def train(
             splits=splits,
             resume=resume,
             track_test=track_test,
-            metrics=metrics,
-            callbacks=[Progress(bar=not quiet and bar_wanted(progress))],
+            callbacks=[Progress(bar=not quiet and bar_wanted(progress)), *callbacks],
         )
         return ctl.run_to_end()
     finally:
-        if server is not None:
-            server.close()
         _say_where(cfg, where, "are in")
 
 

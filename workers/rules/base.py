@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal, get_args
 
 import torch
 
@@ -12,10 +12,12 @@ from workers.rules.recipes import PRESETS, label
 if TYPE_CHECKING:
     from workers.blocks import Block, Wire
 
-TOPOLOGIES = ("skip", "mirror", "adjacent", "stage")
-FEEDBACK_UPDATES = ("kp", "local", "fixed")
-SKIP_UPDATES = ("kp", "local", "fixed")
-INITS = ("gaussian", "kaiming", "xavier", "orthogonal", "zeros")
+Topology = Literal["skip", "mirror", "adjacent", "stage"]
+SynapseUpdate = Literal["kp", "local", "fixed"]
+Init = Literal["gaussian", "kaiming", "xavier", "orthogonal", "zeros"]
+TOPOLOGIES = get_args(Topology)
+FEEDBACK_UPDATES = SKIP_UPDATES = get_args(SynapseUpdate)
+INITS = get_args(Init)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,44 +25,54 @@ class RuleConfig:
     """How layers learn. Every [choice] of ALGORITHM.md is a key here, with its default."""
 
     name: str = "rec_lra"
-    # a named variant of the rule with a recipe of its own (workers/rules/recipes.py: PRESETS);
-    # "" is the rule's default preset (rec_lra: "mirror"; "paper" is the paper's reading)
+    """The learning rule: rec_lra, lra_e, backprop, kp, sign, fa or dfa (workers/rules)."""
     preset: str = ""
-    topology: str = "mirror"
-    feedback_update: str = "kp"
-    skip_update: str = "kp"
+    """A named variant with a recipe of its own (rec_lra: "mirror", the default, or "paper",
+    the paper's reading); "" is the rule's default."""
+    topology: Topology = "mirror"
+    """rec_lra's error path: mirror (follows the forward skips), adjacent, skip (junctions fed
+    from e_L through skip synapses: stages learn in parallel), stage (mirror inside a stage)."""
+    feedback_update: SynapseUpdate = "kp"
+    """How adjacent error synapses learn: kp (take W's update), local, fixed."""
+    skip_update: SynapseUpdate = "kp"
+    """How skip error synapses (from e_L) learn: kp, local, fixed."""
     skip_grid: int = 4
+    """A skip synapse maps K classes to a C x g x g grid, upsampled to C x H x W (0: dense)."""
     beta: float = 0.1
+    """The target's step: y = act(h - beta * d)."""
     gamma: float = 1.0
-    # a in e = a(z - y) + (1 - a) sign(z - y). The paper reportedly used 0.19 (skip endpoints)
-    # and 0.24 (adjacent); on our validation runs pure L2 (1.0) trained better, see README.
+    """The error synapses' learning rate, as a multiple of optim.lr."""
     mix_skip: float = 1.0
+    """a in e = a(z - y) + (1 - a) sign(z - y) at skip-fed junctions (the paper: 0.19)."""
     mix_adjacent: float = 1.0
+    """a in e = a(z - y) + (1 - a) sign(z - y) elsewhere (the paper: 0.24)."""
     reproject: float = 0.0
+    """Rescale every update to norm at most this ("Gaussian ball"; 0: off)."""
     input_noise: float = 0.0
-    init: str = "kaiming"
+    """Standard deviation of Gaussian noise added to the input in training."""
+    init: Init = "kaiming"
+    """Forward weights' initialisation."""
     init_std: float = 1.0
-    feedback_init: str = "kaiming"
-    # Synapses that learn by KP (feedback_update or skip_update "kp") start from this instead:
-    # from zero, E holds exactly gamma times what its layer has learned (plus decay).
-    kp_init: str = "zeros"
-    # The head's forward weight and, under `kp`, its error synapse. "zeros" for both makes
-    # E_head = gamma * W_head exactly from the first step (KP keeps equal moves equal).
-    head_init: str = "kaiming"
-    # Send each layer's error down through its own BatchNorm's batch Jacobian before its error
-    # synapse, as that layer's forward map would (a [choice]; off: E sees the post-BN error).
+    """Scales every initialisation."""
+    feedback_init: Init = "kaiming"
+    """Where fixed and `local` error synapses start."""
+    kp_init: Init = "zeros"
+    """Where KP synapses start (from zero, E holds exactly what its layer has learned)."""
+    head_init: Init = "kaiming"
+    """The head's forward weight (and, with "zeros" under KP, its synapse: then E = W)."""
     carry_bn: bool = True
-    # Divide hidden error units by beta: e = (z - y) / beta ~ act'(h) * d, so errors keep their
-    # scale down a chain instead of shrinking by beta per layer (a [choice]; off: e = z - y).
+    """Send each layer's error back through its own BatchNorm's batch Jacobian before its
+    error synapse (off: E carries the post-BatchNorm error, the fully local variant)."""
     rescale_error: bool = True
-    # Weight mirrors (workers/mirror.py): at its first forward, each stage sets every learning
-    # error synapse to an estimate of W from its own layer's response to noise, drawing enough
-    # noise for the estimate to lie about `mirror_angle` degrees from W (0: off); then, every
-    # `mirror_every` optimizer steps (0: never), moves it toward a fresh estimate at rate
-    # `mirror_rate`. Reads no W.
+    """Divide hidden errors by beta, e = (z - y) / beta ~ act'(h) d, so they keep their scale
+    down a chain (off: e = z - y)."""
     mirror_angle: float = 10.0
+    """Weight mirror: at its first forward each stage sets every learning error synapse to an
+    estimate of W from its own layer's response to noise, this many degrees from W (0: off)."""
     mirror_every: int = 0
+    """Weight mirror: move E toward a fresh estimate every N optimizer steps (0: never)."""
     mirror_rate: float = 0.5
+    """Weight mirror: how far each interleaved estimate moves E (1: all the way)."""
 
     @property
     def label(self) -> str:

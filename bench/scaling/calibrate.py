@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 
-from bench.scaling_predict import (
+from bench.scaling.predict import (
     CALIBRATED,
     MODEL,
     RULE_SPECS,
@@ -15,7 +15,7 @@ from bench.scaling_predict import (
     schedule_of,
     time_runner,
 )
-from bench.scaling_profile import config_of, measure_cores, profile_blocks, sample
+from bench.scaling.profile import config_of, measure_cores, profile_blocks, sample
 from driver.pipeline.build import base_spec, block_names
 from driver.pipeline.partition import best_partition
 from driver.pipeline.stage_count import calls_per_micro_batch

@@ -13,16 +13,27 @@ class TokenMissing(ValueError):
 @dataclass(frozen=True, kw_only=True)
 class ServiceConfig:
     addr: str = "127.0.0.1"
-    port: int = 50051  # 0 picks a free port
-    token: str = ""  # bearer token clients must send; "" reads it from token_env
+    """Where the gRPC API listens."""
+    port: int = 50051
+    """gRPC port (0 picks a free one)."""
+    token: str = ""
+    """The bearer token clients must send; "" reads it from service.token_env."""
     token_env: str = "RECLRA_TOKEN"
-    max_workers: int = 256  # gRPC threads: every WatchRun holds one while it streams
+    """The environment variable holding the token when service.token is empty."""
+    max_workers: int = 256
+    """gRPC threads: every WatchRun holds one while it streams."""
     runs_dir: str = "runs/service"
-    watch_interval_s: float = 0.25  # WatchRun sends at most one progress event per interval
-    max_active_runs: int = 1  # runs training at once; later ones wait as pending (FIFO)
-    max_queued: int = 16  # pending runs; StartRun beyond it is RESOURCE_EXHAUSTED
-    keep_finished: int = 100  # finished runs held in memory (their files always stay)
-    max_request_bytes: int = 4 * 1024 * 1024  # larger requests are RESOURCE_EXHAUSTED
+    """Where served runs write: runs_dir/<run_id> (a path or a storage URI)."""
+    watch_interval_s: float = 0.25
+    """WatchRun sends at most one progress event per interval."""
+    max_active_runs: int = 1
+    """Runs training at once; later ones wait as pending (FIFO)."""
+    max_queued: int = 16
+    """Pending runs; StartRun beyond it is RESOURCE_EXHAUSTED."""
+    keep_finished: int = 100
+    """Finished runs held in memory (their files always stay)."""
+    max_request_bytes: int = 4 * 1024 * 1024
+    """Larger requests are RESOURCE_EXHAUSTED."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

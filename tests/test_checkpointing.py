@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from driver.config import load_config
-from driver.run import checkpoint
+from driver.run import checkpoint_store
 from driver.run.callbacks import Callback
 from driver.run.controller import Controller, RunFailed, RunState
 
@@ -37,11 +37,11 @@ class Published(Callback):
         self.steps: list[int] = []
 
     def after_checkpoint(self, ctl, path) -> None:  # noqa: ANN001
-        self.steps.append(int(checkpoint.load(path)["runlog"]["steps"]))
+        self.steps.append(int(checkpoint_store.load(path)["runlog"]["steps"]))
 
 
 def _steps(directory: Path) -> list[int]:
-    return [int(Path(str(p)).name[5:13]) for p in checkpoint.checkpoints(directory)]
+    return [int(Path(str(p)).name[5:13]) for p in checkpoint_store.checkpoints(directory)]
 
 
 def test_a_failed_write_is_logged_and_counted_and_the_next_one_succeeds(digits, tmp_path, caplog):
@@ -52,7 +52,7 @@ def test_a_failed_write_is_logged_and_counted_and_the_next_one_succeeds(digits, 
     seen = Published()
     ctl = Controller(cfg, out_dir=tmp_path, splits=digits, callbacks=[seen])
     ckpts, aside = tmp_path / "rec_lra" / "checkpoints", tmp_path / "aside"
-    caplog.set_level(logging.WARNING, logger="driver.run.ckpt_writer")
+    caplog.set_level(logging.WARNING, logger="driver.run.checkpointing")
     while not ctl.done:
         ctl.step()
         if ctl.state is not RunState.RUNNING or ctl.run.steps not in (4, 7):
@@ -84,7 +84,7 @@ def test_a_final_checkpoint_that_cannot_be_written_fails_the_run(digits, tmp_pat
 
 WRITER = """
 import sys, torch
-from driver.run.ckpt_writer import CheckpointWriter, Job, Taken
+from driver.run.checkpointing import CheckpointWriter, Job, Taken
 w = CheckpointWriter(keep=0)
 def job(step, mb):
     state = {{"units": {{"x": {{"tensors": {{"w": torch.full((mb * 2**18,), float(step))}}}}}}}}
@@ -121,7 +121,7 @@ def test_a_process_killed_mid_write_leaves_the_last_good_checkpoint(tmp_path):
     partial = [p for p in directory.iterdir() if p.name != "ckpt-00000001.pt"]
     assert partial, "the kill came after the write finished; nothing was tested"
     assert _steps(directory) == [1]
-    state = checkpoint.load(directory)  # the directory's newest complete checkpoint
+    state = checkpoint_store.load(directory)  # the directory's newest complete checkpoint
     assert (
         state["runlog"]["steps"] == 1
         and float(state["runner"]["units"]["x"]["tensors"]["w"][0]) == 1.0

@@ -1,11 +1,11 @@
 """Measure bench/profiles/cpu_here.toml: ImageNet-form ResNet-18/34 blocks timed here at a small
 input and scaled to 224x224 by pixel count; ResNet-50 (not in workers/models.py) derived from
-ResNet-34's measured seconds per MAC per layer group and its own MACs (scaling_project)."""
+ResNet-34's measured seconds per MAC per layer group and its own MACs (bench/scaling/project.py)."""
 
 from __future__ import annotations
 
-from bench.scaling_profile import config_of, profile_blocks
-from bench.scaling_project import resnet_blocks
+from bench.scaling.profile import config_of, profile_blocks
+from bench.scaling.project import resnet_blocks
 
 FAMILIES = {"rec_lra": "rec_lra:topology=skip", "rec_lra_mirror": "rec_lra", "backprop": "backprop"}
 
@@ -90,7 +90,7 @@ def write(path: str, models: dict, link: dict, size: int, batch: int) -> None:
         f"# micro-batch {batch},"
         f"# scaled to 224x224 by pixel count (x{(224 / size) ** 2:.2f}); ResNet-50 is not in",
         "# workers/models.py: derived from ResNet-34's seconds per MAC per layer group and",
-        "# ResNet-50's MACs (bench/scaling_project.resnet_blocks). Link: Ray on this machine.",
+        "# ResNet-50's MACs (bench/scaling/project.resnet_blocks). Link: Ray on this machine.",
         "# Projected with one core per stage (cores unlimited), i.e. a cluster of such cores.",
         'name = "cpu_here"',
         "micro_batch = 8        # samples per micro-batch projected",
@@ -148,11 +148,11 @@ def derive_gpu(path: str, link: dict) -> None:
             entry[fam] = {"forward_s": fwd, "learn_s": rec, "apply_s": apply}
         models[model] = entry
     header = [
-        "# Derived, not measured (python -c 'from bench.scaling_toml import *; derive_gpu(...)').",
+        "# Derived, not measured (python -c 'from bench.scaling.toml import *; derive_gpu(...)').",
         "# Sources: ResNet-50 v1.5 training, 1x A100 80GB, mixed precision: 2470 img/s",
         "#   (NVIDIA DeepLearningExamples, PyTorch/Classification/ConvNets/resnet50v1.5/README.md,",
         "#   'Training performance: NVIDIA DGX A100 (8x A100 80GB)', pytorch-21.03 NGC).",
-        "# Per-block split: by forward MACs (bench/scaling_project.resnet_blocks), assuming",
+        "# Per-block split: by forward MACs (bench/scaling/project.resnet_blocks), assuming",
         "#   uniform seconds per MAC; ResNet-18/34 at ResNet-50's seconds per MAC.",
         "# forward : backward = 1 : 2. rec-LRA's step = 1.21 x backprop's (measured here, README",
         "#   'The single-process step'), the extra in its learn. fp16 activations (2 bytes).",

@@ -1,4 +1,5 @@
-"""The run's config: component dataclasses, TOML files, --set overrides; unknown keys fail."""
+"""The run's config: every section, TOML files, --set overrides, recipes under what the user
+sets; unknown keys fail. Imports nothing above driver/config (a test keeps it so)."""
 
 from __future__ import annotations
 
@@ -12,74 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from cluster.runtime import ClusterConfig
-from driver.api.metrics import MetricsConfig
-from driver.api.service_config import ServiceConfig
-from driver.data.config import DataConfig
-from driver.pipeline.config import PipelineConfig
-from driver.run.storage import location
+from driver.config.data import DataConfig
+from driver.config.metrics import MetricsConfig
+from driver.config.pipeline import PipelineConfig
+from driver.config.service import ServiceConfig
+from driver.config.train import TrainConfig
 from workers.models import ModelConfig
 from workers.optim import OptimConfig
-from workers.rules import RULES, RuleConfig
-from workers.rules.recipes import label, recipe, split_label, variants
+from workers.rules import RuleConfig
+from workers.rules.recipes import label, recipe, split_label
 
 
 class ConfigError(ValueError):
     """A bad config: one line naming the key and the fix."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    epochs: int = 12
-    batch_size: int = 32
-    seed: int = 0
-    dtype: str = "float32"
-    device: str = "cpu"  # cpu | cuda | auto
-    # torch threads of the driver process while the run trains (and of the stages it runs
-    # in-process: one stage, or pipeline.backend = "local"), restored after; 0 keeps torch's
-    # setting. Ray stages take theirs from pipeline.threads_per_stage
-    threads: int = 0
-    # CPU runs: each training process's malloc keeps freed memory for reuse instead of handing it
-    # back to the kernel, so a step reuses the last step's pages (workers/allocator.py; rec-LRA's
-    # ResNet-18 step 1.10-1.23x -> 0.99-1.04x backprop's). The process keeps its peak resident
-    keep_freed_memory: bool = True
-    out_dir: str = "runs/default"  # a local path or a URI: file://, s3://, gs://, memory://
-    log_every: int = 50  # steps between log summaries
-    max_steps: int = 0  # stop after this many steps (0: run all epochs)
-    compare: tuple[str, ...] = ("backprop",)  # rules trained afterwards for the closing table
-    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end of the run)
-    keep_checkpoints: int = 3  # newest checkpoints kept (0: all)
-    max_restarts: int = 2  # times a run rebuilds lost stages from its last checkpoint
-    eval_every_steps: int = 0  # extra validation every N steps (0: once per epoch only)
-    diagnose_every: int = 0  # compare each layer's update with backprop's every N steps (0: off)
-
-    def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size", "log_every"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
-        for key in (
-            "threads",
-            "max_steps",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "max_restarts",
-            "eval_every_steps",
-            "diagnose_every",
-        ):
-            if getattr(self, key) < 0:
-                raise ValueError(f"train.{key}: must be >= 0, got {getattr(self, key)}")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"train.dtype: {self.dtype!r} is not one of ['float32', 'float64']")
-        if self.device not in ("cpu", "cuda", "auto"):
-            raise ValueError(f"train.device: {self.device!r} is not one of ['cpu', 'cuda', 'auto']")
-        try:
-            location(self.out_dir)  # a URI's protocol must be known and its package installed
-        except ValueError as exc:
-            raise ValueError(f"train.out_dir: {exc}") from None
-        for name in self.compare:
-            if name not in variants(sorted(RULES)):
-                raise ValueError(
-                    f"train.compare: unknown rule {name!r}; choose from {variants(sorted(RULES))}"
-                )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,17 +43,20 @@ class Config:
     # [compare.<rule>.rule] and [compare.<rule>.optim]: a compared rule's own settings, applied
     # over its recipe (with_rule). Only rules listed in train.compare may have a table.
     compare: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    # where each [rule] and [optim] value came from: "rule.beta" -> "user" (the file or --set)
-    # or "recipe" (the rule's recipe filled a key the user left unset); absent: the default
+    # where each value came from: "rule.beta" -> "user" (the file or --set) or "recipe" (the
+    # rule's recipe filled a [rule] or [optim] key the user left unset); absent: the default
     origin: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        """The checks that span sections (each section checks its own keys)."""
         for name in self.compare:
             if name not in self.train.compare:
                 raise ValueError(
                     f"compare.{name}: {name!r} is not in train.compare; add it there or drop "
                     "the table"
                 )
+        if self.pipeline.transport == "nccl" and self.train.device == "cpu":
+            raise ValueError('pipeline.transport: nccl needs train.device = "cuda"; use gloo')
         if self.pipeline.micro_batches > self.train.batch_size:
             raise ValueError(
                 f"pipeline.micro_batches ({self.pipeline.micro_batches}) exceeds "
@@ -179,7 +128,7 @@ def parse_config(
             )
         raw[section][name] = value
     rule = label(str(raw["rule"].get("name", RuleConfig.name)), str(raw["rule"].get("preset", "")))
-    origin = {f"{sec}.{key}": "user" for sec in TUNED for key in raw[sec]}
+    origin = {f"{sec}.{key}": "user" for sec in SECTIONS for key in raw[sec]}
     for section in TUNED:  # the rule's (or its preset's) own recipe, under what the config sets
         filled = recipe(rule, section)
         origin.update({f"{section}.{k}": "recipe" for k in filled if k not in raw[section]})
@@ -249,6 +198,10 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         args = typing.get_args(hint)
         inner = args[0] if args and (len(args) == 2 and args[1] is Ellipsis) else None
         return tuple(_coerce(key, inner or args[i], v) for i, v in enumerate(value))
+    if origin is typing.Literal:
+        if value not in typing.get_args(hint) or isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(hint))}")
+        return value
     if origin in (typing.Union, types.UnionType):
         return value
     if origin is dict and not isinstance(value, dict):
@@ -281,7 +234,7 @@ def with_rule(cfg: Config, name: str) -> Config:
     Nothing of the main rule's [rule] carries over."""
     rule_name, preset = split_label(name)
     own = cfg.compare.get(name, {})
-    origin = {k: v for k, v in cfg.origin.items() if k.startswith("optim.")}
+    origin = {k: v for k, v in cfg.origin.items() if not k.startswith("rule.")}
     values: dict[str, dict[str, Any]] = {}
     for section in TUNED:
         filled, mine = recipe(name, section), own.get(section, {})

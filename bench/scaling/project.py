@@ -13,7 +13,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from bench.scaling_sim import RULES, StageCosts, one_process, step_seconds
+from bench.scaling.sim import RULES, StageCosts, one_process, step_seconds
 from driver.pipeline.partition import best_partition
 from driver.pipeline.stage_count import calls_per_micro_batch
 

@@ -9,8 +9,8 @@ import itertools
 import statistics
 from dataclasses import replace
 
-from bench.scaling_calibrate import calibrate_call
-from bench.scaling_predict import (
+from bench.scaling.calibrate import calibrate_call
+from bench.scaling.predict import (
     MODEL,
     RULE_SPECS,
     SCHEDULES,
@@ -20,7 +20,7 @@ from bench.scaling_predict import (
     schedule_of,
     time_runner,
 )
-from bench.scaling_profile import BlockProfile, config_of, measure_cores, profile_blocks, sample
+from bench.scaling.profile import BlockProfile, config_of, measure_cores, profile_blocks, sample
 from driver.pipeline.build import base_spec, block_names
 from driver.pipeline.partition import best_partition
 from workers.chain import LocalRunner

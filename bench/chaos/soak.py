@@ -5,7 +5,7 @@
 While a thread steps the run's Controller (as the service does), this thread injects, at
 seeded random steps: SIGKILL of a random stage's worker process (5 times), SIGSTOP of one past
 pipeline.step_timeout_s (continued once the run gave up on it), and a checkpoint location that
-runs out of space for one write (bench/chaos_faults.py). Per fault it measures the recovery
+runs out of space for one write (bench/chaos/faults.py). Per fault it measures the recovery
 seconds (injected -> the run trains past the step where it was; ENOSPC: from the failed write)
 and the steps replayed. Then it compares the final weights with an uninterrupted run's: sync
 and float64, so a run that lost nothing ends bitwise equal. `steps_lost` is the expected step
@@ -31,7 +31,7 @@ from typing import Any
 
 import ray
 
-from bench.chaos_faults import (
+from bench.chaos.faults import (
     FullStore,
     SmallDisk,
     Stopped,
@@ -40,12 +40,12 @@ from bench.chaos_faults import (
     names,
     signal_worker,
 )
-from bench.chaos_plan import Fault, Watch, chaos_config, compare_states, make_plan, table
+from bench.chaos.plan import Fault, Watch, chaos_config, compare_states, make_plan, table
 from bench.output import save
 from driver.config import Config
 from driver.data.common import DatasetSplits
 from driver.data.load import load_dataset
-from driver.run import checkpoint
+from driver.run import checkpoint_store
 from driver.run.controller import Controller, RunFailed, RunState
 
 
@@ -140,7 +140,7 @@ def soak(
     ref_cfg = replace(cfg, pipeline=replace(cfg.pipeline, step_timeout_s=300.0))
     ref = Controller(ref_cfg, out_dir=work / "ref", splits=splits, callbacks=[])
     ref.run_to_end()
-    ref_state = checkpoint.load(ref.ckpt_dir)["runner"]
+    ref_state = checkpoint_store.load(ref.ckpt_dir)["runner"]
     t_ref = time.perf_counter() - t_start
     watch = Watch()
     out: str | Path = work / "chaos"
@@ -190,7 +190,7 @@ def soak(
         chaos_s = time.perf_counter() - t0
         last_good: dict[str, Any] = {}
         try:
-            state = checkpoint.load(ctl.ckpt_dir)
+            state = checkpoint_store.load(ctl.ckpt_dir)
             last_good = {"ok": True, "steps": state["runlog"]["steps"]}
             equal, diff = compare_states(ref_state, state["runner"])
         except Exception as exc:  # noqa: BLE001 - reported, not raised

@@ -11,8 +11,8 @@ from dataclasses import replace
 
 import torch
 
-from bench.scaling_profile import BlockProfile
-from bench.scaling_sim import RULES, StageCosts, one_process, step_seconds
+from bench.scaling.profile import BlockProfile
+from bench.scaling.sim import RULES, StageCosts, one_process, step_seconds
 from driver.config import Config
 from driver.pipeline.build import Runner
 from driver.pipeline.p2p import P2PPipeline

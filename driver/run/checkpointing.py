@@ -3,7 +3,7 @@
 The training loop pays only for the snapshot: each stage copies its state to CPU at a
 consistent point of the stream (driver/pipeline/cut.py), and the run's own part (config, data
 position, curves, torch RNG) is captured at once. A writer thread then gathers the stages'
-copies, serializes and writes them (checkpoint.save: temp file, fsync, rename; a marker after
+copies, serializes and writes them (checkpoint_store.save: temp file, fsync, rename; a marker after
 the object in an object store). At most one checkpoint waits behind the one being written; a
 third waits for the oldest. The controller harvests finished writes (Checkpoints.publish): a
 published checkpoint is announced then (after_checkpoint), a failed one is logged and counted,
@@ -26,9 +26,9 @@ import torch
 from driver.pipeline.build import Runner
 from driver.pipeline.p2p import P2PPipeline
 from driver.pipeline.stream import StreamPipeline
-from driver.run import checkpoint
+from driver.run import checkpoint_store
 from driver.run.callbacks import Callback
-from driver.run.checkpoint import CheckpointError
+from driver.run.checkpoint_store import CheckpointError
 from workers.state import merge_states
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def run_part(config: dict[str, Any], position: dict[str, int], runlog: Any) -> d
     """The run's own part of a checkpoint, captured now (the stages' part is filled in later):
     config, data position, a copy of the curves, the torch RNG."""
     curves = types.SimpleNamespace(epochs=copy.deepcopy(runlog.epochs), steps=runlog.steps)
-    return checkpoint.run_state(config, {}, position, curves)
+    return checkpoint_store.run_state(config, {}, position, curves)
 
 
 @dataclass
@@ -91,7 +91,7 @@ class Outcome:
 
 def _write(job: Job, keep: int) -> Any:
     job.state["runner"] = merge_states(job.snap.collect())
-    return checkpoint.save(job.directory, job.step, job.state, keep=keep)
+    return checkpoint_store.save(job.directory, job.step, job.state, keep=keep)
 
 
 class CheckpointWriter:

@@ -2,13 +2,13 @@
 
     python -m bench.scaling --json bench/results/scaling_cpu.json [--rounds 3 --steps 4]
 
-1. Measures a Ray link here (call cost, hop latency, hop bandwidth: bench.scaling_profile).
-2. Validates the simulation (bench.scaling_sim, driven by driver/pipeline/schedule.py) against
+1. Measures a Ray link here (call cost, hop latency, hop bandwidth: bench.scaling.profile).
+2. Validates the simulation (bench.scaling.sim, driven by driver/pipeline/schedule.py) against
    the real pipeline here: ResNet-8 (width 32, synthetic 32x32, batch 32, 4 micro-batches),
    rec-LRA broadcast (skip) and mirror, K = 1, 2, 3, sync and async, predicted against measured
-   samples/s (bench.scaling_validate).
+   samples/s (bench.scaling.validate).
 3. Projects K = 2..64 for ImageNet-form ResNet-18/34/50 from each device profile in
-   bench/profiles (bench.scaling_project); `projection` is the --profile one.
+   bench/profiles (bench.scaling.project); `projection` is the --profile one.
 4. Plots speedup against K (bench/results/scaling.png) and prints the tables.
 """
 
@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 from bench.output import save
-from bench.scaling_project import KS, load_profile, project, sensitivity
+from bench.scaling.project import KS, load_profile, project, sensitivity
 
 MODELS = ["resnet18", "resnet34", "resnet50"]
 RULES_SHOWN = [
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         import ray
 
-        from bench.scaling_profile import measure_link
+        from bench.scaling.profile import measure_link
 
         ray.init(address="local", num_cpus=32, include_dashboard=False)  # our own (logical CPUs)
         try:
@@ -137,11 +137,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"link: {link}", flush=True)
             result["link"] = link
             if args.measure_profile:
-                from bench.scaling_toml import measure, write
+                from bench.scaling.toml import measure, write
 
                 write(args.measure_profile, measure(64, 8, 2), link, 64, 8)
             if not args.skip_validation:
-                from bench.scaling_validate import validate
+                from bench.scaling.validate import validate
 
                 cores = args.cores or float(os.cpu_count() or 1)
                 result["validation_cores"] = cores

@@ -1,0 +1,1 @@
+"""The chaos soak: faults injected into real runs, and what must survive them."""

@@ -1,0 +1,73 @@
+"""The [data] section: which dataset, where it lives, and how it is split and augmented."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from driver.config.choices import check_choices
+
+HELD_OUT = ("cifar10", "fashion_mnist", "mnist")  # val = the last data.val_size of the train file
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    name: Literal["digits", "cifar10", "fashion_mnist", "mnist", "imagenet", "synthetic"] = "digits"
+    """The dataset: scikit-learn's digits (bundled), or one read from data.root."""
+    root: str = "data"
+    """Holds cifar-10-batches-py, FashionMNIST/raw, MNIST/raw or an imagenet folder."""
+    download: bool = False
+    """cifar10, (fashion_)mnist: download when asked (never by default)."""
+    val_size: int = 5000
+    """cifar10, (fashion_)mnist: the last images of the train file, held out for validation."""
+    train_size: int = 0
+    """cifar10, (fashion_)mnist: a class-balanced seeded subset of train (0: all)."""
+    augment: bool = False
+    """Random crop and flip (mnist: no flip), train split only; not digits or synthetic."""
+    whiten: bool = False
+    """cifar10: global contrast normalisation and ZCA whitening, fitted on the train split."""
+    image_size: int = 224
+    """imagenet: the train and eval crop size."""
+    synthetic_size: int = 512
+    """synthetic: train samples (val and test get a quarter each)."""
+    synthetic_shape: tuple[int, int, int] = (3, 32, 32)
+    """synthetic: the images' (C, H, W)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    seed: int = 0
+    """Seeds the train subset and the split."""
+
+    def __post_init__(self) -> None:
+        check_choices("data", self)
+        for key in ("download", "augment", "whiten"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"data.{key}: must be true or false, got {getattr(self, key)!r}")
+        if not isinstance(self.root, str) or not self.root:
+            raise ValueError(f"data.root: must be a non-empty path, got {self.root!r}")
+        minimum = {"val_size": 0, "train_size": 0, "image_size": 8, "synthetic_size": 4}
+        minimum |= {"num_workers": 0, "seed": 0}
+        for key, low in minimum.items():
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"data.{key}: must be an integer >= {low}, got {value!r}")
+        shape = self.synthetic_shape
+        if (
+            not isinstance(shape, tuple | list)
+            or len(shape) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape)
+        ):
+            raise ValueError(
+                f"data.synthetic_shape: must be 3 positive integers (C, H, W), got {shape!r}"
+            )
+        object.__setattr__(self, "synthetic_shape", tuple(shape))  # TOML gives a list
+        only = {
+            "download": HELD_OUT,
+            "train_size": HELD_OUT,
+            "whiten": ("cifar10",),
+            "augment": (*HELD_OUT, "imagenet"),
+        }
+        for key, names in only.items():
+            if getattr(self, key) and self.name not in names:
+                raise ValueError(
+                    f"data.{key}: only applies to {', '.join(names)}, not {self.name!r}"
+                )
