@@ -25,7 +25,7 @@ from pathlib import Path
 import ray
 import torch
 
-from bench.accuracy import SHARED
+from bench.budgets import SHARED
 from bench.output import save
 from bench.pipeline_accuracy import DATA
 from bench.pipeline_accuracy import main as accuracy_main

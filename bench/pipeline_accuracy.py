@@ -17,8 +17,8 @@ import json
 import statistics
 import sys
 
-from bench.accuracy import SHARED
 from bench.accuracy_runs import run_all
+from bench.budgets import SHARED
 from bench.output import save
 from driver.config import Config, load_config
 from driver.data.common import DataError

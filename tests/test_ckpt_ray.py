@@ -1,6 +1,7 @@
-"""Checkpoint cuts on a real local Ray cluster: a cut taken as the async stream flows over
-actors equals the drained state, and an async run recovers from such a cut after a stage's
-worker is killed, learning every micro-batch exactly once."""
+"""Checkpoint cuts on a real local Ray cluster: a cut taken as the stream engine's async
+stream flows over actors equals the drained state (the p2p engine's cut: tests/test_p2p.py),
+and an async run recovers from such a cut after a stage's worker is killed, learning every
+micro-batch exactly once."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def _cfg(backend: str, *extra: str):
 
 
 def test_a_cut_over_ray_actors_equals_the_drained_state(cluster, digits):
-    ray_cfg, local_cfg = _cfg("ray"), _cfg("local")
+    ray_cfg, local_cfg = _cfg("ray", 'pipeline.engine="stream"'), _cfg("local")
     m = ray_cfg.pipeline.micro_batches
     batches = _batches(ray_cfg, digits, 4)
     remote, local = build_runner(ray_cfg, digits)[0], build_runner(local_cfg, digits)[0]

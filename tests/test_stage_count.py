@@ -70,9 +70,13 @@ def test_stages_must_be_a_positive_integer_or_auto(value):
 
 
 def test_auto_trains_a_small_model_in_one_process(caplog):
-    """On the digits ResNet a micro-batch costs a few milliseconds, about a Ray call: the
-    prediction keeps the run in this process, and says why."""
-    cfg = load_config(None, ['pipeline.stages="auto"', "pipeline.micro_batches=4"])
+    """On the digits ResNet a micro-batch costs a few milliseconds, about a stream-engine
+    call: the prediction keeps the run in this process, and says why. (The p2p engine pays
+    no call per op, so its prediction may split the same model.)"""
+    cfg = load_config(
+        None,
+        ['pipeline.stages="auto"', "pipeline.micro_batches=4", 'pipeline.engine="stream"'],
+    )
     splits = load_dataset(cfg.data)
     with caplog.at_level(logging.INFO):
         runner, part = build_runner(cfg, splits)
