@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from bench.output import save
 from driver.config import Config
 
 
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--set", action="append", default=[], help="section.key=value for every rule")
+    p.add_argument("--json", default="", help="also write the times and ratios here")
     args = p.parse_args(argv)
     sets = [f'data.name="{args.data}"', "data.train_size=2000"] if args.data != "digits" else []
     if args.data != "digits":
@@ -148,14 +150,19 @@ def main(argv: list[str] | None = None) -> dict:
         shape = (load_dataset(base.data).input_shape[0], args.size, args.size)
     times = step_seconds(cfgs, rounds=args.rounds, steps=args.steps, input_shape=shape)
     ref = "backprop" if "backprop" in times else names[0]
-    wall = ratios(times, ref, "per_round")
-    for name, r in ratios(times, ref).items():
-        t = times[name]
-        print(
+    wall, cpu = ratios(times, ref, "per_round"), ratios(times, ref)
+    lines = []
+    for name, t in times.items():
+        t["wall_ratio"], t["cpu_ratio"] = wall[name], cpu[name]
+        lines.append(
             f"{name:<12} {1e3 * t['step_seconds']:8.1f} ms/step wall, {wall[name]:.3f}x {ref}; "
-            f"{1e3 * t['cpu_step_seconds']:8.1f} ms CPU, {r:.3f}x {ref}"
+            f"{1e3 * t['cpu_step_seconds']:8.1f} ms CPU, {cpu[name]:.3f}x {ref}"
         )
-    return times
+    if not args.json:
+        print("\n".join(lines))
+        return times
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "rules", "data_root")}
+    return save({**settings, "reference": ref, "rules": times}, args.json, "\n".join(lines))
 
 
 if __name__ == "__main__":
