@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from unit_states import flat_units
 
 from workers.chain import LocalRunner, forward_chain, learn_chain, stage_specs
 from workers.models import ModelConfig, model_plan
@@ -302,15 +303,7 @@ def _grads_after_learn(stage: Stage, y: torch.Tensor) -> dict[str, torch.Tensor]
 
 
 def _units_state(runner: LocalRunner) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for uname, entry in runner.state_dict()["units"].items():
-        for k, v in entry["tensors"].items():
-            out[f"{uname}/{k}"] = v
-        for pname, st in entry["optim"].items():
-            for k, v in st.items():
-                if torch.is_tensor(v):
-                    out[f"{uname}/optim/{pname}/{k}"] = v
-    return out
+    return flat_units(runner.state_dict()["units"])
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from unit_states import flat_units
 
 from workers.chain import LocalRunner, stage_specs
 from workers.models import ModelConfig, model_plan
@@ -78,21 +79,8 @@ def _batches(n: int, shape=SHAPE, seed: int = 0, batch: int = B):  # noqa: ANN00
     ]
 
 
-def _tensors(units: dict) -> dict[str, torch.Tensor]:
-    """Flatten a units state (weights, buffers and optimizer moments) to name -> tensor."""
-    out: dict[str, torch.Tensor] = {}
-    for uname, entry in units.items():
-        for k, v in entry["tensors"].items():
-            out[f"{uname}/{k}"] = v
-        for pname, st in entry["optim"].items():
-            for k, v in st.items():
-                if torch.is_tensor(v):
-                    out[f"{uname}/optim/{pname}/{k}"] = v
-    return out
-
-
 def _assert_close_states(a: dict, b: dict, atol: float, what: str) -> None:
-    ta, tb = _tensors(a), _tensors(b)
+    ta, tb = flat_units(a), flat_units(b)
     assert ta.keys() == tb.keys(), f"{what}: {sorted(ta.keys() ^ tb.keys())}"
     for k in ta:
         if atol == 0:
@@ -120,8 +108,8 @@ def test_k_stages_match_one_stage(rule_key, micro_batches):
     init = LocalRunner([base]).state_dict()["units"]
     ref = _train(LocalRunner([base]), batches, micro_batches)
     # training moved every weight: the comparison below is not between initial states
-    moved = _tensors(ref)
-    for k, v in _tensors(init).items():
+    moved = flat_units(ref)
+    for k, v in flat_units(init).items():
         if k.endswith("/weight") and "/optim/" not in k and ".skip" not in k:  # DFA: fixed S
             assert not torch.equal(v, moved[k]), f"{rule_key}: {k} never moved"
     for bounds in ([0, 2, 5], [0, 4, 5], [0, 1, 3, 5], [0, 2, 4, 5]):
@@ -203,7 +191,7 @@ def test_state_round_trip_continues_identically(rule_key):
     _run_steps(a, first)
     state = a.state_dict()
     assert state["step"] == 2
-    moments = [k for k in _tensors(state["units"]) if "/optim/" in k and "exp_avg" in k]
+    moments = [k for k in flat_units(state["units"]) if "/optim/" in k and "exp_avg" in k]
     assert moments, "AdamW moments are not in the state"
     b = Stage(replace(spec, seed=7))  # other weights, other noise stream
     c = Stage(replace(spec, seed=7))  # the same, never loaded: the contrast
@@ -293,10 +281,10 @@ def test_refused_checkpoint_leaves_the_stage_untouched():
     spec = _spec(RULES["rec_lra-skip"])
     stage = Stage(replace(spec, seed=1))
     other = Stage(replace(spec, num_classes=K + 1))  # only the head and skip synapses differ
-    before = {k: v.clone() for k, v in _tensors(stage.state_dict()["units"]).items()}
+    before = {k: v.clone() for k, v in flat_units(stage.state_dict()["units"]).items()}
     with pytest.raises(StageStateError):
         stage.load_state_dict(other.state_dict())
-    _assert_close_states_flat(before, _tensors(stage.state_dict()["units"]))
+    _assert_close_states_flat(before, flat_units(stage.state_dict()["units"]))
 
 
 def _assert_close_states_flat(a: dict, b: dict) -> None:
