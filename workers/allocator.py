@@ -7,8 +7,9 @@ CPU, 24,000-40,000 page faults a step. With the mmap threshold at its maximum (3
 trimming only past 1 GiB of free heap, a step reuses the last step's pages (500-1,000 faults a
 step); the process keeps its peak memory resident, as a GPU caching allocator does. Measured
 side by side, each rule in its own process (bench/step_time.py): rec-LRA's ResNet-18 step was
-1.10-1.23x backprop's without it and 0.99-1.04x with it, and both got faster (rec-LRA's the
-more: it frees and reallocates more per step). A no-op off glibc (macOS, musl) and on GPUs.
+1.10-1.23x backprop's without it and 0.99-1.04x with it (1.06x in later runs, docs/results.md),
+and both got faster (rec-LRA's the more: it frees and reallocates more per step).
+A no-op off glibc (macOS, musl) and on GPUs.
 """
 
 from __future__ import annotations
