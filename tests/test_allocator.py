@@ -47,10 +47,11 @@ def _faults(mode: str) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_freed_activations_are_reused_not_faulted_in_again():
     """A ResNet-8 training step at batch 64 (activations of 3 MiB and more): glibc's default
-    hands the freed activations back and faults them in again, about 14,000-18,000 pages a
-    step here; kept, a step reuses the last one's (about 400-500 faults a step)."""
+    hands the freed activations back and faults them in again, 3,700-18,000 pages a step here
+    (glibc's dynamic mmap threshold varies it by process); kept, a step reuses the last
+    one's (0-500 faults a step)."""
     kept, default = _faults("keep"), _faults("default")
-    assert default > 5_000, default
+    assert default > 1_000, default  # the premise: by default a step faults memory in
     assert kept * 5 < default, (kept, default)
 
 
