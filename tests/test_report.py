@@ -34,7 +34,15 @@ def test_report_of_a_compared_run(tmp_path):
     # what each rule computes is said where users read it: the report and the closing table
     assert "- `rec_lra`: rec-LRA targets" in text and "Kolen-Pollack backprop" in text
     assert "- `backprop`: backpropagation" in text
-    assert "rec_lra: rec-LRA targets" in format_table(runs)
+    table = format_table(runs)
+    assert "rec_lra: rec-LRA targets" in table
+    # the weight mirror's one-off time, beside the step time that includes it
+    by_rule = {r.rule: r for r in runs}
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:3]}
+    assert table.splitlines()[0].split()[-2:] == ["mirror", "s"]
+    assert by_rule["rec_lra"].mirror_seconds > 0 and by_rule["backprop"].mirror_seconds == 0
+    assert rows["rec_lra"][-1] == f"{by_rule['rec_lra'].mirror_seconds:.2f}"
+    assert rows["backprop"][-1] == "0.00"
     for rule in ("rec_lra", "backprop"):
         run = json.loads((tmp_path / rule / "metrics.json").read_text())
         assert f"| {rule} | {run['test_acc']:.4f} |" in text
