@@ -35,6 +35,8 @@ def one_run(cfg: Config, track_test: bool = True) -> dict[str, Any]:
         "lr": cfg.optim.lr,
         "seed": cfg.train.seed,
         "test_acc": log.test_acc if track_test else None,
+        # decoupled runs on K > 1 stages: each stage's early-exit test accuracy (else None)
+        "exit_test_acc": log.exit_test_acc if track_test else None,
         "epochs": log.epochs,
         "seconds": time.perf_counter() - t0,
         "train_seconds": log.step_seconds * log.steps,

@@ -104,6 +104,7 @@ def test_dashboard_has_the_run_variable_and_the_promised_panels():
         "accuracy",
         "restarts",
         "checkpoint age",
+        "early-exit accuracy per stage",
     ):
         assert word in titles, word
 
@@ -120,7 +121,9 @@ def _get(url: str) -> dict:
 
 @pytest.fixture
 def scraped_run(tmp_path):
-    """A real two-stage training run, its /metrics scraped every second by a real Prometheus."""
+    """A real two-stage training run, its /metrics scraped every second by a real Prometheus.
+    Decoupled, so that its stages have early exits for their panel to show (the other panels'
+    series are every rule's)."""
     prometheus = _tool("prometheus")
     metrics = Metrics()
     endpoint = MetricsServer(metrics)
@@ -162,6 +165,7 @@ def scraped_run(tmp_path):
         cfg = load_config(
             None,
             [
+                'rule.preset="decoupled"',
                 "model.width=4",
                 "train.epochs=4",
                 "train.batch_size=64",

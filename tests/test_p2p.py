@@ -36,8 +36,9 @@ def cluster():
         (RuleConfig(**RANDOM), [0, 1, 3, 5]),
         (RuleConfig(topology="skip", **RANDOM), [0, 1, 3, 5]),  # e_L broadcast from the top
         (RuleConfig(name="backprop"), [0, 1, 3, 5]),
+        (RuleConfig(topology="decoupled", **RANDOM), [0, 1, 3, 5]),  # each stage from its head
     ],
-    ids=["mirror-k2", "mirror-k3", "skip-k3", "backprop-k3"],
+    ids=["mirror-k2", "mirror-k3", "skip-k3", "backprop-k3", "decoupled-k3"],
 )
 def test_p2p_sync_trains_the_weights_one_process_does(cluster, rule, bounds):
     specs = stage_specs(_base(rule), bounds)

@@ -82,8 +82,9 @@ def _assert_same(a: dict, b: dict, tol: float = 0.0) -> None:
         (RuleConfig(name="rec_lra", **RANDOM), [0, 2, 5]),
         (RuleConfig(name="rec_lra", topology="skip", **RANDOM), [0, 1, 3, 5]),
         (RuleConfig(name="backprop"), [0, 3, 5]),
+        (RuleConfig(name="rec_lra", topology="decoupled", **RANDOM), [0, 1, 3, 5]),
     ],
-    ids=["mirror-k2", "skip-k3", "backprop-k2"],
+    ids=["mirror-k2", "skip-k3", "backprop-k2", "decoupled-k3"],
 )
 def test_in_process_async_equals_ray_async_bitwise(rule, bounds):
     cfg = PipelineConfig(
@@ -104,7 +105,11 @@ def test_in_process_async_equals_ray_async_bitwise(rule, bounds):
         ray.shutdown()
 
 
-@pytest.mark.parametrize("rule", [RuleConfig(**RANDOM), RuleConfig(name="backprop")])
+@pytest.mark.parametrize(
+    "rule",
+    [RuleConfig(**RANDOM), RuleConfig(name="backprop"), RuleConfig(topology="decoupled", **RANDOM)],
+    ids=["mirror", "backprop", "decoupled"],
+)
 def test_in_process_sync_stream_equals_the_plain_runner(rule):
     specs = stage_specs(_base(rule), [0, 2, 5])
     plain = LocalRunner(specs)

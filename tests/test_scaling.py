@@ -213,3 +213,272 @@ def test_p2p_driver_is_a_barrier_under_sync_and_hidden_under_async() -> None:
     )
     slow = uniform(k, 1.0, 1.0, driver=2.5)  # 10 s of driver a step: the driver sets the pace
     assert simulate(slow, n, k, chained=False, sync=False, calls=steps).makespan > steps * m * 2.5
+
+
+# -- decoupled stages (rule.topology = "decoupled"): window 1, no learn waits for a stage above
+
+
+def _by_stage(trace, k: int) -> list[list[Op]]:
+    """Each stage's ops in the order the simulation started them."""
+    ops = sorted(trace.start, key=lambda op: trace.start[op])
+    return [[op for op in ops if op.stage == s] for s in range(k)]
+
+
+@pytest.mark.parametrize("k,n", [(2, 4), (3, 5), (4, 6), (8, 8)])
+@pytest.mark.parametrize("sync", [True, False])
+def test_decoupled_unit_costs_match_schedule_ticks(k: int, n: int, sync: bool) -> None:
+    """Unit ops with the activation sent right after the forward (the p2p engine's way): the
+    simulation is schedule.ticks(decoupled=True)'s table, whatever window it is given."""
+    c = StageCosts(
+        forward=(1.0,) * k, learn=(1.0,) * k, apply=(1.0,) * k if sync else (), fused_top=False
+    )
+    trace = simulate(c, n, k, chained=True, sync=sync, decoupled=True)
+    rows = ticks(k, n, k, chained=True, sync=sync, decoupled=True)
+    assert trace.makespan == pytest.approx(len(rows))
+    for t, row in enumerate(rows):
+        for op in row:
+            if op is not None:
+                assert trace.start[op] == pytest.approx(t)
+
+
+@pytest.mark.parametrize("engine", ["stream", "p2p"])
+@pytest.mark.parametrize("sync", [True, False])
+def test_decoupled_runs_stage_ops_with_window_one(engine: str, sync: bool) -> None:
+    """Each stage runs exactly stage_ops(s, n, 1): F0 L0 F1 L1 ... (and its apply under sync),
+    on the stream engine (fused calls) and the p2p engine (its step calls)."""
+    from bench.scaling.sim import p2p_calls
+    from driver.pipeline.schedule import stage_ops
+
+    k, m, steps = 4, 3, 1 if sync else 3
+    n = m * steps
+    c = StageCosts(
+        forward=(0.3, 0.5, 0.2, 0.4),
+        learn=(0.6, 0.9, 0.8, 0.1),
+        apply=(0.1,) * k if sync else (),
+        call=0.05,
+        latency=0.01,
+        fused_top=engine == "stream",
+        driver=0.02,
+    )
+    calls = steps if engine == "p2p" else 0
+    trace = simulate(c, n, k, chained=True, sync=sync, calls=calls, decoupled=True)
+    want = [list(stage_ops(s, n, 1, apply_at_end=sync)) for s in range(k)]
+    assert _by_stage(trace, k) == want
+    if engine == "p2p":
+        per_call = p2p_calls(k, n, k, steps, chained=True, sync=sync, decoupled=True)
+        assert [[op for call in per_call for op in call[s]] for s in range(k)] == want
+
+
+@pytest.mark.parametrize("engine", ["stream", "p2p"])
+def test_decoupled_sync_step_has_no_backward_bubble(engine: str) -> None:
+    """K = 8, unequal stages: every stage's learn of micro-batch m starts the moment its forward
+    of m ends (it waits for no stage above), and nothing is sent down: the bottom stage runs
+    its M forwards and learns back to back and is done long before the top."""
+    k, m = 8, 8
+    f = tuple(0.5 + 0.1 * s for s in range(k))
+    lrn = tuple(1.0 + 0.2 * ((3 * s) % 5) for s in range(k))
+    c = StageCosts(
+        forward=f,
+        learn=lrn,
+        apply=(0.0,) * k,
+        latency=0.05,
+        signal_bytes=(1e9,) * k,  # a signal would take 1 s a hop: none is sent
+        bandwidth=1e9,
+        fused_top=engine == "stream",
+    )
+    trace = simulate(c, m, k, chained=True, sync=True, calls=int(engine == "p2p"), decoupled=True)
+    for s in range(k):
+        for mb in range(m):
+            assert trace.start[Op(LEARN, s, mb)] == pytest.approx(trace.end[Op(FORWARD, s, mb)])
+    assert trace.end[Op(LEARN, 0, m - 1)] == pytest.approx(m * (f[0] + lrn[0]))
+    chained = simulate(c, m, k, chained=True, sync=True, calls=int(engine == "p2p"))
+    assert chained.start[Op(LEARN, 0, 0)] > trace.end[Op(LEARN, 0, m - 1)]
+
+
+def test_decoupled_stream_activation_waits_for_the_fused_call() -> None:
+    """The stream engine runs a decoupled stage's forward and learn as one call (two results):
+    the stage above takes the activation when the call ends; the p2p engine sends it right
+    after the forward."""
+    k, m = 3, 2
+    fused = simulate(uniform(k, 1.0, 2.0), m, 1, chained=True, sync=True, decoupled=True)
+    p2p = simulate(
+        uniform(k, 1.0, 2.0, fused_top=False), m, 1, chained=True, sync=True, decoupled=True
+    )
+    for s in range(k - 1):
+        for mb in range(m):
+            assert fused.start[Op(FORWARD, s + 1, mb)] >= fused.end[Op(LEARN, s, mb)] - 1e-9
+        # the first micro-batch goes up as soon as each forward ends, before that stage learns
+        up, below = p2p.start[Op(FORWARD, s + 1, 0)], p2p.end[Op(FORWARD, s, 0)]
+        assert up == pytest.approx(below) and up < p2p.end[Op(LEARN, s, 0)]
+    # one micro-batch: fused, each stage's call in turn; p2p, the forwards in turn, then the
+    # top's learn
+    one = uniform(k, 1.0, 2.0)
+    t = simulate(one, 1, 1, chained=True, sync=False, decoupled=True).makespan
+    assert t == pytest.approx(3 * 3.0)
+    p2p_one = uniform(k, 1.0, 2.0, fused_top=False)
+    t = simulate(p2p_one, 1, 1, chained=True, sync=False, decoupled=True).makespan
+    assert t == pytest.approx(3 * 1.0 + 2.0)
+
+
+def test_decoupled_sync_step_beats_the_chained_rule_at_k8() -> None:
+    """Equal stages (f = 1, l = 2), K = 8, M = 32, sync. p2p: decoupled fills with forwards
+    only, (K - 1) f + M (f + l) = 103, against 1F1B's (M + K - 1)(f + l) = 117 for the chained
+    rule and backprop. On the stream engine the fused call's fill is (K - 1)(f + l), so
+    compute alone ties at 117, and decoupled wins on the driver: K calls a micro-batch
+    against 2K - 1. An auxiliary head costing a quarter of every stage below the top
+    overturns the p2p gain (the bubble is 14 of 117)."""
+    from bench.scaling.project import driver_calls
+
+    k, m, f, b = 8, 32, 1.0, 2.0
+    dec, mirror, bp = (RULES[r] for r in ("rec_lra_decoupled", "rec_lra_mirror", "backprop_1f1b"))
+    p2p = uniform(k, f, b, fused_top=False)
+    t_dec = step_seconds(p2p, dec, m, sync=True)
+    assert t_dec == pytest.approx((k - 1) * f + m * (f + b))
+    for rule in (mirror, bp):
+        assert step_seconds(p2p, rule, m, sync=True) == pytest.approx((m + k - 1) * (f + b))
+    stream = uniform(k, f, b)
+    assert step_seconds(stream, dec, m, sync=True) == pytest.approx((m + k - 1) * (f + b))
+    per_call = 0.1  # the driver's CPU per call: 1.5 s per micro-batch chained, 0.8 decoupled
+
+    def driven(decoupled: bool) -> StageCosts:
+        calls = driver_calls(k, m, sync=True, decoupled=decoupled)
+        return uniform(k, f, b, driver=per_call * calls)
+
+    t_stream_dec = step_seconds(driven(True), dec, m, sync=True)
+    assert t_stream_dec < step_seconds(driven(False), mirror, m, sync=True)
+    headed = StageCosts(
+        forward=(1.25 * f,) * (k - 1) + (f,), learn=(1.25 * b,) * (k - 1) + (b,), fused_top=False
+    )
+    assert step_seconds(headed, dec, m, sync=True) > step_seconds(p2p, mirror, m, sync=True)
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_decoupled_async_stream_has_no_bubble(sync: bool) -> None:
+    """Async, equal stages: the steady step of decoupled stages is M (f + l) on both engines,
+    sync adds only a fill (p2p: forwards; stream: whole calls)."""
+    k, m = 4, 8
+    dec = RULES["rec_lra_decoupled"]
+    for fused in (True, False):
+        c = uniform(k, 1.0, 2.0, fused_top=fused)
+        t = step_seconds(c, dec, m, sync=sync, steps=16)
+        fill = (k - 1) * (3.0 if fused else 1.0)
+        assert m * 3.0 <= t <= m * 3.0 + (fill if sync else fill / 16) + 1e-9
+
+
+def test_decoupled_driver_calls_match_the_stream_engine() -> None:
+    """The projection charges the stream's driver K calls a micro-batch for decoupled stages
+    (one forward_learn each), 2K - 1 otherwise: counted on the in-process stream."""
+    from test_pipeline_local import RANDOM, _base, _batches
+
+    from bench.scaling.project import driver_calls
+    from driver.config.pipeline import PipelineConfig
+    from driver.pipeline.stream import LocalPipeline
+    from workers.chain import stage_specs
+    from workers.rules import RuleConfig
+
+    k, m, steps = 3, 4, 3
+    for schedule in ("sync", "async"):
+        cfg = PipelineConfig(stages=k, schedule=schedule, micro_batches=m)
+        rule = RuleConfig(topology="decoupled", **RANDOM)
+        pipe = LocalPipeline(stage_specs(_base(rule), [0, 1, 3, 5]), cfg)
+        calls = {"n": 0}
+        for name in ("forward", "forward_learn", "learn", "apply", "pop_stats"):
+            call = getattr(pipe.stages, name)
+
+            def counted(*args, _call=call, _calls=calls, **kw):
+                _calls["n"] += 1
+                return _call(*args, **kw)
+
+            setattr(pipe.stages, name, counted)
+        counts = []
+        for x, y in _batches(steps, size=8):
+            pipe.step(x, y, m)
+            counts.append(calls["n"])
+        pipe.close()
+        per_step = driver_calls(k, m, sync=schedule == "sync", decoupled=True) * m
+        assert counts[-1] - counts[0] == per_step * (steps - 1)
+        assert per_step < driver_calls(k, m, sync=schedule == "sync") * m
+
+
+def _profile(fraction: float | None = None) -> dict:
+    """A 4-block model on a free link: block seconds per sample, 2 samples a micro-batch."""
+    prof = {
+        "micro_batch": 2,
+        "micro_batches": 4,
+        "link": {"call_s": 0.0, "latency_s": 0.0, "bandwidth_Bps": float("inf")},
+        "models": {
+            "toy": {
+                "out_bytes": [8.0, 8.0, 8.0, 8.0],
+                "rec_lra_mirror": {
+                    "forward_s": [1.0, 2.0, 3.0, 4.0],
+                    "learn_s": [2.0, 4.0, 6.0, 8.0],
+                    "apply_s": [0.0] * 4,
+                },
+            }
+        },
+    }
+    return prof if fraction is None else {**prof, "aux_head_fraction": fraction}
+
+
+def test_the_auxiliary_head_costs_every_stage_but_the_top() -> None:
+    """Decoupled stages cost their blocks plus a head on their top block's output: a fraction
+    of that block's forward and learn (the profile's aux_head_fraction; 0.25 where MACs are
+    unknown), none on the top stage; the cut is the one without heads (partition.py)."""
+    from bench.scaling.project import AUX_HEAD_FRACTION, stage_costs
+
+    for prof, h in ((_profile(0.5), 0.5), (_profile(), AUX_HEAD_FRACTION)):
+        plain, bounds = stage_costs(prof, "toy", "rec_lra_mirror", 3)
+        dec, dec_bounds = stage_costs(prof, "toy", "rec_lra_mirror", 3, decoupled=True)
+        assert dec_bounds == bounds
+        for s, z in enumerate(bounds[1:]):
+            extra = h * 2 * (z) if s < 2 else 0.0  # the top block z - 1 costs 2z a sample
+            assert dec.forward[s] == pytest.approx(plain.forward[s] + extra)
+            assert dec.learn[s] == pytest.approx(plain.learn[s] + 2 * extra)
+
+
+def test_aux_head_macs_of_the_resnets() -> None:
+    """rule.aux_head = "conv" on a basic block's output is a quarter of that block (layer1 of
+    ResNet-18/34 at 56x56: 3x3 conv 64 -> 128 at stride 2); on a bottleneck's output (ResNet-50,
+    4x wider) the same head costs about 4x the block, and on a 7x7 map (stride 1) about 8x."""
+    from bench.scaling.project import aux_head_ratios, load_profile
+
+    prof = load_profile("bench/profiles/a100.toml")
+    r18 = aux_head_ratios(prof, "resnet18")
+    assert r18[1] == pytest.approx(0.25, abs=0.01)  # layer1.0
+    assert max(r18[:-1]) < 0.7
+    r50 = aux_head_ratios(prof, "resnet50")
+    assert r50[2] == pytest.approx(4.24, abs=0.01)  # layer1.1
+    assert r50[-2] == pytest.approx(8.48, abs=0.01)  # layer4.2, 7x7
+
+
+def test_the_k8_projection_has_decoupled_rows() -> None:
+    """Every decoupled schedule (stream and p2p, sync and async) is projected at K = 8 beside
+    the chained rule and backprop 1F1B, and each row says what a stage holds: one micro-batch
+    decoupled, K - s under 1F1B."""
+    from bench.scaling.main import RULES_SHOWN, SIDE_BY_SIDE
+    from bench.scaling.project import DECOUPLED, PROJECTED, load_profile, project
+
+    assert set(DECOUPLED) == {
+        "rec_lra_decoupled",
+        "rec_lra_decoupled_p2p",
+        "rec_lra_decoupled_async",
+        "rec_lra_decoupled_async_p2p",
+    }
+    assert set(DECOUPLED) <= set(RULES_SHOWN) <= set(PROJECTED)
+    shown = {r for rules in SIDE_BY_SIDE.values() for r in rules if r}
+    assert shown <= set(PROJECTED)
+    rules = [*DECOUPLED, "rec_lra_mirror_p2p", "backprop_1f1b_p2p"]
+    proj = project(load_profile("bench/profiles/a100.toml"), ["resnet18"], (8,), rules=rules)
+    row = proj["resnet18"]
+    for rule in DECOUPLED:
+        assert 0.0 < row[rule]["8"]["efficiency"] <= 1.0
+        assert row[rule]["8"]["held_micro_batches"] == [1] * 8
+    assert row["backprop_1f1b_p2p"]["8"]["held_micro_batches"] == [8 - s for s in range(8)]
+    # the stream engine: K driver calls a micro-batch against 2K - 1
+    full = project(
+        load_profile("bench/profiles/a100.toml"),
+        ["resnet18"],
+        (8,),
+        rules=["rec_lra_decoupled", "rec_lra_mirror"],
+    )["resnet18"]
+    assert full["rec_lra_decoupled"]["8"]["efficiency"] > full["rec_lra_mirror"]["8"]["efficiency"]

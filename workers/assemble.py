@@ -3,13 +3,16 @@ for; their learnable units by model-wide name, and which parameters learn by whi
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch import nn
 
+from workers.aux_heads import AuxBlocks, aux_blocks
 from workers.blocks import Block
 from workers.layers import init_weight_
 from workers.models import model_plan
-from workers.rules import Rule, rule_chained
+from workers.rules import Rule, rule_chained, rule_decoupled
 from workers.spec import DTYPES, StageSpec
 from workers.synapses import SkipSynapse
 
@@ -35,6 +38,23 @@ def build_blocks(spec: StageSpec, rule: Rule) -> tuple[nn.ModuleList, bool, bool
         blocks.append(block)
     blocks.to(device=torch.device(spec.device), dtype=DTYPES[spec.dtype])
     return blocks, first == 0, last == len(plan)
+
+
+def build_aux(spec: StageSpec, rule: Rule, trunk: list[Block], is_last: bool) -> AuxBlocks | None:
+    """The auxiliary head (and decoder) of a decoupled stage below the top, equipped and on the
+    spec's device and dtype; None for any other stage. Each draws its weights from its own
+    name, so a head is the same whichever stages the model is cut into."""
+    if is_last or not rule_decoupled(spec.rule):
+        return None
+    top = trunk[-1]
+    aux = aux_blocks(
+        top.name, top.out_shape, trunk[0].in_shape, spec.num_classes, spec.rule, spec.model
+    )
+    for block in [*aux.head, *aux.recon]:
+        gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + zlib.crc32(block.name.encode()))
+        equip(block, rule, spec, gen, bottom=False)
+        block.to(device=torch.device(spec.device), dtype=DTYPES[spec.dtype])
+    return aux
 
 
 def equip(block: Block, rule: Rule, spec: StageSpec, gen: torch.Generator, bottom: bool) -> None:

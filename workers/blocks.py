@@ -82,6 +82,14 @@ class Block(nn.Module):
         return self.skips[str(node)]  # type: ignore[return-value]
 
     @property
+    def out_shape(self) -> tuple[int, ...]:
+        """The shape of one sample of the block's output (after the ImageNet stem's pool)."""
+        c, *hw = self.node_shapes[self.out_node]
+        if self.out_pool:
+            hw = [(n + 2 - 3) // 2 + 1 for n in hw]
+        return (c, *hw)
+
+    @property
     def out_node(self) -> int:
         return len(self.acts) - 1
 

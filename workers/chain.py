@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
-from workers.rules import ErrorSignal, rule_chained
+from workers.rules import ErrorSignal, rule_chained, rule_decoupled
 from workers.spec import StageSpec, StageStats
 from workers.stage import Stage
 from workers.state import merge_states
@@ -36,8 +36,17 @@ def stage_specs(base: StageSpec, bounds: list[int]) -> list[StageSpec]:
 def learns_chained(spec: StageSpec) -> bool:
     """Whether each stage learns from the signal of the stage right above it: the rule sends a
     boundary down, or diagnostics send backprop's gradient down. Otherwise every stage learns
-    from the top stage's signal (the output error), all at once."""
+    from the top stage's signal (the output error), all at once; or, decoupled, from its own
+    head (diagnostics then probe the top stage alone: nothing goes down)."""
+    if rule_decoupled(spec.rule):
+        return False
     return rule_chained(spec.rule) or spec.diagnose_every > 0
+
+
+def learns_decoupled(spec: StageSpec) -> bool:
+    """Whether every stage learns from the labels alone, through an auxiliary head of its own,
+    the moment its forward is done (rec-LRA's `decoupled` topology): no signal goes down."""
+    return rule_decoupled(spec.rule)
 
 
 def signal_source(stage: int, k: int, chained: bool) -> int:
@@ -75,9 +84,23 @@ def learn_chain(
 
 
 def train_chain(
-    stages: Sequence[Chainable], mb: Any, x: torch.Tensor, y: torch.Tensor, *, chained: bool
+    stages: Sequence[Chainable],
+    mb: Any,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    chained: bool,
+    decoupled: bool = False,
 ) -> list[torch.Tensor]:
-    """forward_chain then learn_chain of one micro-batch; every stage's output."""
+    """forward_chain then learn_chain of one micro-batch; every stage's output. `decoupled`:
+    each stage forwards and learns in one op, from the labels, before the next one starts."""
+    if decoupled:
+        outs = []
+        for stage in stages:
+            x = stage.forward(mb, x)
+            stage.learn(mb, ErrorSignal(labels=y))
+            outs.append(x)
+        return outs
     outs = forward_chain(stages, mb, x)
     learn_chain(stages, mb, y, chained=chained)
     return outs
@@ -90,6 +113,7 @@ class LocalRunner:
     def __init__(self, specs: list[StageSpec]) -> None:
         self.stages = [Stage(s) for s in specs]
         self.chained = learns_chained(specs[0])
+        self.decoupled = learns_decoupled(specs[0])
 
     def step(
         self, x: torch.Tensor, y: torch.Tensor, micro_batches: int = 1
@@ -99,7 +123,10 @@ class LocalRunner:
         for mb, (xs, ys) in enumerate(
             zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=True)
         ):
-            logits.append(train_chain(self.stages, mb, xs, ys, chained=self.chained)[-1])
+            outs = train_chain(
+                self.stages, mb, xs, ys, chained=self.chained, decoupled=self.decoupled
+            )
+            logits.append(outs[-1])
         for stage in self.stages:
             stage.apply()
         return [(torch.cat(logits), y)]
@@ -119,6 +146,16 @@ class LocalRunner:
         for stage in self.stages:
             x = stage.infer(x)
         return x
+
+    @torch.no_grad()
+    def infer_exits(self, x: torch.Tensor) -> list[torch.Tensor | None]:
+        """Eval-mode forward; every stage's early-exit logits, stage order (None: a stage with
+        no exit). The last is the model's prediction, what infer returns."""
+        exits = []
+        for stage in self.stages:
+            x, logits = stage.infer_exit(x)
+            exits.append(logits)
+        return exits
 
     def state_dict(self) -> dict:
         return merge_states([stage.state_dict() for stage in self.stages])

@@ -104,10 +104,20 @@ def _noise(seed: int, step: int, name: str) -> torch.Generator:
 
 
 @torch.no_grad()
-def mirror(blocks: list[Block], angle: float, seed: int, step: int, rate: float = 1.0) -> None:
-    """Move every learning error synapse toward a fresh mirror estimate of its layer's W
-    (E += rate · (M − E); rate 1 sets E to the estimate), drawn for about `angle` degrees."""
+def mirror(
+    blocks: list[Block],
+    angle: float,
+    seed: int,
+    step: int,
+    rate: float = 1.0,
+    only: set[str] | None = None,
+) -> None:
+    """Move every learning error synapse (of the layers named in `only`, if given) toward a
+    fresh mirror estimate of its layer's W (E += rate · (M − E); rate 1 sets E to the
+    estimate), drawn for about `angle` degrees."""
     for name, layer, src in mirrored(blocks):
+        if only is not None and name not in only:
+            continue
         assert layer.feedback is not None
         n = noise_samples(layer, src, angle)
         layer.feedback.lerp_(estimate(layer, src, n, _noise(seed, step, name)), rate)

@@ -60,3 +60,10 @@ class StageStats:
     # reported once, by the first stats of a fresh stage
     start_angle: dict[str, float] = field(default_factory=dict)
     mirror_seconds: float = 0.0  # spent in weight-mirror steps (the phase and interleaved)
+    # the most bytes of activations (and, for autograd rules, of what their graphs save) held
+    # between forwards and their learns since the last stats
+    cached_bytes: int = 0
+    # what a resume started fresh because its checkpoint was cut elsewhere: auxiliary heads
+    # (decoupled; by the block they sit on) and error synapses (by layer: a stage's bottom
+    # layer has none where nothing is sent below it); reported once
+    started_fresh: list[str] = field(default_factory=list)

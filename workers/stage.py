@@ -10,12 +10,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.allocator import keep_freed_memory
-from workers.assemble import block_units, build_blocks, kp_pairs, named_parameters, trainable
+from workers.assemble import (
+    block_units,
+    build_aux,
+    build_blocks,
+    kp_pairs,
+    named_parameters,
+    trainable,
+)
 from workers.blocks import Block, BlockCache
 from workers.diagnostics import BackpropProbe, synapse_angles
+from workers.held import SavedBytes, cache_bytes
 from workers.mirror import mirror
 from workers.optim import build_optimizer, reproject_, set_lr
-from workers.rules import ErrorSignal, make_rule, rule_chained
+from workers.rules import ErrorSignal, make_rule, rule_chained, rule_decoupled
 from workers.spec import DTYPES, NonFiniteError, StageSpec, StageStats
 from workers.state import load_stage_state, stage_state, unit_buffers, with_buffers
 from workers.sweep import sweep_stage
@@ -34,7 +42,14 @@ class Stage:
         self.dtype = DTYPES[spec.dtype]
         self.device = torch.device(spec.device)
         self.blocks, self.is_first, self.is_last = build_blocks(spec, self.rule)
+        self.trunk: list[Block] = list(self.blocks)  # type: ignore[arg-type]
+        # decoupled (below the top): an auxiliary head, and a decoder, on the trunk's output
+        self.aux = build_aux(spec, self.rule, self.trunk, self.is_last)
+        self.decoupled = rule_decoupled(spec.rule)
+        if self.aux is not None:
+            self.blocks.extend([*self.aux.head, *self.aux.recon])
         self.block_list: list[Block] = list(self.blocks)  # type: ignore[arg-type]
+        self.started_fresh: list[str] = []  # auxiliary heads a resume found no state for
         forward, feedback = trainable(self.blocks)
         self.optimizer = build_optimizer(
             spec.optim, forward, feedback, feedback_rate=spec.rule.gamma
@@ -56,7 +71,8 @@ class Stage:
         self.step = 0  # optimizer steps taken
         self.progress = 0.0  # training steps covered by them: the lr schedule's position
         self.stats = StageStats()
-        self._probe = BackpropProbe(self.block_list) if spec.diagnose_every > 0 else None
+        self._probe = BackpropProbe(self.trunk) if spec.diagnose_every > 0 else None
+        self._cached_bytes = 0  # held now between forwards and their learns
         self._mark: tuple[dict, torch.Tensor] | None = None  # forward-side state held by mark()
 
     def units(self) -> dict[str, nn.Module]:
@@ -83,18 +99,29 @@ class Stage:
             x = x + self.spec.rule.input_noise * noise.to(self.device)
         if self.rule.autograd:
             x_in = x.detach().requires_grad_(not self.is_first)
-            out = x_in
-            for block in self.block_list:
-                out = block(out, self.rule.layer_map)  # type: ignore[attr-defined]
-            self._cache[mb] = (self.step, (x_in, out))
+            saved = SavedBytes()
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                out = x_in
+                for block in self.trunk:
+                    out = block(out, self.rule.layer_map)  # type: ignore[attr-defined]
+            held = cache_bytes([x_in, out], saved)
+            self._cache[mb] = (self.step, (x_in, out), held)
         else:
             caches: list[BlockCache] = []
             out = x
-            with torch.enable_grad():  # each layer's own graph, even if called under no_grad
-                for block in self.block_list:
-                    out, cache = block.forward_local(out)
-                    caches.append(cache)
-            self._cache[mb] = (self.step, caches)
+            for block in self.trunk:
+                out, cache = block.forward_local(out)
+                caches.append(cache)
+            if self.aux is not None:
+                for chain in (self.aux.head, self.aux.recon):
+                    z = out
+                    for block in chain:
+                        z, cache = block.forward_local(z)
+                        caches.append(cache)
+            held = cache_bytes(caches)
+            self._cache[mb] = (self.step, caches, held)
+        self._cached_bytes += held
+        self.stats.cached_bytes = max(self.stats.cached_bytes, self._cached_bytes)
         self.stats.forward_seconds += self._end() - t0
         return self._send(out)
 
@@ -146,13 +173,18 @@ class Stage:
         t0 = self._begin(signal.output_error, signal.boundary)
         if mb not in self._cache:
             raise KeyError(f"stage {self.spec.index}: learn({mb!r}) without a forward for it")
-        forward_step, cached = self._cache.pop(mb)
+        forward_step, cached, held = self._cache.pop(mb)
+        self._cached_bytes -= held
         self.stats.staleness.append(self.step - forward_step)
         e_out = signal.output_error
-        if self.is_last:
+        if self.is_last or self.aux is not None:
             if signal.labels is None:
-                raise ValueError(f"stage {self.spec.index}: the last stage needs labels to learn")
-            logits = cached[1] if self.rule.autograd else cached[-1].z[-1]
+                who = "the last stage" if self.is_last else "a decoupled stage"
+                raise ValueError(f"stage {self.spec.index}: {who} needs labels to learn")
+            if self.rule.autograd:
+                logits = cached[1]
+            else:
+                logits = cached[-1 if self.aux is None else self._head_end - 1].z[-1]
             labels = signal.labels.to(self.device)
             e_out = torch.softmax(logits.detach(), dim=1) - F.one_hot(labels, logits.shape[1]).to(
                 logits.dtype
@@ -164,8 +196,15 @@ class Stage:
         if self.rule.autograd:
             boundary = self._learn_autograd(cached, labels if self.is_last else None, boundary)
         else:
+            if self.aux is not None:  # the trunk's top learns from the auxiliary blocks
+                boundary = self._learn_aux(cached, e_out)
             boundary = sweep_stage(
-                self.block_list, cached, self.rule, d_out=boundary, e_out=e_out, losses=self._losses
+                self.trunk,
+                cached[: len(self.trunk)],
+                self.rule,
+                d_out=boundary,
+                e_out=e_out,
+                losses=self._losses,
             )
         self._check_finite("error", e_out)
         true_grad = self._diagnose(cached, signal)
@@ -175,12 +214,51 @@ class Stage:
         if apply and self._learns >= self.spec.apply_every:
             self._apply(self._learns * self.spec.learn_fraction)
         self.stats.learn_seconds += self._end() - t0
+        if self.decoupled and not self.is_last:
+            return ErrorSignal()  # nothing goes down a decoupled stage's boundary
         send = boundary if (self.chained and not self.is_first) else None
         return ErrorSignal(
             output_error=self._send(e_out),
             boundary=None if send is None else self._send(send),
             true_grad=None if true_grad is None else self._send(true_grad),
         )
+
+    @property
+    def _head_end(self) -> int:
+        """Where the auxiliary head's caches end (the decoder's begin)."""
+        assert self.aux is not None
+        return len(self.trunk) + len(self.aux.head)
+
+    def _learn_aux(self, cached: list[BlockCache], e_head: torch.Tensor) -> torch.Tensor:
+        """Learn the auxiliary head from its error (and the decoder from its reconstruction
+        error); return the displacement they carry to the trunk's output."""
+        assert self.aux is not None
+        n, end = len(self.trunk), self._head_end
+        d = sweep_stage(
+            self.aux.head, cached[n:end], self.rule, d_out=None, e_out=e_head, losses=self._losses
+        )
+        if self.aux.recon:
+            recon = cached[-1].z[-1]
+            x = cached[0].input
+            target = (
+                F.adaptive_avg_pool2d(x, (recon.shape[2], recon.shape[3]))
+                if recon.dim() == 4
+                else x.flatten(1)
+            )
+            # the gradient of aux_recon * mean((recon - target)^2) / 2 per sample
+            e_rec = (recon - target).mul_(self.spec.rule.aux_recon / recon[0].numel())
+            d_rec = sweep_stage(
+                self.aux.recon,
+                cached[end:],
+                self.rule,
+                d_out=None,
+                e_out=e_rec,
+                losses=self._losses,
+            )
+            assert d_rec is not None and d is not None
+            d = d + d_rec
+        assert d is not None
+        return d
 
     def _diagnose(self, cached: Any, signal: ErrorSignal) -> torch.Tensor | None:
         """The side backprop pass of diagnostics: the last stage starts it every
@@ -284,7 +362,24 @@ class Stage:
         return {"units": units, "step": self.step, "progress": self.progress, "noise_rng": noise}
 
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True) -> None:
-        load_stage_state(self.units(), self.optimizer, state["units"], strict=strict)
+        """Load this stage's units from `state`. Where the rule sends nothing below a stage
+        (decoupled, skip, stage), a stage's bottom layer has no error synapse, so a checkpoint
+        cut elsewhere can lack a synapse this stage has, or lack an auxiliary head (decoupled:
+        a boundary the checkpoint did not have). Those start fresh, from their initialisation
+        and a weight mirror, and are named once in the next stats; the blocks' weights load."""
+        units = self.units()
+        fresh = sorted(n for n in units if n.startswith("aux.") and n not in state["units"])
+        left = load_stage_state(
+            {n: u for n, u in units.items() if n not in fresh},
+            self.optimizer,
+            state["units"],
+            strict=strict,
+            cut_free=not self.chained,
+        )
+        if (fresh or left) and self.spec.rule.mirror_angle > 0:
+            angle, seed = self.spec.rule.mirror_angle, self.spec.seed
+            mirror(self.block_list, angle, seed, 0, only={*fresh, *left})
+        self.started_fresh = sorted({n.rsplit(".", 2)[0] for n in fresh} | set(left))
         self.step = int(state.get("step", 0))
         self.progress = float(state.get("progress", self.step))
         if self.is_first and "noise_rng" in state:
@@ -293,17 +388,34 @@ class Stage:
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
         """Eval-mode forward, no caching."""
+        return self._send(self._infer(x))
+
+    def _infer(self, x: torch.Tensor) -> torch.Tensor:
         self.blocks.eval()
         self._training = False
         out = x.to(self.device, self.dtype)
-        for block in self.block_list:
+        for block in self.trunk:
             out = block(out)
-        return self._send(out)
+        return out
+
+    @torch.no_grad()
+    def infer_exit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Eval-mode forward, and the stage's early-exit logits: its auxiliary head's (the
+        output itself at the top; None for a stage with no head)."""
+        out = self._infer(x)
+        logits: torch.Tensor | None = out if self.is_last else None
+        if self.aux is not None:
+            logits = out
+            for block in self.aux.head:
+                logits = block(logits)
+        return self._send(out), None if logits is None else self._send(logits)
 
     def pop_stats(self) -> StageStats:
         """The stats since the last call, and a fresh window."""
-        stats, self.stats = self.stats, StageStats()
+        stats, self.stats = self.stats, StageStats(cached_bytes=self._cached_bytes)
         stats.cached = len(self._cache)
+        if self.started_fresh:
+            stats.started_fresh, self.started_fresh = self.started_fresh, []
         stats.synapse_angle = synapse_angles(self.block_list)
         self._last_end = time.perf_counter()
         return stats
@@ -314,6 +426,7 @@ class Stage:
 
     def drop_cache(self) -> None:
         self._cache.clear()
+        self._cached_bytes = 0
 
     @property
     def cached(self) -> int:

@@ -41,9 +41,15 @@ def load_stage_state(
     state: dict[str, dict[str, Any]],
     *,
     strict: bool = True,
-) -> None:
+    cut_free: bool = False,
+) -> list[str]:
     """Load a stage's `units` (and their `optimizer` state) from `state`, which may hold other
     stages' units too.
+
+    `cut_free`: the rule gives a stage's bottom layer no error synapse (nothing is sent below a
+    stage), so which layers have one depends on where the model was cut. An error synapse the
+    checkpoint lacks is left as it is here (its unit's other tensors load), one this stage
+    lacks is ignored. Returns the units whose error synapse was left.
 
     Everything is checked before anything is loaded: a refused state leaves the stage as it was.
     """
@@ -58,6 +64,8 @@ def load_stage_state(
             continue
         own, theirs = unit.state_dict(), state[name]["tensors"]
         for key in sorted(set(own) | set(theirs)):
+            if cut_free and key == "feedback":
+                continue
             if key not in theirs or key not in own:
                 where = "the checkpoint lacks" if key not in theirs else "this model has no"
                 raise StageStateError(
@@ -69,11 +77,20 @@ def load_stage_state(
                     f"layer {name!r}: tensor {key!r} has shape {tuple(theirs[key].shape)} in the "
                     f"checkpoint but {tuple(own[key].shape)} in this model"
                 )
+    left: list[str] = []
     for name, unit in units.items():
         if name not in state:
             continue
         entry = state[name]
-        unit.load_state_dict(entry["tensors"])
+        tensors = dict(entry["tensors"])
+        if cut_free:
+            has = "feedback" in unit.state_dict()
+            if has and "feedback" not in tensors:
+                tensors["feedback"] = unit.state_dict()["feedback"]
+                left.append(name)
+            elif not has:
+                tensors.pop("feedback", None)
+        unit.load_state_dict(tensors)
         for pname, p in unit.named_parameters():
             if pname in entry["optim"]:
                 optimizer.state[p] = {
@@ -82,6 +99,7 @@ def load_stage_state(
                     )  # moments follow the parameter; scalars such as `step` stay
                     for k, v in entry["optim"][pname].items()
                 }
+    return left
 
 
 def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:

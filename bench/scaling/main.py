@@ -8,7 +8,10 @@
    rec-LRA broadcast (skip) and mirror, K = 1, 2, 3, sync and async, predicted against measured
    samples/s (bench.scaling.validate).
 3. Projects K = 2..64 for ImageNet-form ResNet-18/34/50 from each device profile in
-   bench/profiles (bench.scaling.project); `projection` is the --profile one.
+   bench/profiles (bench.scaling.project); `projection` is the --profile one. Rules: rec-LRA
+   skip, mirror and decoupled stages (auxiliary heads, window 1), backprop 1F1B and GPipe, on
+   the stream and p2p engines, sync and (skip, decoupled) async; K = 8 side by side at the end.
+   --skip-validation runs the projections alone (about 1.6 minutes on 2 cores).
 4. Plots speedup against K (bench/results/scaling.png) and prints the tables.
 """
 
@@ -31,7 +34,20 @@ RULES_SHOWN = [
     "rec_lra_async_p2p",
     "rec_lra_mirror_p2p",
     "backprop_1f1b_p2p",
+    "rec_lra_decoupled",
+    "rec_lra_decoupled_async",
+    "rec_lra_decoupled_p2p",
+    "rec_lra_decoupled_async_p2p",
 ]
+# decoupled stages beside the chained rule (rec-LRA mirror, 1F1B), backprop 1F1B and rec-LRA
+# skip (e_L broadcast), per engine and schedule; "" where no such row is projected (async runs
+# are projected for skip and decoupled alone)
+SIDE_BY_SIDE = {
+    "stream sync": ("rec_lra_decoupled", "rec_lra_mirror", "backprop_1f1b", "rec_lra"),
+    "stream async": ("rec_lra_decoupled_async", "", "", "rec_lra_async"),
+    "p2p sync": ("rec_lra_decoupled_p2p", "rec_lra_mirror_p2p", "backprop_1f1b_p2p", "rec_lra_p2p"),
+    "p2p async": ("rec_lra_decoupled_async_p2p", "", "", "rec_lra_async_p2p"),
+}
 
 
 def plot(projections: dict, path: str) -> None:
@@ -51,7 +67,8 @@ def plot(projections: dict, path: str) -> None:
             for rule in RULES_SHOWN:
                 ks = [k for k in (1, *KS) if entry[rule].get(str(k))]
                 sp = [k * entry[rule][str(k)]["efficiency"] for k in ks]
-                ax.plot(ks, sp, marker="o", ms=3, label=rule)
+                style = "--" if "decoupled" in rule else "-"  # the colours repeat after 10
+                ax.plot(ks, sp, style, marker="o", ms=3, label=rule)
             top = max(k for k in (1, *KS) if entry["rec_lra"].get(str(k)))
             ax.plot([1, top], [1, top], "k:", lw=0.8, label="ideal")
             ax.set_xscale("log", base=2)
@@ -85,7 +102,9 @@ def tables(result: dict) -> str:
     for prof, proj in result["projections"].items():
         ks = [k for k in KS if k <= 18]
         lines.append(f"projection {prof}: efficiency (speedup / K)")
-        lines.append("  model    rule                " + "".join(f"{'K=' + str(k):>7}" for k in ks))
+        lines.append(
+            "  model    rule                        " + "".join(f"{'K=' + str(k):>7}" for k in ks)
+        )
         for model in MODELS:
             for rule in RULES_SHOWN:
                 row = proj[model][rule]
@@ -93,7 +112,28 @@ def tables(result: dict) -> str:
                     f"{row[str(k)]['efficiency']:7.2f}" if row.get(str(k)) else "      -"
                     for k in ks
                 ]
-                lines.append(f"  {model:<8} {rule:<19} " + "".join(cells))
+                lines.append(f"  {model:<8} {rule:<27} " + "".join(cells))
+        lines.append(side_by_side(proj))
+    return "\n".join(lines)
+
+
+def side_by_side(proj: dict, k: int = 8) -> str:
+    """Efficiency at K = k of decoupled stages, the chained rule (rec-LRA mirror, 1F1B),
+    backprop 1F1B and rec-LRA skip, per model, engine and schedule (SIDE_BY_SIDE), and the
+    micro-batches a stage holds between a forward and its learn."""
+    lines = [f"  K={k}: decoupled / mirror (1F1B) / backprop 1F1B / skip, efficiency"]
+    for model in MODELS:
+        cells = []
+        for sched, rules in SIDE_BY_SIDE.items():
+            vals = []
+            for rule in rules:
+                row = proj[model][rule].get(str(k)) if rule else None
+                vals.append(f"{row['efficiency']:.2f}" if row else "-")
+            cells.append(f"{sched} {' / '.join(vals)}")
+        lines.append(f"  {model:<8} " + "; ".join(cells))
+    row = proj[MODELS[0]]
+    held = {r: row[r][str(k)]["held_micro_batches"] for r in ("rec_lra_decoupled", "backprop_1f1b")}
+    lines.append(f"  micro-batches held per stage at K={k}: {held}")
     return "\n".join(lines)
 
 

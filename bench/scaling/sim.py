@@ -13,6 +13,16 @@ Rules as schedules (all from schedule.py, none re-implemented here):
   then alternates one learn (backward) and one forward, then drains.
 - backprop GPipe: chained=True, window M + K - 1, so that `warmup` gives every stage all M
   forwards before its first learn (backward): all forwards, then all backwards.
+- rec-LRA decoupled (`topology = "decoupled"`): decoupled=True, window 1. Every stage below the
+  top learns each micro-batch from an auxiliary head of its own right after its forward
+  (`schedule.dependencies(..., decoupled=True)`: a learn waits for no other stage), so a stage
+  runs F0 L0 F1 L1 ... (`stage_ops(s, n, 1)`). The head's cost is not the simulator's: the
+  stage costs carry it (bench.scaling.project adds it to every stage below the top). The
+  stream engine runs each decoupled stage's forward and learn as one call (forward_learn, two
+  results), whose activation the next stage can take only once the call ends: the simulated
+  forward of stage s + 1 waits for stage s's learn of the same micro-batch, its hop at the
+  top signal's bandwidth (the object store) where one is set. The p2p engine sends the
+  activation right after the forward.
 `sync` appends each stage's apply and flushes: the step ends when the last op ends. `async`
 streams `steps` x M micro-batches with no apply op (each learn applies its own update, so its
 cost belongs in the learn) and no flush.
@@ -39,6 +49,7 @@ from driver.pipeline.schedule import (
     dependencies,
     fuse_top,
     stage_ops,
+    warmup,
 )
 
 EPS = 1e-12
@@ -82,13 +93,14 @@ class StageCosts:
     def hop(self, nbytes: float, bandwidth: float | None = None) -> float:
         return self.latency + nbytes / (self.bandwidth if bandwidth is None else bandwidth)
 
-    def work(self, op: Op) -> float:
-        """Seconds of compute (on one core) op takes, its call included."""
+    def work(self, op: Op, *, decoupled: bool = False) -> float:
+        """Seconds of compute (on one core) op takes, its call included (`decoupled`: every
+        stage's learn is fused with its forward where the top's is)."""
         s, top = op.stage, op.stage == self.k - 1
         if op.kind == FORWARD:
             return self.forward[s] + self.call
         if op.kind == LEARN:
-            return self.learn[s] + (0.0 if top and self.fused_top else self.call)
+            return self.learn[s] + (0.0 if (top or decoupled) and self.fused_top else self.call)
         if op.kind == DRIVER:
             return self.driver
         return (self.apply[s] if self.apply else 0.0) + self.call
@@ -97,6 +109,8 @@ class StageCosts:
         """(bytes, bandwidth) of the hop from dep's stage to op's."""
         bw = self.bandwidth_between(dep.stage, op.stage)
         if op.kind == FORWARD:
+            if dep.kind == LEARN and self.signal_bandwidth:  # a fused call's activation: its
+                bw = self.signal_bandwidth  # two results go by the object store
             return (self.fwd_bytes[op.stage] if self.fwd_bytes else 0.0), bw
         if self.signal_bandwidth and dep.stage == self.k - 1:
             bw = self.signal_bandwidth
@@ -129,14 +143,22 @@ class Trace:
 
 
 def p2p_calls(
-    k: int, n: int, window: int, calls: int, *, chained: bool, sync: bool
+    k: int,
+    n: int,
+    window: int,
+    calls: int,
+    *,
+    chained: bool,
+    sync: bool,
+    decoupled: bool = False,
 ) -> list[list[list[Op]]]:
     """calls[t][s]: the ops stage s runs in its call for step t of the p2p engine (n / calls
     micro-batches a step; the last call closes the stream), the top's learn right after its
-    forward. Sync closes the stream at every step: simulate one step (calls = 1)."""
+    forward (decoupled: every stage's). Sync closes the stream at every step: simulate one
+    step (calls = 1)."""
     if sync and calls != 1:
         raise ValueError("p2p_calls: a sync stream is one step; simulate calls = 1")
-    stream = Stream(k, window, chained=chained, sync=sync)
+    stream = Stream(k, window, chained=chained, sync=sync, decoupled=decoupled)
     out = []
     for t in range(calls):
         stream.available += n // calls
@@ -157,21 +179,27 @@ def simulate(
     sync: bool,
     cores: float = float("inf"),
     calls: int = 0,
+    decoupled: bool = False,
 ) -> Trace:
     """Run one stream of `n` micro-batches through K stages; each op's start and end. `calls`:
     fed in that many p2p step calls (the driver's CPU, `costs.driver` per micro-batch, is
-    spent once per call, between calls)."""
+    spent once per call, between calls). `decoupled`: every stage learns from its own head
+    right after its forward (window 1, as schedule.ticks and Stream force it)."""
     k = costs.k
+    window = 1 if decoupled else window
+    # the stream engine's fused calls (decoupled, below the top): the activation is a result
+    # of the forward_learn call, there once the call (the learn) ends
+    fused = decoupled and costs.fused_top
     gate: dict[Op, Op] = {}  # an op -> the driver op it waits for (p2p: its call's start)
     if calls:
-        per_call = p2p_calls(k, n, window, calls, chained=chained, sync=sync)
+        per_call = p2p_calls(k, n, window, calls, chained=chained, sync=sync, decoupled=decoupled)
         queues = [[op for call in per_call for op in call[s]] for s in range(k)]
         drv = [Op(DRIVER, k, t) for t in range(calls)]
         queues.append(drv)
-        for t, call in enumerate(per_call):
+        for step, call in enumerate(per_call):
             for s in range(k):
                 if call[s]:
-                    gate[call[s][0]] = drv[t]
+                    gate[call[s][0]] = drv[step]
         lasts = [[c[s][-1] for s in range(k) if c[s]] for c in per_call]
         lag = 0 if sync else 1  # async: a step's calls queue behind the step before's
     else:
@@ -188,7 +216,13 @@ def simulate(
             if s in running or heads[s] == len(queues[s]):
                 continue
             op = queues[s][heads[s]]
-            deps = [] if op.kind == DRIVER else dependencies(op, k, chained=chained)
+            deps = (
+                []
+                if op.kind == DRIVER
+                else dependencies(op, k, chained=chained, decoupled=decoupled)
+            )
+            if fused:
+                deps = [Op(LEARN, d.stage, d.mb) if d.kind == FORWARD else d for d in deps]
             if calls:  # the driver submits call t once it has gathered call t - 1 - lag
                 back = op.mb - 1 - lag
                 deps = (lasts[back] if back >= 0 else []) if op.kind == DRIVER else deps
@@ -201,7 +235,7 @@ def simulate(
             if ready <= t + EPS:
                 hops = sum(costs.transfer_work(d, op) for d in deps)
                 share = n // calls if calls and op.kind == DRIVER else 1  # p2p: a step's
-                running[s] = [op, costs.work(op) * share + hops]
+                running[s] = [op, costs.work(op, decoupled=decoupled) * share + hops]
                 trace.start[op] = t
                 heads[s] += 1
             else:
@@ -227,7 +261,9 @@ def simulate(
 @dataclass(frozen=True)
 class Rule:
     chained: bool
-    window: str  # "k": the stage count (1F1B); "all": M + K - 1 (GPipe, all forwards first)
+    # "k": the stage count (1F1B); "all": M + K - 1 (GPipe, all forwards first); "one": 1
+    window: str
+    decoupled: bool = False  # every stage learns from its own head (no signal goes down)
 
 
 RULES = {
@@ -235,11 +271,19 @@ RULES = {
     "rec_lra_mirror": Rule(chained=True, window="k"),  # the default topology
     "backprop_1f1b": Rule(chained=True, window="k"),
     "backprop_gpipe": Rule(chained=True, window="all"),
+    # topology = "decoupled" (preset rec_lra_decoupled): auxiliary heads, window 1
+    "rec_lra_decoupled": Rule(chained=False, window="one", decoupled=True),
 }
 
 
 def window_of(rule: Rule, k: int, m: int) -> int:
-    return k if rule.window == "k" else m + k - 1
+    return {"k": k, "all": m + k - 1, "one": 1}[rule.window]
+
+
+def held_micro_batches(rule: Rule, k: int, m: int) -> list[int]:
+    """Micro-batches each stage holds at most between a forward and its learn (its cached
+    activations): schedule.warmup of its window. 1F1B: K - s; GPipe: M; decoupled: 1."""
+    return [warmup(s, window_of(rule, k, m), m) for s in range(k)]
 
 
 def step_seconds(
@@ -259,7 +303,14 @@ def step_seconds(
     p2p = engine == "p2p" and costs.k > 1
     if sync:
         trace = simulate(
-            costs, m, w, chained=rule.chained, sync=True, cores=cores, calls=1 if p2p else 0
+            costs,
+            m,
+            w,
+            chained=rule.chained,
+            sync=True,
+            cores=cores,
+            calls=1 if p2p else 0,
+            decoupled=rule.decoupled,
         )
         return trace.makespan + step_overhead
     trace = simulate(
@@ -270,6 +321,7 @@ def step_seconds(
         sync=False,
         cores=cores,
         calls=steps if p2p else 0,
+        decoupled=rule.decoupled,
     )
     return trace.makespan / steps + step_overhead
 

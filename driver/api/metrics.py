@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Sequence
 from importlib import metadata
 
 from prometheus_client import (
@@ -134,6 +135,20 @@ class Metrics:
             "reclra_validation_accuracy_ratio", "Validation accuracy", ["run"], registry=r
         )
         self.test_acc = Gauge("reclra_test_accuracy_ratio", "Test accuracy", ["run"], registry=r)
+        self.exit_val_acc = Gauge(
+            "reclra_stage_exit_validation_accuracy_ratio",
+            "Validation accuracy of a stage's early exit (decoupled runs: its auxiliary head; "
+            "the top stage's is the model's)",
+            ["run", "stage"],
+            registry=r,
+        )
+        self.exit_test_acc = Gauge(
+            "reclra_stage_exit_test_accuracy_ratio",
+            "Test accuracy of a stage's early exit (decoupled runs: its auxiliary head; the "
+            "top stage's is the model's)",
+            ["run", "stage"],
+            registry=r,
+        )
         self.checkpoints = Counter("reclra_checkpoints", "Checkpoints written", ["run"], registry=r)
         self.last_checkpoint = Gauge(
             "reclra_last_checkpoint_timestamp_seconds",
@@ -186,6 +201,12 @@ class Metrics:
             self.mirror.labels(run, s).inc(st.mirror_seconds)
             for layer, v in st.backprop_cosine.items():  # {} between probes: keeps the last
                 self.backprop_cosine.labels(run, s, layer).set(v)
+
+    def exits(self, run: str, split: str, accs: Sequence[float]) -> None:
+        """The early-exit accuracy of each stage (stage order) on `split` ("val" or "test")."""
+        gauge = self.exit_val_acc if split == "val" else self.exit_test_acc
+        for stage, acc in enumerate(accs):
+            gauge.labels(run, str(stage)).set(acc)
 
     def set_stages(self, run: str, k: int) -> None:
         self.stage_count.labels(run).set(k)

@@ -34,6 +34,9 @@ class MetricsCallback(Callback):
             return
         gauge = self.metrics.val_acc if split == "val" else self.metrics.test_acc
         gauge.labels(self.run_id).set(acc)
+        exits = ctl.run.exit_val_acc if split == "val" else ctl.run.exit_test_acc
+        if exits is not None:  # a decoupled run on K > 1 stages: every stage's early exit
+            self.metrics.exits(self.run_id, split, exits)
 
     def after_checkpoint(self, ctl: RunView, path: Location) -> None:
         self.metrics.checkpoint(self.run_id)

@@ -115,8 +115,36 @@ def markdown(runs: dict[str, dict[str, Any]], alignment: list[str] | None = None
             )
         if run.get("partition"):
             lines.append(f"| {rule} | cut at blocks | {run['partition']} | | | | |")
+    lines += exits_markdown(runs)
     lines += alignment_markdown(alignment or [])
     return "\n".join(lines) + "\n"
+
+
+def exits_markdown(runs: dict[str, dict[str, Any]]) -> list[str]:
+    """The early-exit accuracy of each stage, for runs that recorded it (decoupled runs on
+    K > 1 stages: exit_test_acc, exit_val_acc); no section when none did."""
+    rows = []
+    for rule, run in runs.items():
+        test = run.get("exit_test_acc") or []
+        val = run.get("exit_val_acc") or (run["epochs"][-1] if run["epochs"] else {}).get(
+            "exit_val_acc", []
+        )
+        for stage in range(max(len(test), len(val))):
+            cells = [f"{accs[stage]:.4f}" if stage < len(accs) else "-" for accs in (test, val)]
+            rows.append(f"| {rule} | {stage} | {cells[0]} | {cells[1]} |")
+    if not rows:
+        return []
+    return [
+        "",
+        "## Early exits",
+        "",
+        "The accuracy of each stage's early exit (its auxiliary head); the top stage's is the "
+        "model's.",
+        "",
+        "| rule | stage | test acc | val acc |",
+        "|---|---|---|---|",
+        *rows,
+    ]
 
 
 def report(run_dir: str | Path, out: str | Path | None = None) -> Path:

@@ -28,6 +28,7 @@ from driver.pipeline.batches import split
 from driver.pipeline.p2p_stage import P2PStage
 from driver.pipeline.plan import window
 from driver.pipeline.stream import pipeline_specs
+from workers.chain import learns_decoupled
 from workers.spec import StageSpec, StageStats
 from workers.state import merge_states
 
@@ -86,6 +87,7 @@ class P2PPipeline:
         self.transport = p2p_backend(cfg, cuda)
         self.cfg, self.k = cfg, len(specs)
         self.sync = cfg.schedule == "sync"
+        self.decoupled = learns_decoupled(specs[0])  # every stage is given the labels
         gpus = cfg.gpus_per_stage if cfg.gpus_per_stage >= 0 else (1.0 if cuda else 0.0)
         threads = cfg.threads_per_stage or max(1, int(cfg.cpus_per_stage))
         specs = [  # gloo sends from host memory; nccl from the GPU
@@ -196,7 +198,11 @@ class P2PPipeline:
                 (
                     s,
                     a.run_step.remote(
-                        xs if s == 0 else None, ys if s == top else None, sizes, close, cut
+                        xs if s == 0 else None,
+                        ys if (s == top or self.decoupled) else None,
+                        sizes,
+                        close,
+                        cut,
                     ),
                 )
                 for s, a in enumerate(self.actors)
@@ -239,6 +245,16 @@ class P2PPipeline:
         for a in self.actors:
             ref = a.infer.remote(ref)
         return self._gather([(self.k - 1, ref)], "infer")[0]
+
+    def infer_exits(self, x: torch.Tensor) -> list[torch.Tensor | None]:
+        """Eval-mode forward; every stage's early-exit logits, stage order (None: a stage with
+        no exit), the last the model's prediction. Outputs go actor to actor as in infer."""
+        ref: Any = x
+        exits: list[tuple[int, Any]] = []
+        for s, a in enumerate(self.actors):
+            ref, logits = a.infer_exit.options(num_returns=2).remote(ref)
+            exits.append((s, logits))
+        return self._gather(exits, "infer")
 
     def state_dict(self) -> dict[str, Any]:
         refs = [(s, a.state_dict.remote()) for s, a in enumerate(self.actors)]

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from driver.pipeline.schedule import APPLY, FORWARD, Stream, fuse_top
-from workers.chain import learns_chained
+from workers.chain import learns_chained, learns_decoupled
 from workers.rules import ErrorSignal
 from workers.spec import StageSpec, StageStats
 from workers.stage import Stage
@@ -47,7 +47,9 @@ class P2PStage(Stage):
         super().__init__(spec)
         self.k, self.window, self.sync = stages, window, sync
         self.s = spec.index
-        self.broadcast = not learns_chained(spec)
+        # decoupled: every stage learns from its own head on the labels, nothing comes down
+        self.decoupled = learns_decoupled(spec)
+        self.broadcast = not learns_chained(spec) and not self.decoupled
         self.comm = torch.device("cpu")  # where messages live (join() sets it per backend)
         self._sends: list[Any] = []  # in-flight sends, with their buffers
         self._out_shape: dict[int, tuple[int, ...]] = {}  # micro-batch -> this stage's output
@@ -144,7 +146,7 @@ class P2PStage(Stage):
         stream.available += len(sizes)
         stream.closed = close
         ops = [op for op in stream.ready() if op.stage == self.s]
-        if self.s == self.k - 1:
+        if self.s == self.k - 1:  # decoupled: window 1, each learn already follows its forward
             ops = fuse_top(ops)
         for mb in range(self._forgotten, min(seq.next_l for seq in stream.seqs)):
             stream.forget(mb)  # every stage's learn of mb is in some call by now
@@ -185,7 +187,13 @@ class P2PStage(Stage):
 
     def _restart(self) -> None:
         """A new stream: the next micro-batch is number 0 (every stage restarts at a close)."""
-        self._stream = Stream(self.k, self.window, chained=not self.broadcast, sync=self.sync)
+        self._stream = Stream(
+            self.k,
+            self.window,
+            chained=not (self.broadcast or self.decoupled),
+            sync=self.sync,
+            decoupled=self.decoupled,
+        )
         self._forgotten = 0  # micro-batches below this are dropped from the stream
         self._sizes = {}
         self._inputs = {}
@@ -213,7 +221,7 @@ class P2PStage(Stage):
 
     def _learn_op(self, mb: int) -> None:
         top = self.s == self.k - 1
-        if top:
+        if top or self.decoupled:
             signal = ErrorSignal(labels=self._labels.pop(mb))
         else:
             signal = self._take_signal(self.k - 1 if self.broadcast else self.s + 1, mb)
@@ -225,5 +233,5 @@ class P2PStage(Stage):
         if top and self.broadcast:
             for dst in range(self.k - 1):
                 self._post_signal(sent, dst)
-        elif not self.broadcast and self.s > 0:
+        elif not (self.broadcast or self.decoupled) and self.s > 0:
             self._post_signal(sent, self.s - 1)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from workers.chain import learns_chained, stage_specs, train_chain
+from workers.chain import learns_chained, learns_decoupled, stage_specs, train_chain
 from workers.rules import ErrorSignal
 from workers.spec import StageSpec
 from workers.stage import Stage
@@ -82,6 +82,9 @@ def profile(
 ) -> tuple[list[float], list[torch.Tensor]]:
     """profile_blocks' costs, and each block's output for the micro-batch (what a cut after
     that block would send to the next stage). `base` owns the whole model."""
+    if learns_decoupled(base):  # the blocks' own work, as the mirror path does it; a stage's
+        # auxiliary head (about a quarter of a block) is left out of the balance
+        base = replace(base, rule=replace(base.rule, topology="mirror"))
     saved = torch.get_num_threads()  # time blocks with the threads a stage will have
     sync = torch.cuda.synchronize if base.device.startswith("cuda") else (lambda: None)
     try:

@@ -91,17 +91,22 @@ def fuse_top(ops: list[Op]) -> list[Op]:
     ]
 
 
-def dependencies(op: Op, stages: int, *, chained: bool) -> list[Op]:
-    """The ops of other stages whose results `op` takes as arguments."""
+def dependencies(op: Op, stages: int, *, chained: bool, decoupled: bool = False) -> list[Op]:
+    """The ops of other stages whose results `op` takes as arguments (`decoupled`: a learn
+    takes none, every stage learning from its own head)."""
     if op.kind == FORWARD and op.stage > 0:
         return [Op(FORWARD, op.stage - 1, op.mb)]
-    if op.kind == LEARN and op.stage < stages - 1:
+    if op.kind == LEARN and op.stage < stages - 1 and not decoupled:
         return [Op(LEARN, signal_source(op.stage, stages, chained), op.mb)]
     return []
 
 
-def ticks(stages: int, n: int, window: int, *, chained: bool, sync: bool) -> list[list[Op | None]]:
-    """Simulate unit-time ops: row t holds what each stage runs at tick t (None: idle)."""
+def ticks(
+    stages: int, n: int, window: int, *, chained: bool, sync: bool, decoupled: bool = False
+) -> list[list[Op | None]]:
+    """Simulate unit-time ops: row t holds what each stage runs at tick t (None: idle).
+    `decoupled`: every stage learns each micro-batch right after its forward (window 1)."""
+    window = 1 if decoupled else window
     queues = [list(stage_ops(s, n, window, apply_at_end=sync)) for s in range(stages)]
     done: dict[Op, int] = {}
     rows: list[list[Op | None]] = []
@@ -110,7 +115,8 @@ def ticks(stages: int, n: int, window: int, *, chained: bool, sync: bool) -> lis
         row: list[Op | None] = [None] * stages
         for s, queue in enumerate(queues):
             if queue and all(
-                done.get(d, t) < t for d in dependencies(queue[0], stages, chained=chained)
+                done.get(d, t) < t
+                for d in dependencies(queue[0], stages, chained=chained, decoupled=decoupled)
             ):
                 row[s] = queue.pop(0)
         for op in row:
@@ -172,8 +178,13 @@ class Stream:
     driver has already submitted (a Ray call can take a result that does not exist yet, as
     long as the call producing it was submitted first)."""
 
-    def __init__(self, stages: int, window: int, *, chained: bool, sync: bool) -> None:
-        self.stages, self.chained = stages, chained
+    def __init__(
+        self, stages: int, window: int, *, chained: bool, sync: bool, decoupled: bool = False
+    ) -> None:
+        """`decoupled`: every stage learns each micro-batch right after its forward, from its
+        own head (window 1, and a learn waits for nothing but its own forward)."""
+        self.stages, self.chained, self.decoupled = stages, chained, decoupled
+        window = 1 if decoupled else window
         self.seqs = [
             StageSequence(s, warmup(s, window, 1 << 30), apply_at_end=sync) for s in range(stages)
         ]
@@ -189,9 +200,12 @@ class Stream:
             progress = False
             for seq in self.seqs:
                 op = seq.peek(self.available, self.closed)
-                if op is None or not all(
-                    d in self.submitted for d in dependencies(op, self.stages, chained=self.chained)
-                ):
+                deps = (
+                    dependencies(op, self.stages, chained=self.chained, decoupled=self.decoupled)
+                    if op is not None
+                    else []
+                )
+                if op is None or not all(d in self.submitted for d in deps):
                     continue
                 seq.advance(op)
                 self.submitted.add(op)

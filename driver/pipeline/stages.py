@@ -56,6 +56,11 @@ class StageHandles(ABC):
     def infer(self, i: int, x: Future) -> Future: ...
 
     @abstractmethod
+    def infer_exit(self, i: int, x: Future) -> tuple[Future, Future]:
+        """Stage i's eval-mode forward: (its output, for stage i + 1; its early-exit logits,
+        None for a stage with no exit)."""
+
+    @abstractmethod
     def pop_stats(self, i: int) -> Future: ...
 
     @abstractmethod
@@ -119,6 +124,9 @@ class LocalStages(StageHandles):
 
     def infer(self, i: int, x: Future) -> Future:
         return self.stages[i].infer(x)
+
+    def infer_exit(self, i: int, x: Future) -> tuple[Future, Future]:
+        return self.stages[i].infer_exit(x)
 
     def pop_stats(self, i: int) -> Future:
         return self.stages[i].pop_stats()
@@ -236,6 +244,11 @@ class RayStages(StageHandles):
 
     def infer(self, i: int, x: Future) -> Future:
         return self.actors[i].infer.remote(x)
+
+    def infer_exit(self, i: int, x: Future) -> tuple[Future, Future]:
+        """Two results on the object store: the output the next stage takes, and the logits
+        the driver gathers."""
+        return self.actors[i].infer_exit.options(num_returns=2).remote(x)
 
     def pop_stats(self, i: int) -> Future:
         return self.actors[i].pop_stats.remote()

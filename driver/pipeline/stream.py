@@ -16,7 +16,7 @@ from driver.pipeline.cut import Cut
 from driver.pipeline.plan import window
 from driver.pipeline.schedule import APPLY, FORWARD, LEARN, Op, Stream
 from driver.pipeline.stages import LocalStages, RayStages, Stages
-from workers.chain import learns_chained, signal_source
+from workers.chain import learns_chained, learns_decoupled, signal_source
 from workers.rules import ErrorSignal
 from workers.spec import StageSpec, StageStats
 from workers.state import merge_states
@@ -51,12 +51,16 @@ class StreamPipeline:
     same ops, in the same order per stage, as on Ray, hence the same numbers) or RayStages.
     """
 
-    def __init__(self, stages: Stages, cfg: PipelineConfig, *, chained: bool) -> None:
+    def __init__(
+        self, stages: Stages, cfg: PipelineConfig, *, chained: bool, decoupled: bool = False
+    ) -> None:
         self.cfg, self.stages = cfg, stages
         self.k = len(stages)
         self.window = window(cfg, self.k)
         self.sync = cfg.schedule == "sync"
         self.chained = chained
+        # every stage forwards and learns a micro-batch in one call, from its own head
+        self.decoupled = decoupled
         try:  # constructors run remotely: surface their errors here, with a deadline
             stages.ready()
         except BaseException:
@@ -71,12 +75,14 @@ class StreamPipeline:
 
     # -- the stream ---------------------------------------------------------------------------
     def _reset_stream(self) -> None:
-        self.stream = Stream(self.k, self.window, chained=self.chained, sync=self.sync)
+        self.stream = Stream(
+            self.k, self.window, chained=self.chained, sync=self.sync, decoupled=self.decoupled
+        )
         self._refs: dict[Op, Any] = {}
         self._data: dict[int, tuple[Any, torch.Tensor]] = {}
         self._outputs: list[tuple[int, Any]] = []  # (mb, logits) not yet returned
         self._learned: list[tuple[int, list[tuple[int, Any]]]] = []
-        self._last_learn: dict[int, Any] = {}
+        self._fused: dict[Op, Any] = {}  # learns run by forward_learn calls
 
     def _gather(self, refs: list[tuple[int, Any]], what: str) -> list[Any]:
         return self.stages.gather(refs, what, self.cfg.step_timeout_s)
@@ -99,17 +105,22 @@ class StreamPipeline:
         s, m, st = op.stage, op.mb, self.stages
         if op.kind == APPLY:
             return st.apply(s)
+        top = s == self.k - 1
         if op.kind == FORWARD:
             x = self._data[m][0] if s == 0 else self._refs[Op(FORWARD, s - 1, m)]
-            if s < self.k - 1:
+            if not (top or self.decoupled):
                 return st.forward(s, m, x)
-            # the last stage learns right after its forward (window 1): one call for both
+            # the last stage (and a decoupled one) learns right after its forward from the
+            # labels (window 1): one call for both
             labels = ErrorSignal(labels=self._data[m][1])
-            out, self._last_learn[m] = st.forward_learn(s, m, x, labels, apply=not self.sync)
-            self._outputs.append((m, out))
+            out, self._fused[Op(LEARN, s, m)] = st.forward_learn(
+                s, m, x, labels, apply=not self.sync
+            )
+            if top:
+                self._outputs.append((m, out))
             return out
-        if s == self.k - 1:
-            return self._last_learn.pop(m)
+        if top or self.decoupled:
+            return self._fused.pop(op)
         signal = self._refs[Op(LEARN, signal_source(s, self.k, self.chained), m)]
         return st.learn(s, m, signal, apply=not self.sync, direct=self._relayed(s))
 
@@ -211,6 +222,16 @@ class StreamPipeline:
             ref = self.stages.infer(s, ref)
         return self._gather([(self.k - 1, ref)], "infer")[0]
 
+    def infer_exits(self, x: torch.Tensor) -> list[torch.Tensor | None]:
+        """Eval-mode forward; every stage's early-exit logits, stage order (None: a stage with
+        no exit), the last the model's prediction. Outputs go stage to stage as in infer."""
+        ref: Any = x
+        exits: list[tuple[int, Any]] = []
+        for s in range(self.k):
+            ref, logits = self.stages.infer_exit(s, ref)
+            exits.append((s, logits))
+        return self._gather(exits, "infer")
+
     def drain_stats(self, *, wait: bool = False) -> list[tuple[int, StageStats]]:
         """(stage, stats) reported since the last call: one per stage per step, in order."""
         if not self._stats:
@@ -264,7 +285,7 @@ class RayPipeline(StreamPipeline):
         placement that can never fit fails at once; None asks the cluster. `session`: the Ray
         this pipeline closes after its stages (one it started), if any."""
         self.session = session
-        chained = learns_chained(specs[0])
+        chained, decoupled = learns_chained(specs[0]), learns_decoupled(specs[0])
         cuda = specs[0].device.startswith("cuda")
         gpus = cfg.gpus_per_stage if cfg.gpus_per_stage >= 0 else (1.0 if cuda else 0.0)
         threads = cfg.threads_per_stage or max(1, int(cfg.cpus_per_stage))
@@ -292,7 +313,7 @@ class RayPipeline(StreamPipeline):
             fixed_size=fixed_size,
             transport=transport,
         )
-        super().__init__(stages, cfg, chained=chained)
+        super().__init__(stages, cfg, chained=chained, decoupled=decoupled)
         self.transport = stages.transport
         log.info("pipeline: activations go stage to stage by %s", self.transport)
         self.group = stages.group  # recovery and tests reach the actors through it
@@ -309,5 +330,9 @@ class LocalPipeline(StreamPipeline):
     """The same stream in this process: K stages called in submission order (no Ray)."""
 
     def __init__(self, specs: list[StageSpec], cfg: PipelineConfig) -> None:
-        chained = learns_chained(specs[0])
-        super().__init__(LocalStages(pipeline_specs(specs, cfg)), cfg, chained=chained)
+        super().__init__(
+            LocalStages(pipeline_specs(specs, cfg)),
+            cfg,
+            chained=learns_chained(specs[0]),
+            decoupled=learns_decoupled(specs[0]),
+        )

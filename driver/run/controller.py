@@ -33,8 +33,9 @@ from driver.run.epochs import Epoch, Position
 from driver.run.errors import RECOVERABLE, FailurePolicy, RunFailed, failure_message
 from driver.run.observers import RunLogWriter
 from driver.run.progress import Progress
-from driver.run.run_log import RunLog, evaluate
+from driver.run.run_log import RunLog, evaluate, evaluate_exits
 from driver.run.stats import StatsBook
+from workers.rules import rule_decoupled
 
 __all__ = ["TERMINAL", "Controller", "Position", "RunFailed", "RunState"]
 
@@ -360,7 +361,7 @@ class Controller:
         self._record(self.runner.drain_stats(wait=True), epoch_end=True)
         self.train_seconds += time.perf_counter() - t0
         val_acc, val_loss = self._evaluate("val")
-        entry = {
+        entry: dict[str, Any] = {
             "epoch": self.pos.epoch + 1,
             "train_acc": epoch.tally.acc,
             "train_loss": epoch.tally.mean_loss,
@@ -369,6 +370,8 @@ class Controller:
             "seconds": self.elapsed,
             "train_seconds": self.train_seconds,
         }
+        if self.run.exit_val_acc is not None:  # this validation's, just recorded
+            entry["exit_val_acc"] = list(self.run.exit_val_acc)
         if self.track_test:
             entry["test_acc"] = self._evaluate("test", periodic=True)[0]
         self.run.epochs.append(entry)
@@ -381,10 +384,25 @@ class Controller:
     def _evaluate(self, split: str, *, periodic: bool = False) -> tuple[float, float]:
         assert self.runner is not None and self.splits is not None
         ds = self.splits.val if split == "val" else self.splits.test
-        acc, loss = evaluate(self.runner, ds, self.cfg.train.batch_size)
+        batch, exits = self.cfg.train.batch_size, None
+        if self._has_exits and not periodic:  # every early exit in the same pass
+            acc, loss, exits = evaluate_exits(self.runner, ds, batch)
+        else:
+            acc, loss = evaluate(self.runner, ds, batch)
+        if not periodic:  # the run log's early exits (None: none), before the callbacks read them
+            if split == "val":
+                self.run.exit_val_acc = exits
+            else:
+                self.run.exit_test_acc = exits
         for cb in self.callbacks:
             cb.after_evaluation(self, split, acc, loss, periodic=periodic)
         return acc, loss
+
+    @property
+    def _has_exits(self) -> bool:
+        """Whether stages below the top have early exits to evaluate: a decoupled run (each
+        carries an auxiliary head) on more than one stage."""
+        return rule_decoupled(self.cfg.rule) and self.plan is not None and self.plan.k > 1
 
     def _record(self, reports: list, *, epoch_end: bool = False) -> None:
         self.book.add(reports)

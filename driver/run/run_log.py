@@ -26,9 +26,16 @@ class RunLog:
     config_origin: dict[str, str] = field(default_factory=dict)
     partition: list[int] = field(default_factory=list)
     predicted_stage_seconds: list[float] = field(default_factory=list)  # per micro-batch
-    epochs: list[dict[str, float]] = field(default_factory=list)
+    # per epoch: epoch, train_acc, train_loss, val_acc, val_loss, seconds, train_seconds
+    # (test_acc with track_test; exit_val_acc when exit accuracies are recorded, see below)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
     test_acc: float | None = None
     test_loss: float | None = None
+    # early-exit accuracy per stage, stage order (a decoupled run on K > 1 stages: each stage's
+    # auxiliary head; the last is the model's, test_acc / val_acc), at the test and at the
+    # latest epoch's validation (the final one once the run ends); None for other runs
+    exit_test_acc: list[float] | None = None
+    exit_val_acc: list[float] | None = None
     step_seconds: float = 0.0
     samples_per_second: float = 0.0
     steps: int = 0
@@ -77,6 +84,26 @@ def evaluate(runner: Runner, ds: Any, batch_size: int) -> tuple[float, float]:
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         n += len(y)
     return correct / max(n, 1), loss / max(n, 1)
+
+
+@torch.no_grad()
+def evaluate_exits(runner: Runner, ds: Any, batch_size: int) -> tuple[float, float, list[float]]:
+    """evaluate's (accuracy, mean cross-entropy) of the prediction, and the accuracy of every
+    stage's early exit (runner.infer_exits) in the same pass: stage order, only stages with an
+    exit; the last is the prediction's."""
+    correct: list[int] = []
+    loss, n = 0.0, 0
+    for x, y in make_loader(ds, max(batch_size, 256), shuffle=False, seed=0):
+        exits = [e.float().cpu() for e in runner.infer_exits(x) if e is not None]
+        correct = correct or [0] * len(exits)
+        if len(exits) != len(correct):
+            raise RuntimeError(f"evaluate: {len(exits)} early exits, {len(correct)} before")
+        for i, logits in enumerate(exits):
+            correct[i] += int((logits.argmax(1) == y).sum())
+        loss += float(F.cross_entropy(exits[-1], y, reduction="sum"))
+        n += len(y)
+    accs = [c / max(n, 1) for c in correct]
+    return (accs[-1] if accs else 0.0), loss / max(n, 1), accs
 
 
 class Tally:

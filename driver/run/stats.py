@@ -3,9 +3,12 @@ alignment)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from workers.spec import StageStats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -18,6 +21,7 @@ class StageTotals:
     staleness_sum: int = 0
     staleness_max: int = 0
     cached: int = 0
+    cached_bytes: int = 0  # the most bytes held between forwards and learns, any window
     local_loss: dict[str, float] = field(default_factory=dict)
     update_norm: dict[str, float] = field(default_factory=dict)
     synapse_angle: dict[str, float] = field(default_factory=dict)  # latest, per layer
@@ -39,6 +43,7 @@ class StageTotals:
             "staleness_mean": self.staleness_mean,
             "staleness_max": self.staleness_max,
             "cached": self.cached,
+            "cached_bytes": self.cached_bytes,
             "mirror_s": self.mirror_seconds,
         }
 
@@ -60,6 +65,15 @@ class StatsBook:
             t.staleness_sum += sum(st.staleness)
             t.staleness_max = max([t.staleness_max, *st.staleness])
             t.cached = st.cached
+            t.cached_bytes = max(t.cached_bytes, st.cached_bytes)
+            if st.started_fresh:
+                log.warning(
+                    "stage %d: the checkpoint was cut elsewhere, so %s start(s) fresh, from "
+                    "initialisation and a weight mirror (auxiliary heads, error synapses); the "
+                    "blocks keep their weights",
+                    stage,
+                    ", ".join(st.started_fresh),
+                )
             t.local_loss.update(st.local_loss)
             t.update_norm.update(st.update_norm)
             t.synapse_angle.update(st.synapse_angle)

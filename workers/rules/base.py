@@ -12,12 +12,14 @@ from workers.rules.recipes import PRESETS, label
 if TYPE_CHECKING:
     from workers.blocks import Block, Wire
 
-Topology = Literal["skip", "mirror", "adjacent", "stage"]
+Topology = Literal["skip", "mirror", "adjacent", "stage", "decoupled"]
+AuxHead = Literal["linear", "pointwise", "conv", "conv2"]
 SynapseUpdate = Literal["kp", "local", "fixed"]
 Init = Literal["gaussian", "kaiming", "xavier", "orthogonal", "zeros"]
 TOPOLOGIES = get_args(Topology)
 FEEDBACK_UPDATES = SKIP_UPDATES = get_args(SynapseUpdate)
 INITS = get_args(Init)
+AUX_HEADS = get_args(AuxHead)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,7 +33,9 @@ class RuleConfig:
     the paper's reading); "" is the rule's default."""
     topology: Topology = "mirror"
     """rec_lra's error path: mirror (follows the forward skips), adjacent, skip (junctions fed
-    from e_L through skip synapses: stages learn in parallel), stage (mirror inside a stage)."""
+    from e_L through skip synapses: stages learn in parallel), stage (mirror inside a stage),
+    decoupled (mirror inside a stage, whose top learns from an auxiliary head of its own on the
+    labels: nothing crosses a stage boundary backwards; the `decoupled` preset)."""
     feedback_update: SynapseUpdate = "kp"
     """How adjacent error synapses learn: kp (take W's update), local, fixed."""
     skip_update: SynapseUpdate = "kp"
@@ -73,6 +77,15 @@ class RuleConfig:
     """Weight mirror: move E toward a fresh estimate every N optimizer steps (0: never)."""
     mirror_rate: float = 0.5
     """Weight mirror: how far each interleaved estimate moves E (1: all the way)."""
+    aux_head: AuxHead = "conv"
+    """decoupled: the auxiliary head on each stage's output below the top. linear: pooled
+    features to the classes; pointwise: 1x1 conv (2C), BN, act, pool, linear; conv: 3x3 conv
+    (2C, stride 2 while the map is 8 or more wide), BN, act, pool, linear (InfoPro's head without
+    its hidden dense layer); conv2: conv then a second 3x3 conv at the same width."""
+    aux_recon: float = 0.0
+    """decoupled: weight of an information-preserving term (after InfoPro): a 3x3 conv decoder
+    on the stage's output reconstructs the network's input, average-pooled to the output's
+    size, and its error joins the head's at the stage's top (0: off)."""
 
     @property
     def label(self) -> str:
@@ -99,6 +112,7 @@ class RuleConfig:
             ("feedback_init", self.feedback_init, INITS),
             ("head_init", self.head_init, INITS),
             ("kp_init", self.kp_init, INITS),
+            ("aux_head", self.aux_head, AUX_HEADS),
         ):
             if value not in allowed:
                 raise ValueError(f"rule.{key}: {value!r} is not one of {list(allowed)}")
@@ -118,7 +132,7 @@ class RuleConfig:
         for key in ("mix_skip", "mix_adjacent"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"rule.{key}: must lie in [0, 1], got {getattr(self, key)}")
-        for key in ("beta", "gamma", "input_noise", "init_std"):
+        for key in ("beta", "gamma", "input_noise", "init_std", "aux_recon"):
             if getattr(self, key) < 0:
                 raise ValueError(f"rule.{key}: must be >= 0, got {getattr(self, key)}")
         if self.reproject < 0:
@@ -169,6 +183,12 @@ class Rule:
         # the top block of the stage this rule instance serves, when a stage above it exists
         # (set by the Stage; the `stage` topology feeds that block's output from e_L)
         self.stage_top: str | None = None
+
+    @classmethod
+    def is_decoupled(cls, cfg: RuleConfig) -> bool:
+        """Whether every stage below the top learns from an auxiliary head of its own on the
+        labels (and so needs the labels, and sends nothing down)."""
+        return False
 
     @classmethod
     def is_chained(cls, cfg: RuleConfig) -> bool:
@@ -225,3 +245,8 @@ def make_rule(cfg: RuleConfig) -> Rule:
 def rule_chained(cfg: RuleConfig) -> bool:
     """Rule.is_chained of the rule `cfg` names, without building it."""
     return RULES[cfg.name].is_chained(cfg)
+
+
+def rule_decoupled(cfg: RuleConfig) -> bool:
+    """Rule.is_decoupled of the rule `cfg` names, without building it."""
+    return RULES[cfg.name].is_decoupled(cfg)

@@ -23,7 +23,7 @@ _PLAIN = {  # what a torch user would do: no input noise, no update re-projectio
 }
 
 # the presets of each rule that has any; the first is the rule's default
-PRESETS: dict[str, tuple[str, ...]] = {"rec_lra": ("mirror", "paper")}
+PRESETS: dict[str, tuple[str, ...]] = {"rec_lra": ("mirror", "paper", "decoupled")}
 
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # the `mirror` preset: errors follow the forward skips, carried through each layer's own
@@ -39,6 +39,24 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
             "rescale_error": True,
             "kp_init": "zeros",
             "mirror_angle": 10.0,
+        },
+        "optim": {"lr": 3e-3, "weight_decay": 1.0},
+    },
+    # decoupled stages (docs/algorithm.md#decoupled-stages): the `mirror` recipe inside each
+    # stage, whose top learns from an auxiliary head of its own on the labels. With one stage
+    # it is `mirror`
+    "rec_lra_decoupled": {
+        "rule": {
+            "topology": "decoupled",
+            "input_noise": 0.0,
+            "reproject": 0.0,
+            "head_init": "kaiming",
+            "carry_bn": True,
+            "rescale_error": True,
+            "kp_init": "zeros",
+            "mirror_angle": 10.0,
+            "aux_head": "conv",
+            "aux_recon": 0.0,
         },
         "optim": {"lr": 3e-3, "weight_decay": 1.0},
     },
@@ -95,6 +113,11 @@ COMPUTES: dict[str, str] = {
     "rec_lra_paper": (
         "rec-LRA as ALGORITHM.md reads the paper: junctions fed from e_L through skip "
         "synapses, L1/L2 errors, input noise, re-projection"
+    ),
+    "rec_lra_decoupled": (
+        "rec-LRA with decoupled stages: each stage's top learns from an auxiliary head of its "
+        "own on the labels, mirror path inside a stage, nothing sent down (decoupled greedy "
+        "learning with rec-LRA in place of backprop); with one stage, rec_lra"
     ),
     "lra_e": "LRA-E (AAAI 2019): targets along the adjacent path, e = z - y, KP synapses",
     "backprop": "backpropagation (stage-local autograd, the gradient passed between stages)",
