@@ -3,9 +3,11 @@
     python -m bench.pipeline --json results.json [--steps 8 --rounds 2]
 
 For each model (a ResNet-18 on 32x32 inputs, and the digits ResNet) and rule (rec_lra,
-backprop, or a variant such as rec_lra:topology=skip): samples/s in one process with 1 and 2
-torch threads, and on K = 2 stages (one core and one thread each) with the sync and async
-schedules; configurations are interleaved round by round so machine noise hits them alike.
+backprop, rec_lra_decoupled, or a variant such as rec_lra:topology=skip): samples/s in one
+process with 1 and 2 torch threads, and on K = 2 stages (one core and one thread each) with the
+sync and async schedules, on the engine --engine resolves to (auto: p2p); configurations are
+interleaved round by round so machine noise hits them alike. Each K = 2 stage's cached bytes
+(the most it held between forwards and learns) go under `cached_bytes`.
 Then the per-hop transport time of the stage-0 output (object store, zero-copy tensors, Ray
 Direct Transport over gloo, Compiled Graph) as a fraction of a stage's compute; the training
 time to a fixed test accuracy on digits and Fashion-MNIST of rec-LRA on K = 2 async stages,
@@ -33,6 +35,7 @@ from bench.transport import measure
 from driver.config import Config, load_config, with_rule
 from driver.data.load import load_dataset, make_loader
 from driver.pipeline.build import base_spec, block_names
+from driver.pipeline.p2p import P2PPipeline
 from driver.pipeline.partition import plan_partition
 from driver.pipeline.stream import RayPipeline
 from driver.run.train import train
@@ -63,10 +66,11 @@ def variant(cfg: Config, spec: str) -> Config:
     return replace(c, rule=rule)
 
 
-def _configs(cfg: Config, rule: str, device: str) -> dict[str, Config]:
+def _configs(cfg: Config, rule: str, device: str, engine: str = "auto") -> dict[str, Config]:
     c = replace(variant(cfg, rule), train=replace(cfg.train, device=device))
     pipe = replace(
         c.pipeline,
+        engine=engine,
         stages=2,
         cpus_per_stage=1.0,
         threads_per_stage=1,
@@ -81,7 +85,7 @@ def _configs(cfg: Config, rule: str, device: str) -> dict[str, Config]:
 
 
 def throughput(
-    cfg: Config, rules: list[str], steps: int, rounds: int, device: str
+    cfg: Config, rules: list[str], steps: int, rounds: int, device: str, engine: str = "auto"
 ) -> tuple[dict, dict]:
     splits = load_dataset(cfg.data)
     batches = list(make_loader(splits.train, cfg.train.batch_size, shuffle=True, seed=0))
@@ -90,7 +94,7 @@ def throughput(
     results: dict[str, dict[str, list[float]]] = {}
     info: dict = {}
     for rule in rules:
-        confs = _configs(cfg, rule, device)
+        confs = _configs(cfg, rule, device, engine)
         names = block_names(confs["single_1t"], splits)
         base = base_spec(confs["single_1t"], splits, len(names))
         x0, y0 = batches[0]
@@ -100,11 +104,13 @@ def throughput(
             "partition": list(part.bounds),
             "stage_ms": [1e3 * c for c in part.stage_costs],
             "balance": part.balance,
+            "engine": confs["k2_sync"].pipeline.resolved_engine,
         }
         runners = {"single_1t": LocalRunner([base]), "single_2t": LocalRunner([base])}
         for name in ("k2_sync", "k2_async"):
             specs = stage_specs(base_spec(confs[name], splits), list(part.bounds))
-            runners[name] = RayPipeline(specs, confs[name].pipeline)
+            pc = confs[name].pipeline
+            runners[name] = (P2PPipeline if pc.resolved_engine == "p2p" else RayPipeline)(specs, pc)
         results[rule] = {name: [] for name in runners}
         try:
             for _ in range(rounds):
@@ -125,6 +131,11 @@ def throughput(
                         f"  {rule:<9} {name:<10} {results[rule][name][-1]:8.1f} samples/s",
                         flush=True,
                     )
+            for name in ("k2_sync", "k2_async"):
+                held: dict[int, int] = {}
+                for s, st in runners[name].drain_stats(wait=True):
+                    held[s] = max(held.get(s, 0), st.cached_bytes)
+                info[rule][f"cached_bytes_{name}"] = [held[s] for s in sorted(held)]
         finally:
             for runner in runners.values():
                 runner.close()
@@ -184,6 +195,13 @@ def time_to_accuracy(data: str) -> dict:
         "rec_lra_k2_async": replace(
             base, pipeline=replace(base.pipeline, stages=2, schedule="async")
         ),
+        "rec_lra_decoupled_k2_async": replace(
+            with_rule(base, "rec_lra_decoupled"),
+            pipeline=replace(base.pipeline, stages=2, schedule="async"),
+        ),
+        "rec_lra_decoupled_k2_sync": replace(
+            with_rule(base, "rec_lra_decoupled"), pipeline=replace(base.pipeline, stages=2)
+        ),
         "rec_lra_single_1t": base,
         "rec_lra_single_2t": replace(base, train=replace(base.train, threads=2)),
         "backprop_single_1t": with_rule(base, "backprop"),
@@ -223,10 +241,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument(
         "--rules",
-        default="rec_lra,backprop",
+        default="rec_lra,backprop,rec_lra_decoupled",
         help="rules, each optionally with rule keys: rec_lra:topology=skip",
     )
     p.add_argument("--device", default="cpu", help="cpu, or cuda (stages share the GPU)")
+    p.add_argument("--engine", default="auto", choices=["auto", "stream", "p2p"])
+    p.add_argument("--skip-transport", action="store_true")
     p.add_argument("--skip-time-to-accuracy", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true", help="no async-vs-sync accuracy")
     p.add_argument(
@@ -243,9 +263,11 @@ def main(argv: list[str] | None = None) -> dict:
         for model in args.models.split(","):
             cfg = load_config(None, MODELS[model] + ["train.compare=[]"])
             print(f"{model}:", flush=True)
-            tp, info = throughput(cfg, args.rules.split(","), args.steps, args.rounds, args.device)
+            tp, info = throughput(
+                cfg, args.rules.split(","), args.steps, args.rounds, args.device, args.engine
+            )
             entry = {**tp, "partition": info}
-            if "rec_lra" in info:
+            if "rec_lra" in info and not args.skip_transport:
                 entry["transport_fraction"] = transport(cfg, info, 20, args.transport_timeout)
             result["models"][model] = entry
         if not args.skip_time_to_accuracy:
@@ -282,6 +304,16 @@ def format_table(result: dict) -> str:
                     f"  rec_lra k2_async / backprop k2_async: "
                     f"{r['k2_async'] / entry['backprop']['k2_async']:.2f}x"
                 )
+        if "rec_lra_decoupled" in entry and "rec_lra" in entry:
+            d, r = entry["rec_lra_decoupled"], entry["rec_lra"]
+            best = max(r["single_1t"], r["single_2t"], d["single_1t"], d["single_2t"])
+            lines.append(
+                f"  decoupled k2_sync / chained k2_sync: {d['k2_sync'] / r['k2_sync']:.2f}x"
+            )
+            lines.append(f"  decoupled k2_async / best single: {d['k2_async'] / best:.2f}x")
+            for rule in ("rec_lra", "rec_lra_decoupled"):
+                held = entry["partition"][rule]["cached_bytes_k2_async"]
+                lines.append(f"  {rule} k2_async cached MB per stage: {[b / 1e6 for b in held]}")
         tf = entry.get("transport_fraction")
         if tf:
             cg = tf["compiled_graph"]

@@ -111,18 +111,24 @@ def _lrs(args: argparse.Namespace, budget: str) -> dict[str, float]:
     return chosen
 
 
-def rows(args: argparse.Namespace, budget: str, seeds: list[int]) -> dict[str, Any]:
+def plan(args: argparse.Namespace, budget: str, seeds: list[int]) -> list[tuple]:
+    """(budget, row, K, lr, seed, config) of every run of one budget's rows."""
     base = _base(args, budget)
     lrs = _lrs(args, budget)
-    plan = [("backprop", 1), ("chained", 1)] + [("decoupled", k) for k in (2, 3, 4)]
     todo = []
-    for row, k in plan:
+    for row, k in [("backprop", 1), ("chained", 1)] + [("decoupled", k) for k in (2, 3, 4)]:
         rule = ROW_RULE[row]
         lr = lrs.get(row, with_rule(base, rule).optim.lr)
-        todo += [(row, k, lr, s, _cfg(base, rule, k, lr, s)) for s in seeds]
-    outs = run_all([c for *_, c in todo], args.workers)
+        todo += [
+            (budget, row, k, lr, s, _cfg(base, rule, k, lr, s, tag=f"-{budget}")) for s in seeds
+        ]
+    return todo
+
+
+def rows(todo: list[tuple], outs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rows of one budget from its runs: per row and K, test accuracy over seeds."""
     out: dict[str, dict[str, Any]] = {}
-    for (row, k, lr, _, cfg), run in zip(todo, outs, strict=True):
+    for (_, row, k, lr, _, cfg), run in zip(todo, outs, strict=True):
         cell = out.setdefault(row, {}).setdefault(str(k), {"lr": lr, "runs": []})
         cell["boundaries"] = list(cfg.pipeline.boundaries)
         cell["runs"].append(run)
@@ -142,7 +148,7 @@ def rows(args: argparse.Namespace, budget: str, seeds: list[int]) -> dict[str, A
             exits = [r.get("exit_test_acc") for r in runs]
             if all(exits):
                 cell["exit_test_acc_mean"] = [statistics.mean(v) for v in zip(*exits, strict=True)]
-    return {"rows": out, "seeds": seeds, "lrs": lrs}
+    return out
 
 
 def targets(model: str, rows: dict[str, Any]) -> dict[str, Any]:
@@ -226,21 +232,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["wall_seconds"] = time.perf_counter() - t0
         return save(result, args.json)
     seeds = [int(s) for s in args.seeds.split(",")]
+    deep_seeds = [int(s) for s in args.resnet18_seeds.split(",") if s]
+    todo = plan(args, "depth", deep_seeds) if deep_seeds else []  # the longest runs first
+    todo += plan(args, "default", seeds)
+    outs = run_all([t[-1] for t in todo], args.workers)
     budget = BUDGETS["default"]
+    mine = [i for i, t in enumerate(todo) if t[0] == "default"]
     result: dict[str, Any] = {
         "model": f"{budget.model}-w{budget.width}",
         "dataset": args.data,
         "epochs": budget.epochs,
         "train_size": budget.train_size,
-        **rows(args, "default", seeds),
+        "seeds": seeds,
+        "lrs": _lrs(args, "default"),
+        "rows": rows([todo[i] for i in mine], [outs[i] for i in mine]),
     }
     result["targets"] = targets("resnet8", result["rows"])
-    if args.resnet18_seeds:
+    if deep_seeds:
         deep = BUDGETS["depth"]
-        r18 = rows(args, "depth", [int(s) for s in args.resnet18_seeds.split(",")])
-        r18.update(model=f"{deep.model}-w{deep.width}", epochs=deep.epochs)
-        r18.update(train_size=deep.train_size, targets=targets("resnet18", r18["rows"]))
-        result["resnet18"] = r18
+        mine = [i for i, t in enumerate(todo) if t[0] == "depth"]
+        r18 = rows([todo[i] for i in mine], [outs[i] for i in mine])
+        result["resnet18"] = {
+            "model": f"{deep.model}-w{deep.width}",
+            "epochs": deep.epochs,
+            "train_size": deep.train_size,
+            "seeds": deep_seeds,
+            "lrs": _lrs(args, "depth"),
+            "rows": r18,
+            "targets": targets("resnet18", r18),
+        }
     result["wall_seconds"] = time.perf_counter() - t0
     return save(result, args.json, format_table(result))
 

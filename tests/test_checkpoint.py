@@ -53,7 +53,15 @@ def test_checkpoints_written_every_n_steps_and_at_the_end(uninterrupted):
     "extra, tol",
     [
         ([], 0.0),
-        (["pipeline.stages=2", 'pipeline.backend="local"', "pipeline.boundaries=[2]"], 1e-10),
+        (
+            [
+                "pipeline.stages=2",
+                'rule.topology="mirror"',  # the chained rule: K stages train one process's
+                'pipeline.backend="local"',
+                "pipeline.boundaries=[2]",
+            ],
+            1e-10,
+        ),
     ],
 )
 def test_resumed_run_ends_with_the_same_weights(uninterrupted, digits, tmp_path, extra, tol):

@@ -251,3 +251,58 @@ def test_a_resume_on_another_k_keeps_the_blocks_and_starts_new_heads_fresh(caplo
     for x, y in _batches(2):  # and it trains on
         two.step(x, y, 1)
     assert two.drain_stats()[0][1].started_fresh == []  # named once
+
+
+def test_a_decoupled_checkpoint_cut_completes_at_once_and_is_the_drained_state(digits):
+    """Every stage learns right after its forward, so at a step's end nothing is in flight: an
+    async cut completes without waiting for the next step, and equals a drained pipeline."""
+    from ckpt_helpers import CUT, assert_equal, batches, stage_states
+
+    from driver.config import load_config
+    from driver.pipeline.build import build_runner
+
+    cfg = load_config(None, [*CUT, "pipeline.stages=3", 'rule.preset="decoupled"'])
+    m = cfg.pipeline.micro_batches
+    flowing, drained = (build_runner(cfg, digits)[0] for _ in range(2))
+    for x, y in batches(cfg, digits, 3):
+        for p in (flowing, drained):
+            p.step(x, y, m)
+    cut = flowing.cut()  # type: ignore[union-attr]
+    assert cut.complete
+    drained.flush()
+    assert_equal(cut.collect(), stage_states(drained))  # type: ignore[arg-type]
+    for p in (flowing, drained):
+        p.close()
+
+
+def test_a_run_resumed_on_another_k_names_what_starts_fresh(digits, tmp_path, caplog):
+    """Controller end to end: a decoupled run checkpointed at K = 3 resumes at K = 2; the log
+    names the head and synapses that start fresh, and the run trains to its end."""
+    from ckpt_helpers import TINY
+
+    from driver.config import load_config
+    from driver.run.train import train
+
+    def cfg(stages: int, bounds: str, epochs: int):  # noqa: ANN202
+        return load_config(
+            None,
+            [
+                *TINY,
+                f"train.epochs={epochs}",
+                'pipeline.backend="local"',
+                f"pipeline.stages={stages}",
+                f"pipeline.boundaries={bounds}",
+                'rule.preset="decoupled"',
+                "train.checkpoint_every=5",
+            ],
+        )
+
+    first = train(cfg(3, "[1, 3]", 1), quiet=True, out_dir=tmp_path / "k3", splits=digits)
+    ckpts = tmp_path / "k3" / "rec_lra_decoupled" / "checkpoints"
+    with caplog.at_level("WARNING"):
+        again = train(
+            cfg(2, "[2]", 2), quiet=True, out_dir=tmp_path / "k2", splits=digits, resume=ckpts
+        )
+    said = [r.getMessage() for r in caplog.records if "cut elsewhere" in r.getMessage()]
+    assert any("aux.layer1.0" in m and "stage 0" in m for m in said), said
+    assert len(again.epochs) == 2 and again.steps == 2 * first.steps  # trained on to its end

@@ -110,6 +110,7 @@ def test_alignment_gauges_in_a_real_scrape(digits, tmp_path):
             "pipeline.stages=2",
             'pipeline.backend="local"',
             "pipeline.boundaries=[2]",
+            'rule.topology="mirror"',  # chained: backprop's gradient is probed on every stage
         ],
     )
     metrics = Metrics()

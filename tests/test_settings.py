@@ -42,6 +42,8 @@ USER = {
         "mirror_angle": 20.0,
         "mirror_every": 3,
         "mirror_rate": 0.25,
+        "aux_head": "linear",
+        "aux_recon": 0.5,
     },
     "optim": {
         "name": "sgd",

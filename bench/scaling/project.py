@@ -10,8 +10,8 @@ micro-batch size (linear in the batch: an assumption, optimistic for small GPU m
 Decoupled stages (rec_lra_decoupled*) take the mirror family's block costs (the blocks' own
 work, as driver/pipeline/partition.profile times it), cut the same way (the head left out of
 the balance, as partition.py leaves it), plus on every stage but the top the cost of its
-auxiliary head (rule.aux_head = "conv": a 3x3 conv to 2C, stride 2 while the map is 8 or more
-wide, pooled linear): for the ImageNet ResNets the head's forward MACs over those of the block
+auxiliary head (the recipe's rule.aux_head = "conv2": a 3x3 conv to 2C, stride 2 while the map
+is 8 or more wide, a second 3x3 conv at that width, pooled linear): for the ImageNet ResNets the head's forward MACs over those of the block
 it sits on (the stage's top block) times that block's forward, learn and apply seconds
 (`aux_head_ratios`); a profile's `aux_head_fraction` overrides the ratio for every block, and
 AUX_HEAD_FRACTION stands in where the model's MACs are not known.
@@ -119,14 +119,15 @@ def resnet_blocks(name: str, size: int = 224, classes: int = 1000) -> list[dict]
     return blocks
 
 
-def aux_head_macs(c: int, h: int, classes: int = 1000) -> int:
-    """Forward MACs per sample of a decoupled stage's auxiliary head (rule.aux_head = "conv",
-    workers/aux_heads.head_blocks) on a (c, h, h) output: a 3x3 conv to 2c channels at stride 2
-    while the map is 8 or more wide (else to c at stride 1), then a pooled linear layer."""
+def aux_head_macs(c: int, h: int, classes: int = 1000, convs: int = 2) -> int:
+    """Forward MACs per sample of a decoupled stage's auxiliary head (the recipe's
+    rule.aux_head = "conv2", workers/aux_heads.head_blocks; convs = 1 for "conv") on a (c, h, h)
+    output: a 3x3 conv to 2c channels at stride 2 while the map is 8 or more wide (else to c at
+    stride 1), a second 3x3 conv at that width, then a pooled linear layer."""
     stride = 2 if h >= 8 else 1
     width = 2 * c if stride == 2 else c
     ho = (h - 1) // stride + 1
-    return 9 * c * width * ho * ho + width * classes
+    return 9 * c * width * ho * ho + (convs - 1) * 9 * width * width * ho * ho + width * classes
 
 
 def aux_head_ratios(prof: dict, model: str) -> list[float]:

@@ -127,8 +127,11 @@ def parse_config(
                 f"--set {item!r}: unknown section {section!r}; known: {_known_sections()}"
             )
         raw[section][name] = value
-    rule = label(str(raw["rule"].get("name", RuleConfig.name)), str(raw["rule"].get("preset", "")))
     origin = {f"{sec}.{key}": "user" for sec in SECTIONS for key in raw[sec]}
+    if _decoupled_by_default(raw):
+        raw["rule"]["preset"] = "decoupled"
+        origin["rule.preset"] = "recipe"
+    rule = label(str(raw["rule"].get("name", RuleConfig.name)), str(raw["rule"].get("preset", "")))
     for section in TUNED:  # the rule's (or its preset's) own recipe, under what the config sets
         filled = recipe(rule, section)
         origin.update({f"{section}.{k}": "recipe" for k in filled if k not in raw[section]})
@@ -141,6 +144,23 @@ def parse_config(
         return cfg
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _decoupled_by_default(raw: dict[str, dict[str, Any]]) -> bool:
+    """rec-LRA on more than one stage trains decoupled stages (the `decoupled` preset) unless
+    the config names a preset or a topology: docs/algorithm.md#decoupled-stages. With one
+    stage the two presets train the same weights."""
+    stages = raw["pipeline"].get("stages", 1)
+    many = stages == "auto" or (
+        isinstance(stages, int) and not isinstance(stages, bool) and stages > 1
+    )
+    rule = raw["rule"]
+    return (
+        many
+        and rule.get("name", RuleConfig.name) == "rec_lra"
+        and "preset" not in rule
+        and "topology" not in rule
+    )
 
 
 def _known_sections() -> str:

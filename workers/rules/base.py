@@ -77,11 +77,12 @@ class RuleConfig:
     """Weight mirror: move E toward a fresh estimate every N optimizer steps (0: never)."""
     mirror_rate: float = 0.5
     """Weight mirror: how far each interleaved estimate moves E (1: all the way)."""
-    aux_head: AuxHead = "conv"
+    aux_head: AuxHead = "conv2"
     """decoupled: the auxiliary head on each stage's output below the top. linear: pooled
     features to the classes; pointwise: 1x1 conv (2C), BN, act, pool, linear; conv: 3x3 conv
     (2C, stride 2 while the map is 8 or more wide), BN, act, pool, linear (InfoPro's head without
-    its hidden dense layer); conv2: conv then a second 3x3 conv at the same width."""
+    its hidden dense layer); conv2: conv then a second 3x3 conv at the same width (chosen on
+    validation: docs/algorithm.md#decoupled-stages)."""
     aux_recon: float = 0.0
     """decoupled: weight of an information-preserving term (after InfoPro): a 3x3 conv decoder
     on the stage's output reconstructs the network's input, average-pooled to the output's

@@ -55,7 +55,7 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
             "rescale_error": True,
             "kp_init": "zeros",
             "mirror_angle": 10.0,
-            "aux_head": "conv",
+            "aux_head": "conv2",
             "aux_recon": 0.0,
         },
         "optim": {"lr": 3e-3, "weight_decay": 1.0},
