@@ -11,10 +11,11 @@ Decoupled stages (rec_lra_decoupled*) take the mirror family's block costs (the 
 work, as driver/pipeline/partition.profile times it), cut the same way (the head left out of
 the balance, as partition.py leaves it), plus on every stage but the top the cost of its
 auxiliary head (the recipe's rule.aux_head = "conv2": a 3x3 conv to 2C, stride 2 while the map
-is 8 or more wide, a second 3x3 conv at that width, pooled linear): for the ImageNet ResNets the head's forward MACs over those of the block
-it sits on (the stage's top block) times that block's forward, learn and apply seconds
-(`aux_head_ratios`); a profile's `aux_head_fraction` overrides the ratio for every block, and
-AUX_HEAD_FRACTION stands in where the model's MACs are not known.
+is 8 or more wide, a second 3x3 conv at that width, pooled linear): for the ImageNet ResNets
+the head's forward MACs over those of the block it sits on (the stage's top block) times that
+block's forward, learn and apply seconds (`aux_head_ratios`); a profile's `aux_head_fraction`
+overrides the ratio for every block, and AUX_HEAD_FRACTION stands in where the model's MACs
+are not known.
 """
 
 from __future__ import annotations
