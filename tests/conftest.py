@@ -28,3 +28,13 @@ def digits():
     from driver.data.load import load_dataset
 
     return load_dataset(load_config().data)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray cluster of 4 CPUs for one test module (modules may define their own)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

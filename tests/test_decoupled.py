@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-import ray
 import torch
 from test_pipeline_local import RANDOM, _assert_same, _base, _batches, _units
 
@@ -197,13 +196,6 @@ def test_async_decoupled_stages_are_never_stale_and_receive_only_activations():
         held[name] = one._cached_bytes
     assert peak[0] == held["decoupled"] > 0  # one micro-batch
     assert peak_chained[0] == 3 * held["chained"] > 0  # its window of three
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.ray

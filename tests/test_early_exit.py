@@ -14,7 +14,6 @@ import json
 import urllib.request
 
 import pytest
-import ray
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -137,13 +136,6 @@ def test_a_run_that_is_not_decoupled_records_no_early_exits(digits, tmp_path):
     assert all("exit_val_acc" not in e for e in run["epochs"]) and run["epochs"]
     assert not any(n in (EXIT_TEST, EXIT_VAL) for n, _ in scraped)
     assert "Early exits" not in report(tmp_path, tmp_path / "report").read_text()
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.ray

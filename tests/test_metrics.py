@@ -78,6 +78,8 @@ def test_metrics_move_with_a_real_two_stage_run(digits, tmp_path):
         assert 0 < f1 < f2
         assert _get(second, "reclra_stage_received_bytes_total", run="r1", stage=stage) > 0
         assert _get(second, "reclra_stage_in_flight_micro_batches", run="r1", stage=stage) == 0
+        # a sync step holds its micro-batches until the learns: some bytes, none left after
+        assert _get(second, "reclra_stage_cached_bytes", run="r1", stage=stage) > 0
     assert _get(last, "reclra_layer_update_norm", run="r1", stage="0", layer="stem.conv") > 0
     assert _get(last, "reclra_layer_local_loss", run="r1", stage="1", layer="layer3.0.node1") >= 0
     assert 0.1 < _get(last, "reclra_test_accuracy_ratio", run="r1") <= 1

@@ -200,6 +200,25 @@ def test_flush_after_sync_steps_takes_no_optimizer_step():
     _assert_same(before, _units(pipe))
 
 
+def calls_per_step(pipe: LocalPipeline, steps: int, m: int) -> list[int]:
+    """The stage calls the driver has made after each of `steps` steps of `m` micro-batches
+    (counted on the real in-process handle)."""
+    calls = {"n": 0}
+    for name in ("forward", "forward_learn", "learn", "apply", "pop_stats"):
+        call = getattr(pipe.stages, name)
+
+        def counted(*args, _call=call, **kw):  # noqa: ANN002, ANN003, ANN202
+            calls["n"] += 1
+            return _call(*args, **kw)
+
+        setattr(pipe.stages, name, counted)
+    counts = []
+    for x, y in _batches(steps, size=8):
+        pipe.step(x, y, m)
+        counts.append(calls["n"])
+    return counts
+
+
 @pytest.mark.parametrize("schedule", ["sync", "async"])
 @pytest.mark.parametrize("k, bounds", [(2, [0, 2, 5]), (3, [0, 1, 3, 5])])
 def test_the_driver_makes_the_calls_the_scaling_model_charges(schedule, k, bounds):
@@ -210,19 +229,7 @@ def test_the_driver_makes_the_calls_the_scaling_model_charges(schedule, k, bound
     m, steps = 4, 3
     cfg = PipelineConfig(stages=k, schedule=schedule, micro_batches=m)
     pipe = LocalPipeline(stage_specs(_base(RuleConfig(**RANDOM)), bounds), cfg)
-    calls = {"n": 0}
-    for name in ("forward", "forward_learn", "learn", "apply", "pop_stats"):
-        call = getattr(pipe.stages, name)
-
-        def counted(*args, _call=call, **kw):
-            calls["n"] += 1
-            return _call(*args, **kw)
-
-        setattr(pipe.stages, name, counted)
-    counts = []
-    for x, y in _batches(steps, size=8):
-        pipe.step(x, y, m)
-        counts.append(calls["n"])
+    counts = calls_per_step(pipe, steps, m)
     # per step in the steady state (async: the stream runs on across steps, so the first
     # step submits fewer ops and later steps finish the previous step's)
     per_step = calls_per_micro_batch(k, m, sync=schedule == "sync") * m

@@ -368,7 +368,7 @@ def test_decoupled_async_stream_has_no_bubble(sync: bool) -> None:
 def test_decoupled_driver_calls_match_the_stream_engine() -> None:
     """The projection charges the stream's driver K calls a micro-batch for decoupled stages
     (one forward_learn each), 2K - 1 otherwise: counted on the in-process stream."""
-    from test_pipeline_local import RANDOM, _base, _batches
+    from test_pipeline_local import RANDOM, _base, calls_per_step
 
     from bench.scaling.project import driver_calls
     from driver.config.pipeline import PipelineConfig
@@ -381,19 +381,7 @@ def test_decoupled_driver_calls_match_the_stream_engine() -> None:
         cfg = PipelineConfig(stages=k, schedule=schedule, micro_batches=m)
         rule = RuleConfig(topology="decoupled", **RANDOM)
         pipe = LocalPipeline(stage_specs(_base(rule), [0, 1, 3, 5]), cfg)
-        calls = {"n": 0}
-        for name in ("forward", "forward_learn", "learn", "apply", "pop_stats"):
-            call = getattr(pipe.stages, name)
-
-            def counted(*args, _call=call, _calls=calls, **kw):
-                _calls["n"] += 1
-                return _call(*args, **kw)
-
-            setattr(pipe.stages, name, counted)
-        counts = []
-        for x, y in _batches(steps, size=8):
-            pipe.step(x, y, m)
-            counts.append(calls["n"])
+        counts = calls_per_step(pipe, steps, m)
         pipe.close()
         per_step = driver_calls(k, m, sync=schedule == "sync", decoupled=True) * m
         assert counts[-1] - counts[0] == per_step * (steps - 1)

@@ -85,6 +85,12 @@ class Metrics:
             ["run", "stage"],
             registry=r,
         )
+        self.cached_bytes = Gauge(
+            "reclra_stage_cached_bytes",
+            "Most bytes of activations a stage held between forwards and learns in its last stats",
+            ["run", "stage"],
+            registry=r,
+        )
         self.staleness = Gauge(
             "reclra_stage_staleness_updates",
             "Mean updates between a micro-batch's forward and its learn",
@@ -188,6 +194,7 @@ class Metrics:
             self.idle.labels(run, s).inc(st.idle_seconds)
             self.received.labels(run, s).inc(st.bytes_received)
             self.in_flight.labels(run, s).set(st.cached)
+            self.cached_bytes.labels(run, s).set(st.cached_bytes)
             if st.staleness:
                 self.staleness.labels(run, s).set(sum(st.staleness) / len(st.staleness))
             for layer, v in st.local_loss.items():

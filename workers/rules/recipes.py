@@ -42,24 +42,6 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "optim": {"lr": 3e-3, "weight_decay": 1.0},
     },
-    # decoupled stages (docs/algorithm.md#decoupled-stages): the `mirror` recipe inside each
-    # stage, whose top learns from an auxiliary head of its own on the labels. With one stage
-    # it is `mirror`
-    "rec_lra_decoupled": {
-        "rule": {
-            "topology": "decoupled",
-            "input_noise": 0.0,
-            "reproject": 0.0,
-            "head_init": "kaiming",
-            "carry_bn": True,
-            "rescale_error": True,
-            "kp_init": "zeros",
-            "mirror_angle": 10.0,
-            "aux_head": "conv2",
-            "aux_recon": 0.0,
-        },
-        "optim": {"lr": 3e-3, "weight_decay": 1.0},
-    },
     # the paper's reading (ALGORITHM.md, [reported]): junctions fed from e_L through skip error
     # synapses, the L1/L2 error mix, input noise, re-projection, Gaussian forward and error
     # weights, beta ~ 0.12 and gamma ~ 0.15, e = z - y with no BatchNorm Jacobian in the carry.
@@ -99,6 +81,20 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # (Akrout et al.'s start: E from rule.kp_init at random, no weight mirror)
     "kp": {"rule": dict(_PLAIN), "optim": {"lr": 3e-3, "weight_decay": 1.0}},
     "sign": {"rule": dict(_PLAIN), "optim": {"lr": 3e-3, "weight_decay": 1.0}},  # backprop's
+}
+
+
+# decoupled stages (docs/algorithm.md#decoupled-stages): the `mirror` recipe inside each stage,
+# whose top learns from an auxiliary head of its own on the labels (the head chosen on
+# validation). With one stage it is `mirror`
+RECIPES["rec_lra_decoupled"] = {
+    "rule": {
+        **RECIPES["rec_lra"]["rule"],
+        "topology": "decoupled",
+        "aux_head": "conv2",
+        "aux_recon": 0.0,
+    },
+    "optim": dict(RECIPES["rec_lra"]["optim"]),
 }
 
 
