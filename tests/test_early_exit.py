@@ -130,6 +130,7 @@ def test_the_report_lists_each_stages_early_exit(decoupled, tmp_path):
 
 def test_a_run_that_is_not_decoupled_records_no_early_exits(digits, tmp_path):
     overrides = ["pipeline.stages=2", "pipeline.boundaries=[2]", "train.max_steps=2"]
+    overrides.append('rule.preset="mirror"')  # chained (K > 1 is decoupled unless set)
     cfg, run, scraped = _train(overrides, digits, tmp_path, "plain")
     assert cfg.rule.label == "rec_lra" and run["test_acc"] is not None
     assert run["exit_test_acc"] is None and run["exit_val_acc"] is None
