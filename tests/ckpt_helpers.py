@@ -19,6 +19,8 @@ TINY = [
     'train.dtype="float64"',
     "train.keep_checkpoints=0",
 ]
+# the chained rule, named: with K > 1 rec-LRA trains decoupled stages unless a rule key says
+CHAINED = 'rule.topology="mirror"'
 # the same run as an async stream in process, with input noise (its RNG is part of a cut)
 CUT = [
     *TINY,

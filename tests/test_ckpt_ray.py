@@ -10,7 +10,7 @@ import signal
 
 import pytest
 import ray
-from ckpt_helpers import CUT
+from ckpt_helpers import CHAINED, CUT
 from ckpt_helpers import assert_equal as _assert_equal
 from ckpt_helpers import batches as _batches
 from ckpt_helpers import stage_states as _stage_states
@@ -21,7 +21,7 @@ from driver.run import checkpoint_store
 from driver.run.controller import Controller, RunState
 
 pytestmark = pytest.mark.ray
-BASE = CUT
+BASE = [*CUT, CHAINED]
 
 
 @pytest.fixture(scope="module")

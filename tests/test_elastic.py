@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from ckpt_helpers import TINY
+from ckpt_helpers import CHAINED, TINY
 from prometheus_client import generate_latest
 
 from driver.api.metrics import Metrics, MetricsServer
@@ -28,7 +28,7 @@ from driver.run.callbacks import Callback, RunState, RunView
 from driver.run.controller import Controller
 from driver.run.train import train
 
-BASE = [*TINY, "train.checkpoint_every=4", "pipeline.micro_batches=2"]
+BASE = [*TINY, "train.checkpoint_every=4", "pipeline.micro_batches=2", CHAINED]
 ELASTIC = [
     *BASE,
     "pipeline.stages=3",

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.ray
 
 WORKERS = ("node_a", "node_b", "node_c")  # a custom resource naming each worker node
 BASE = [
+    'rule.topology="mirror"',  # the chained rule (K > 1 is decoupled unless a rule key says)
     "model.width=4",
     "train.epochs=1",
     "train.batch_size=64",  # 19 steps of digits

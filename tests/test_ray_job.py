@@ -70,7 +70,7 @@ def test_job_submit_trains_on_the_cluster(token_head, tmp_path):
         f"{sys.executable} -m driver.cli train --quiet --set model.width=4 "
         f"--set train.epochs=1 --set train.batch_size=64 --set train.compare=[] "
         f"--set pipeline.stages=2 --set pipeline.boundaries=[2] "
-        f"--set 'train.out_dir=\"{out}\"'"
+        f"--set 'train.out_dir=\"{out}\"'"  # K > 1: rec-LRA's decoupled stages by default
     )
     job = client.submit_job(
         entrypoint=entry,
@@ -90,7 +90,7 @@ def test_job_submit_trains_on_the_cluster(token_head, tmp_path):
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert "test acc" in logs
-    run = json.loads((out / "rec_lra" / "metrics.json").read_text())
+    run = json.loads((out / "rec_lra_decoupled" / "metrics.json").read_text())
     assert run["steps"] == 19 and run["partition"] == [0, 2, 5]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from ckpt_helpers import TINY
+from ckpt_helpers import CHAINED, TINY
 from prometheus_client import generate_latest
 
 from driver.api.metrics import Metrics
@@ -22,7 +22,7 @@ from driver.run.train import train
 
 pytestmark = pytest.mark.ray
 
-BASE = [*TINY, "train.checkpoint_every=5", "pipeline.micro_batches=2"]
+BASE = [*TINY, "train.checkpoint_every=5", "pipeline.micro_batches=2", CHAINED]
 
 
 @pytest.fixture(scope="module")
