@@ -40,14 +40,24 @@ def _kill_worker(actor) -> int:  # noqa: ANN001
 
 
 def _final_units(out: Path) -> dict:
-    return checkpoint_store.load(out / "rec_lra" / "checkpoints")["runner"]["units"]
+    (ckpts,) = out.glob("*/checkpoints")  # one rule's folder: rec_lra or rec_lra_decoupled
+    return checkpoint_store.load(ckpts)["runner"]["units"]
 
 
-@pytest.mark.parametrize("stages, bounds, victim", [(2, "[2]", 1), (3, "[1, 3]", 0)])
+@pytest.mark.parametrize(
+    "stages, bounds, victim, rule",
+    [
+        (2, "[2]", 1, CHAINED),
+        (3, "[1, 3]", 0, CHAINED),
+        (3, "[1, 3]", 1, 'rule.topology="decoupled"'),  # auxiliary heads restored too
+    ],
+    ids=["chained-k2", "chained-k3", "decoupled-k3"],
+)
 def test_killed_stage_is_recreated_and_the_run_ends_as_if_nothing_happened(
-    cluster, digits, tmp_path, stages, bounds, victim
+    cluster, digits, tmp_path, stages, bounds, victim, rule
 ):
-    cfg = load_config(None, [*BASE, f"pipeline.stages={stages}", f"pipeline.boundaries={bounds}"])
+    extra = [f"pipeline.stages={stages}", f"pipeline.boundaries={bounds}", rule]
+    cfg = load_config(None, [*BASE, *extra])
     ref = train(cfg, quiet=True, out_dir=tmp_path / "ref", splits=digits)
 
     metrics = Metrics()
