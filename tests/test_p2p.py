@@ -248,14 +248,14 @@ def test_a_p2p_run_recovers_a_killed_stage_and_ends_with_one_process_weights(
     import os
     import signal
 
-    from ckpt_helpers import TINY
+    from ckpt_helpers import CHAINED, TINY
 
     from driver.config import load_config
     from driver.run import checkpoint_store
     from driver.run.controller import Controller, RunState
     from driver.run.train import train
 
-    base = [*TINY, "train.checkpoint_every=5", "pipeline.micro_batches=2"]
+    base = [*TINY, CHAINED, "train.checkpoint_every=5", "pipeline.micro_batches=2"]
     ref = train(load_config(None, base), quiet=True, out_dir=tmp_path / "ref", splits=digits)
     cfg = load_config(
         None, [*base, "pipeline.stages=3", "pipeline.boundaries=[1, 3]", 'pipeline.engine="p2p"']
@@ -284,13 +284,14 @@ def test_an_async_p2p_run_trains_what_the_async_stream_trains(cluster, digits, t
     """A whole run (train: epochs, flushes at their ends, evaluation, the final checkpoint)
     async on the p2p engine at K = 2 ends with the weights, curves and step count of the same
     run on the stream engine in this process (float64, to the last bit)."""
-    from ckpt_helpers import TINY
+    from ckpt_helpers import CHAINED, TINY
 
     from driver.config import load_config
     from driver.run import checkpoint_store
     from driver.run.train import train
 
-    base = [*TINY, "train.epochs=2", 'pipeline.schedule="async"', "pipeline.micro_batches=4"]
+    base = [*TINY, CHAINED, "train.epochs=2", 'pipeline.schedule="async"']
+    base.append("pipeline.micro_batches=4")
     base += ["pipeline.stages=2", "pipeline.boundaries=[2]", "pipeline.apply_every=2"]
     runs = {}
     for engine, backend in (("stream", "local"), ("p2p", "ray")):

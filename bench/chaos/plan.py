@@ -39,6 +39,7 @@ def chaos_config(
             "train.log_every=100000",
             f"train.checkpoint_every={every}",
             "train.max_restarts=50",
+            'rule.topology="mirror"',  # chained: K stages end with one process's weights
             f"pipeline.stages={stages}",
             f"pipeline.boundaries={BOUNDS[stages]}",
             "pipeline.micro_batches=2",
