@@ -23,7 +23,7 @@ from workers.diagnostics import BackpropProbe, synapse_angles
 from workers.held import SavedBytes, cache_bytes
 from workers.mirror import mirror
 from workers.optim import build_optimizer, reproject_, set_lr
-from workers.rules import ErrorSignal, make_rule, rule_chained, rule_decoupled
+from workers.rules import ErrorSignal, make_rule, rule_chained
 from workers.spec import DTYPES, NonFiniteError, StageSpec, StageStats
 from workers.state import load_stage_state, stage_state, unit_buffers, with_buffers
 from workers.sweep import sweep_stage
@@ -45,11 +45,11 @@ class Stage:
         self.trunk: list[Block] = list(self.blocks)  # type: ignore[arg-type]
         # decoupled (below the top): an auxiliary head, and a decoder, on the trunk's output
         self.aux = build_aux(spec, self.rule, self.trunk, self.is_last)
-        self.decoupled = rule_decoupled(spec.rule)
         if self.aux is not None:
             self.blocks.extend([*self.aux.head, *self.aux.recon])
         self.block_list: list[Block] = list(self.blocks)  # type: ignore[arg-type]
-        self.started_fresh: list[str] = []  # auxiliary heads a resume found no state for
+        # auxiliary heads and error synapses a resume found no state for (load_state_dict)
+        self.started_fresh: list[str] = []
         forward, feedback = trainable(self.blocks)
         self.optimizer = build_optimizer(
             spec.optim, forward, feedback, feedback_rate=spec.rule.gamma
@@ -214,7 +214,7 @@ class Stage:
         if apply and self._learns >= self.spec.apply_every:
             self._apply(self._learns * self.spec.learn_fraction)
         self.stats.learn_seconds += self._end() - t0
-        if self.decoupled and not self.is_last:
+        if self.aux is not None:
             return ErrorSignal()  # nothing goes down a decoupled stage's boundary
         send = boundary if (self.chained and not self.is_first) else None
         return ErrorSignal(
