@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import ray
 
@@ -28,11 +28,26 @@ class ClusterConfig:
     runtime_env: dict[str, Any] = field(default_factory=dict)
     """Ray's runtime_env for the workers (e.g. env_vars)."""
 
+    # each numeric key's closed range, as workers/bounds.py reads LIMITS (cluster/ may not import
+    # workers/, so the check is spelled out below): logical resources, so more than the machine
+    # has is allowed, within reason
+    LIMITS: ClassVar[dict[str, tuple[int, int]]] = {"num_cpus": (0, 65_536), "num_gpus": (-1, 1024)}
+
     def __post_init__(self) -> None:
         if self.num_cpus < 0:
             raise ValueError(f"cluster.num_cpus: must be >= 0, got {self.num_cpus}")
         if self.num_gpus < -1:
             raise ValueError(f"cluster.num_gpus: must be >= -1, got {self.num_gpus}")
+        for key, (low, high) in self.LIMITS.items():
+            value = getattr(self, key)
+            if value > high:
+                raise ValueError(
+                    f"cluster.{key}: {value} is above the bound {high}; use at most {high}"
+                )
+            if value < low:
+                raise ValueError(
+                    f"cluster.{key}: {value} is below the bound {low}; use at least {low}"
+                )
 
 
 def auth_token_available() -> bool:

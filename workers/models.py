@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import ClassVar, Literal, get_args
 
 from torch import nn
 
 from workers.blocks import Block, Wire
+from workers.bounds import Limits, check_bounds
 from workers.layers import Conv, Dense, Layer, PooledHead
 
 ModelName = Literal["mlp", "resnet8", "resnet18", "resnet34"]
@@ -41,6 +42,15 @@ class ModelConfig:
     """ResNets: each residual branch's last BatchNorm starts at scale 0, so every block starts
     as its shortcut (Goyal et al. 2017)."""
 
+    # each numeric key's closed range (workers/bounds.py): widths far past ImageNet's 64, MLPs up to
+    # 1,024 hidden layers (and blocks: pipeline.boundaries reaches 1,024)
+    LIMITS: ClassVar[Limits] = {
+        "width": (1, 4096),
+        "hidden": (1, 65536),
+        "depth": (1, 1024),
+        "gap": (1, 1024),
+    }
+
     def __post_init__(self) -> None:
         if self.name not in MODELS:
             raise ValueError(f"model.name: {self.name!r} is not one of {list(MODELS)}")
@@ -55,6 +65,7 @@ class ModelConfig:
             raise ValueError(
                 f"model.depth ({self.depth}) must be a multiple of model.gap ({self.gap})"
             )
+        check_bounds("model", self, self.LIMITS)
 
 
 BlockFactory = Callable[[], Block]

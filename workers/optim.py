@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
+
+from workers.bounds import Limits, check_bounds
 
 OPTIMIZERS = ("adamw", "sgd")  # the Literal choices of OptimConfig.name and .schedule
 SCHEDULES = ("constant", "cosine")
@@ -33,6 +35,17 @@ class OptimConfig:
     total_steps: int = 0
     """Steps the schedule spans; 0: the run's own (filled in by the driver)."""
 
+    # each numeric key's closed range (workers/bounds.py); lr > 0 and the decays < 1 are
+    # checked below. Steps: 10**12 (train.epochs times a step per sample of a big set).
+    LIMITS: ClassVar[Limits] = {
+        "lr": (0.0, 100.0),
+        "weight_decay": (0.0, 100.0),
+        "momentum": (0.0, 1.0),
+        "beta1": (0.0, 1.0),
+        "beta2": (0.0, 1.0),
+        "total_steps": (0, 10**12),
+    }
+
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule: {self.schedule!r} is not one of {list(SCHEDULES)}")
@@ -47,6 +60,7 @@ class OptimConfig:
         for key in ("momentum", "beta1", "beta2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"optim.{key}: must lie in [0, 1), got {getattr(self, key)}")
+        check_bounds("optim", self, self.LIMITS)
 
 
 def build_optimizer(

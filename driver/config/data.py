@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from driver.config.choices import check_choices
+from workers.bounds import Limits, check_bounds
 
 HELD_OUT = ("cifar10", "fashion_mnist", "mnist")  # val = the last data.val_size of the train file
 
@@ -36,6 +37,17 @@ class DataConfig:
     """DataLoader worker processes."""
     seed: int = 0
     """Seeds the train subset and the split."""
+
+    # each numeric key's closed range (workers/bounds.py); synthetic_shape: each of C, H, W
+    LIMITS: ClassVar[Limits] = {
+        "val_size": (0, 10**7),
+        "train_size": (0, 10**7),
+        "image_size": (8, 2048),
+        "synthetic_size": (4, 10**7),
+        "synthetic_shape": (1, 2048),
+        "num_workers": (0, 256),
+        "seed": (0, 2**32 - 1),
+    }
 
     def __post_init__(self) -> None:
         check_choices("data", self)
@@ -71,3 +83,4 @@ class DataConfig:
                 raise ValueError(
                     f"data.{key}: only applies to {', '.join(names)}, not {self.name!r}"
                 )
+        check_bounds("data", self, self.LIMITS)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
+
+from workers.bounds import Limits, check_bounds
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -14,6 +17,9 @@ class MetricsConfig:
     port: int = 9464
     """TCP port (0 picks a free one)."""
 
+    LIMITS: ClassVar[Limits] = {"port": (0, 65535)}  # workers/bounds.py
+
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"metrics.port: {self.port} is not a TCP port (0-65535)")
+        check_bounds("metrics", self, self.LIMITS)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from driver.config.choices import check_choices
+from workers.bounds import Limits, check_bounds
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +53,22 @@ class PipelineConfig:
     op as an actor call. auto: p2p (faster wherever measured, docs/pipeline.md), except where
     only stream runs: stages in this process (backend local), the object-store transport, and
     nccl between stages that share a GPU."""
+
+    # each numeric key's closed range (workers/bounds.py); the run's block count bounds stages
+    # and boundaries (each cut) further. Deadlines: a week at most.
+    LIMITS: ClassVar[Limits] = {
+        "stages": (1, 256),
+        "boundaries": (1, 1024),
+        "micro_batches": (1, 65_536),
+        "max_in_flight": (0, 65_536),
+        "cpus_per_stage": (0.0, 1024.0),
+        "gpus_per_stage": (-1.0, 64.0),
+        "threads_per_stage": (0, 1024),
+        "placement_timeout_s": (0.0, 604_800.0),
+        "step_timeout_s": (0.0, 604_800.0),
+        "profile_steps": (1, 10_000),
+        "apply_every": (0, 65_536),
+    }
 
     @property
     def resolved_engine(self) -> Literal["stream", "p2p"]:
@@ -107,3 +124,4 @@ class PipelineConfig:
                 f"pipeline.boundaries: {len(self.boundaries)} cuts given for "
                 f"{self.stages} stages; give stages - 1 block indices, or none"
             )
+        check_bounds("pipeline", self, self.LIMITS)

@@ -79,7 +79,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config: no file at {p}; pass an existing TOML file to --config")
-    return parse_config(p.read_text(), overrides, source=str(p))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeError:
+        raise ConfigError(f"config: {p} is not UTF-8 text; save it as UTF-8") from None
+    return parse_config(text, overrides, source=str(p))
 
 
 def parse_config(
@@ -92,10 +96,17 @@ def parse_config(
     says which keys came from where."""
     raw: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     compare: dict[str, dict[str, dict[str, Any]]] = {}
+    _check_text(text, f"config: {source}")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config: {source} is not valid TOML ({exc}); fix the file") from None
+    except RecursionError:
+        raise ConfigError(f"config: {source} nests too deeply to parse; flatten it") from None
+    except ValueError:  # an integer past the 4,300 digits Python reads
+        raise ConfigError(
+            f"config: {source} holds a number too long to read; use a value within its key's bound"
+        ) from None
     for section, body in data.items():
         if section == "compare":
             _merge_compare(compare, body, f"[compare] in {source}")
@@ -112,7 +123,7 @@ def parse_config(
         section, dot, name = key.strip().partition(".")
         if not sep or not dot:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. rule.beta=0.1")
-        value = _parse_value(text.strip())
+        value = _parse_value(text.strip(), key.strip())
         if section == "compare":
             path = name.split(".")
             if len(path) != 3:
@@ -136,14 +147,19 @@ def parse_config(
         filled = recipe(rule, section)
         origin.update({f"{section}.{k}": "recipe" for k in filled if k not in raw[section]})
         raw[section] = {**filled, **raw[section]}
-    built = {name: _build(name, cls, raw[name]) for name, cls in SECTIONS.items()}
     try:
+        built = {name: _build(name, cls, raw[name]) for name, cls in SECTIONS.items()}
         cfg = Config(**built, compare=compare, origin=origin)
         for name in compare:  # a compared rule's table is checked now, not when it trains
             with_rule(cfg, name)
         return cfg
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    except OverflowError:  # an integer too large for a float key (float() in _coerce)
+        raise ConfigError(
+            f"{_huge_key(raw, compare)}: a number too large for a float; use a value within "
+            "the key's bound"
+        ) from None
 
 
 def _decoupled_by_default(raw: dict[str, dict[str, Any]]) -> bool:
@@ -183,11 +199,44 @@ def _merge_compare(into: dict[str, dict[str, dict[str, Any]]], body: Any, where:
             into.setdefault(name, {}).setdefault(section, {}).update(values)
 
 
-def _parse_value(text: str) -> Any:
+def _check_text(text: str, where: str) -> None:
+    """Refuse text that is no UTF-8 (a lone surrogate): no file, log or path could hold it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        line = text.count("\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{where} holds a character that is not valid Unicode (line {line}); fix it"
+        ) from None
+
+
+def _huge_key(raw: dict[str, dict[str, Any]], compare: dict[str, Any]) -> str:
+    """The first key (section.key) holding an integer past a float's range."""
+    tables = [(f"{s}.", v) for s, v in raw.items()]
+    tables += [(f"compare.{r}.{s}.", v) for r, t in compare.items() for s, v in t.items()]
+    for prefix, values in tables:
+        for key, value in values.items():
+            try:
+                if isinstance(value, int):
+                    float(value)
+            except OverflowError:
+                return prefix + key
+    return "config: a key"
+
+
+def _parse_value(text: str, key: str = "value") -> Any:
+    _check_text(f"{key}={text}", "--set")
+    where = f"--set {key[:60]}"
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text  # a bare word such as rec_lra
+    except RecursionError:
+        raise ConfigError(f"{where}: the value nests too deeply to parse; flatten it") from None
+    except ValueError:  # an integer past the 4,300 digits Python reads
+        raise ConfigError(
+            f"{where}: a number too long to read; use a value within the key's bound"
+        ) from None
 
 
 def _build(section: str, cls: type, values: dict[str, Any], *, partial: bool = False) -> Any:

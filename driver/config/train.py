@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 from driver.config.choices import check_choices
 from driver.config.locations import location
+from workers.bounds import Limits, check_bounds
 from workers.rules import RULES
 from workers.rules.recipes import variants
 
@@ -51,6 +52,22 @@ class TrainConfig:
     diagnose_every: int = 0
     """Compare each layer's update with backprop's every N steps (0: off; never learned from)."""
 
+    # each numeric key's closed range (workers/bounds.py). Step counts: 10**12 (the most
+    # epochs times a step per sample of a big set); seeds: 32 bits.
+    LIMITS: ClassVar[Limits] = {
+        "epochs": (1, 100_000),
+        "batch_size": (1, 65_536),
+        "seed": (0, 2**32 - 1),
+        "threads": (0, 1024),
+        "log_every": (1, 10**12),
+        "max_steps": (0, 10**12),
+        "checkpoint_every": (0, 10**12),
+        "keep_checkpoints": (0, 100_000),
+        "max_restarts": (0, 1000),
+        "eval_every_steps": (0, 10**12),
+        "diagnose_every": (0, 10**12),
+    }
+
     def __post_init__(self) -> None:
         check_choices("train", self)
         for key in ("epochs", "batch_size", "log_every"):
@@ -76,3 +93,4 @@ class TrainConfig:
                 raise ValueError(
                     f"train.compare: unknown rule {name!r}; choose from {variants(sorted(RULES))}"
                 )
+        check_bounds("train", self, self.LIMITS)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal, get_args
 
 import torch
 
+from workers.bounds import Limits, check_bounds
 from workers.rules.recipes import PRESETS, label
 
 if TYPE_CHECKING:
@@ -88,6 +89,23 @@ class RuleConfig:
     on the stage's output reconstructs the network's input, average-pooled to the output's
     size, and its error joins the head's at the stage's top (0: off)."""
 
+    # each numeric key's closed range (workers/bounds.py); mirror_angle < 45 and
+    # mirror_rate > 0 are checked below. skip_grid: a grid finer than the largest image is moot.
+    LIMITS: ClassVar[Limits] = {
+        "skip_grid": (0, 1024),
+        "beta": (0.0, 100.0),
+        "gamma": (0.0, 100.0),
+        "mix_skip": (0.0, 1.0),
+        "mix_adjacent": (0.0, 1.0),
+        "reproject": (0.0, 10000.0),
+        "input_noise": (0.0, 100.0),
+        "init_std": (0.0, 100.0),
+        "mirror_angle": (0.0, 45.0),
+        "mirror_every": (0, 10**12),
+        "mirror_rate": (0.0, 1.0),
+        "aux_recon": (0.0, 100.0),
+    }
+
     @property
     def label(self) -> str:
         """The variant's name in tables and run folders: rec_lra, rec_lra_paper, backprop..."""
@@ -151,6 +169,7 @@ class RuleConfig:
             raise ValueError(f"rule.mirror_rate: must lie in (0, 1], got {self.mirror_rate}")
         if self.skip_grid < 0:
             raise ValueError(f"rule.skip_grid: must be >= 0 (0 means dense), got {self.skip_grid}")
+        check_bounds("rule", self, self.LIMITS)
 
 
 @dataclass
