@@ -10,6 +10,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from driver.config import load_config
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 SCHEMAS = ROOT.parent / "shared" / "schemas"
@@ -109,3 +111,26 @@ def test_kustomization_lists_real_files_and_the_rayjob_uses_a_listed_config():
     assert Path(used).name in files and used.startswith("/config/")
     assert job["spec"]["shutdownAfterJobFinishes"] is True
     assert job["spec"]["ttlSecondsAfterFinished"] > 0
+
+
+def test_the_served_api_speaks_tls_with_the_secrets_the_head_mounts():
+    """service.toml's certificate, key and token file are the files of Secrets the `reclra
+    serve` container mounts whole (a subPath mount would never see a rotated token)."""
+    cluster = next(d for _, d in DOCS if d["kind"] == "RayCluster")
+    pod = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    serve = next(c for c in pod["containers"] if c.get("command", [])[:2] == ["reclra", "serve"])
+    config = serve["command"][serve["command"].index("--config") + 1]
+    assert not any(e["name"] == "RECLRA_TOKEN" for e in serve.get("env", []))
+    cfg = load_config(DEPLOY / "configs" / Path(config).name).service
+    assert cfg.addr == "0.0.0.0" and cfg.tls and not cfg.allow_insecure and not cfg.token
+    volumes = {v["name"]: v for v in pod["volumes"]}
+
+    def secret_file(path: str) -> tuple[str, str]:
+        mount = next(m for m in serve["volumeMounts"] if Path(path).parent == Path(m["mountPath"]))
+        assert "subPath" not in mount and mount.get("readOnly") is True, mount
+        return volumes[mount["name"]]["secret"]["secretName"], Path(path).name
+
+    assert secret_file(cfg.tls_cert) == ("reclra-tls", "tls.crt")  # a kubernetes.io/tls Secret
+    assert secret_file(cfg.tls_key) == ("reclra-tls", "tls.key")
+    assert secret_file(cfg.token_file) == ("reclra-service-token", "token")
+    assert "grpc" not in serve["readinessProbe"]  # the kubelet's gRPC probe cannot speak TLS

@@ -6,12 +6,21 @@ import hmac
 import logging
 import time
 from concurrent import futures
+from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from driver.api import reclra_pb2 as _pb
+from driver.api.credentials import (
+    ServerTls,
+    TokenSource,
+    check_transport,
+    read_pem,
+    server_tls,
+    token_source,
+)
 from driver.api.metrics import Metrics
 from driver.api.runs import Closing, QueueFull, RunExists, RunHandle, Runs, UnknownRun
 from driver.config import ConfigError
@@ -113,10 +122,11 @@ def _handlers(servicer: Servicer) -> grpc.GenericRpcHandler:
 
 
 class _BearerAuth(grpc.ServerInterceptor):
-    """Every call but the health check must carry `authorization: Bearer <token>`."""
+    """Every call but the health check must carry `authorization: Bearer <token>`; the token
+    is asked of its source on every call, so a rotated token file takes effect at once."""
 
-    def __init__(self, token: str) -> None:
-        self.token = token.encode()
+    def __init__(self, token: str | TokenSource) -> None:
+        self.source = TokenSource(token) if isinstance(token, str) else token
 
         def deny(request: Any, context: grpc.ServicerContext) -> None:
             context.abort(
@@ -131,7 +141,7 @@ class _BearerAuth(grpc.ServerInterceptor):
         if details.method.startswith("/grpc.health.v1.Health/"):
             return continuation(details)
         sent = dict(details.invocation_metadata).get("authorization", "")
-        if hmac.compare_digest(sent.encode(), b"Bearer " + self.token):
+        if hmac.compare_digest(sent.encode(), b"Bearer " + self.source.current()):
             return continuation(details)
         return self._deny_stream if details.method.endswith("/WatchRun") else self._deny
 
@@ -140,28 +150,52 @@ class Service:
     """A running gRPC server (bound to cfg.addr:cfg.port) with the health service."""
 
     def __init__(self, cfg: ServiceConfig, metrics: Metrics | None = None) -> None:
-        token = cfg.resolved_token()
-        self.runs = Runs(cfg, metrics)
+        check_transport(cfg)  # each refusal is one line, before anything is bound or started
+        token = token_source(cfg)
+        tls = server_tls(cfg)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.max_workers),
             interceptors=[_BearerAuth(token)],
             options=[("grpc.max_receive_message_length", cfg.max_request_bytes)],
         )
+        self.port = self._bind(cfg.addr, cfg.port, tls)
+        self.runs = Runs(cfg, metrics)
         self.server.add_generic_rpc_handlers(
             (_handlers(Servicer(self.runs, cfg.watch_interval_s)),)
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{cfg.addr}:{cfg.port}")
-        if self.port == 0:
-            raise ConfigError(
-                f"service: cannot bind {cfg.addr}:{cfg.port}; pick another "
-                "service.port or free that one"
-            )
         self.server.start()
         for name in (SERVICE, ""):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s:%d", SERVICE, cfg.addr, self.port)
+        mode = "plain text" if tls is None else "mutual TLS" if tls.client_ca else "TLS"
+        log.info("serving %s on %s:%d (%s)", SERVICE, cfg.addr, self.port, mode)
+
+    def _bind(self, addr: str, port: int, tls: ServerTls | None) -> int:
+        """The port bound on addr: plain text, or TLS with tls's certificate (and client CA)."""
+        host = f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
+        try:
+            if tls is None:
+                bound = self.server.add_insecure_port(f"{host}:{port}")
+            else:
+                creds = grpc.ssl_server_credentials(
+                    [(tls.key, tls.cert)],
+                    root_certificates=tls.client_ca,
+                    require_client_auth=tls.client_ca is not None,
+                )
+                bound = self.server.add_secure_port(f"{host}:{port}", creds)
+        except RuntimeError:  # newer grpc raises where older versions returned 0
+            bound = 0
+        if bound == 0 and tls is not None:
+            raise ConfigError(
+                f"service: cannot bind {addr}:{port} with TLS; check that service.tls_key is "
+                "the private key of service.tls_cert, and that the port is free"
+            )
+        if bound == 0:
+            raise ConfigError(
+                f"service: cannot bind {addr}:{port}; pick another service.port or free that one"
+            )
+        return bound
 
     def stop(self, grace: float = 5.0) -> None:
         for name in (SERVICE, ""):
@@ -170,11 +204,48 @@ class Service:
         self.server.stop(grace).wait()
 
 
-class Client:
-    """A small client for the API (tests, scripts, the CLI): adds the bearer token."""
+PemSource = str | Path | bytes
 
-    def __init__(self, target: str, token: str) -> None:
-        self.channel = grpc.insecure_channel(target)
+
+class Client:
+    """A small client for the API (tests, scripts, the CLI): adds the bearer token.
+
+    With `root_ca` (the CA, or the self-signed certificate, that signed the server's) the
+    channel speaks TLS; `cert` and `key` add this client's certificate for mutual TLS;
+    `server_name` overrides the name checked against the server's certificate (when `target`
+    is an address the certificate does not name). `tls=True` speaks TLS against the system's
+    CA roots. Each PEM is a path or the bytes themselves."""
+
+    def __init__(
+        self,
+        target: str,
+        token: str,
+        *,
+        root_ca: PemSource | None = None,
+        cert: PemSource | None = None,
+        key: PemSource | None = None,
+        server_name: str | None = None,
+        tls: bool | None = None,
+    ) -> None:
+        if (cert is None) != (key is None):
+            raise ValueError("Client: cert and key go together (mutual TLS); give both or neither")
+        secure = tls if tls is not None else (root_ca is not None or cert is not None)
+        if not secure and (root_ca is not None or cert is not None or server_name):
+            raise ValueError("Client: root_ca, cert, key and server_name need TLS (tls=False)")
+        if secure:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=None
+                if root_ca is None
+                else read_pem("Client root_ca", root_ca, "certificate"),
+                private_key=None if key is None else read_pem("Client key", key, "private key"),
+                certificate_chain=None
+                if cert is None
+                else read_pem("Client cert", cert, "certificate"),
+            )
+            options = [] if not server_name else [("grpc.ssl_target_name_override", server_name)]
+            self.channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target)
         self.rpcs = {
             name: (self.channel.unary_stream if stream else self.channel.unary_unary)(
                 f"/{SERVICE}/{name}",
