@@ -124,11 +124,13 @@ def test_two_slots_and_stop_ends_pending_runs_as_stopped(tmp_path):
     finally:
         client.close()
         svc.stop()
-    held = {h.run_id: h.ctl for h in svc.runs.all()}
-    assert {i: c.state.value for i, c in held.items()} == {i: "stopped" for i in "abc"}
-    assert held["c"].run.steps == 0 and held["a"].run.steps >= 1
-    assert held["c"].checkpoints_written == 0  # an admitted run checkpoints as it starts
-    assert held["a"].checkpoints_written >= 1  # the graceful stop checkpointed
+    held = {h.run_id: h.fields() for h in svc.runs.all()}
+    assert {i: f["state"] for i, f in held.items()} == {i: "stopped" for i in "abc"}
+    assert held["c"]["step"] == 0 and held["a"]["step"] >= 1
+    assert all(f["pid"] == 0 for f in held.values())  # no run's process outlives the service
+    ckpts = {i: sorted(Path(f["out_dir"], "checkpoints").glob("ckpt-*")) for i, f in held.items()}
+    assert ckpts["c"] == []  # never admitted: an admitted run checkpoints as it starts
+    assert ckpts["a"] and ckpts["b"]  # the graceful stop checkpointed
     with pytest.raises(RuntimeError, match="shutting down"):
         svc.runs.start(SHORT, [], "late")  # nothing starts once the service stops
 

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from fixtures_data import write_idx_mnist
 
 from driver.api.runs import RUN_ID
 from driver.api.service import Client, RpcError, Service, StatusCode, messages
@@ -190,6 +191,51 @@ def test_a_relative_runs_dir_is_resolved_once_at_start(tmp_path, monkeypatch):
         final = _finish(client, "here")
         assert final.state == "succeeded"
         assert Path(final.out_dir) == tmp_path / "rel" / "runs" / "here" / "rec_lra"
+    finally:
+        client.close()
+        svc.stop()
+
+
+def test_data_roots_bound_what_a_request_may_read(tmp_path):
+    """service.data_roots: a data.root outside them (or reached by a link out of them) is
+    INVALID_ARGUMENT; under them, a folder without the dataset's files is too (found by name,
+    at admission); one holding them is admitted and trains."""
+    allowed, elsewhere = tmp_path / "allowed", tmp_path / "elsewhere"
+    write_idx_mnist(allowed, "FashionMNIST", n_train=96, n_test=16)
+    write_idx_mnist(elsewhere, "FashionMNIST", n_train=96, n_test=16)
+    (allowed / "empty").mkdir()
+    (allowed / "link").symlink_to(elsewhere)
+    runs = tmp_path / "runs"
+    svc = Service(
+        ServiceConfig(
+            port=0, token="t", runs_dir=str(runs), watch_interval_s=0, data_roots=(str(allowed),)
+        )
+    )
+    client = Client(f"127.0.0.1:{svc.port}", "t")
+    fashion = TINY + "[data]\nname = 'fashion_mnist'\nval_size = 16\n"
+    try:
+        for root, said in (
+            (elsewhere, "outside the folders this service may read"),
+            (allowed / "link", "outside the folders this service may read"),
+            (Path("/etc"), "outside the folders this service may read"),
+            (allowed / "empty", "no FashionMNIST IDX files"),
+        ):
+            details = _refused(
+                client,
+                StatusCode.INVALID_ARGUMENT,
+                config_toml=fashion,
+                overrides=[f"data.root={root}"],
+                run_id="r",
+            )
+            assert details.startswith("data.root:") and said in details, details
+        assert not runs.exists() or list(runs.iterdir()) == []
+        reply = client.call(
+            "StartRun",
+            messages.StartRunRequest(
+                config_toml=fashion, overrides=[f"data.root={allowed}"], run_id="ok"
+            ),
+        )
+        assert _finish(client, reply.run_id).state == "succeeded"
     finally:
         client.close()
         svc.stop()

@@ -1,9 +1,10 @@
-"""The service's runs: safe run ids and folders, what a request may set, and admission.
+"""The service's runs: safe run ids and folders, the queue, and each run's process.
 
-At most service.max_active_runs runs train at once; later ones wait as `pending`, first in
-first out, up to service.max_queued; finished runs stay in memory up to service.keep_finished
-(their files always stay). No grpc here: errors are plain exceptions that
-driver/api/service.py maps to status codes.
+What a request must pass to be admitted is driver/api/admission.py; each admitted run trains
+in a process of its own (driver/api/run_process.py). At most service.max_active_runs runs train
+at once; later ones wait as `pending`, first in first out, up to service.max_queued; finished
+runs stay in memory up to service.keep_finished (their files always stay). No grpc here: errors
+are plain exceptions that driver/api/service.py maps to status codes.
 """
 
 from __future__ import annotations
@@ -17,23 +18,18 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from driver.api.admission import RunRefused, admit, data_roots
 from driver.api.metrics import Metrics
 from driver.api.metrics_callback import MetricsCallback
-from driver.config import SECTIONS, Config, parse_config
+from driver.api.run_process import RunProcess, is_uri
+from driver.config import Config, parse_config
 from driver.config.service import ServiceConfig
-from driver.run.callbacks import Callback, RunState, RunView
-from driver.run.controller import Controller, RunFailed
-from driver.run.progress import Progress
+from driver.run.callbacks import TERMINAL, Callback, RunState, RunView
+from driver.run.storage import join as storage_join
 
 log = logging.getLogger(__name__)
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 RUN_ID_RULE = "1-64 characters from A-Z a-z 0-9 _ . - starting with a letter or digit"
-# keys that name where a run writes: a request leaves them at their defaults
-WRITE_SUFFIXES = ("_dir", "_path", "_uri", "_url", "_file")
-
-
-class RunRefused(ValueError):
-    """A request the service will not run as asked (INVALID_ARGUMENT)."""
 
 
 class RunExists(ValueError):
@@ -50,10 +46,6 @@ class UnknownRun(LookupError):
 
 class Closing(RuntimeError):
     """The service is shutting down (UNAVAILABLE)."""
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def check_run_id(run_id: str) -> str:
@@ -82,68 +74,40 @@ def run_folder(runs_dir: str, run_id: str) -> str:
     return str(folder)
 
 
-def check_request(cfg: Config) -> None:
-    """Refuse what would let a request write outside its run's folder (or change the service)."""
-    for section in SECTIONS:
-        ours = getattr(cfg, section)
-        base = type(ours)()
-        for f in dataclasses.fields(ours):
-            key, value = f"{section}.{f.name}", getattr(ours, f.name)
-            if value == getattr(base, f.name):
-                continue
-            if section == "service":
-                why = "a request cannot change the service's own settings (reclra serve sets them)"
-            elif section != "data" and f.name.endswith(WRITE_SUFFIXES):
-                why = "the service writes every run to service.runs_dir/<run_id>"
-            elif key == "data.download":
-                why = "the service only reads data.root; fetch the data beforehand"
-            elif key == "cluster.runtime_env":
-                why = "a request cannot install packages or set the environment of the workers"
-            else:
-                continue
-            raise RunRefused(f"{key}: {why}; drop the key from the request")
-
-
 class RunHandle(Callback):
-    """One run: its controller (stepped in a thread once admitted), and a version counter
-    watchers wait on (bumped at every transition: this handle is one of its callbacks)."""
+    """One run: its process (driver/api/run_process.py, spawned once admitted), and a version
+    counter watchers wait on (bumped at every transition: this handle is one of the callbacks
+    its process's hooks are replayed into)."""
 
-    def __init__(self, run_id: str, cfg: Config, folder: str, runs: Runs) -> None:
+    def __init__(self, run_id: str, cfg: Config, folder: str, runs: Runs, estimate: str) -> None:
         self.run_id, self.runs = run_id, runs
         self.version = 0
         self.cond = threading.Condition()
-        # the state the API reports: set when this handle's own callback runs, after the run
-        # log's (first in the list), so a watcher that sees "succeeded" finds metrics.json final
+        # the state the API reports: a terminal one only once the run's process has exited (its
+        # run log is final, its slot free, its memory returned)
         self.state = RunState.PENDING
-        out: Any = folder if is_uri(folder) else Path(folder)  # a URI goes to the storage layer
         observers = [] if runs.metrics is None else [MetricsCallback(runs.metrics, run_id)]
-        self.ctl = Controller(
-            cfg,
-            out_dir=out,
-            run_id=run_id,
-            callbacks=[Progress(), *observers, self],
-        )
-        self.thread = threading.Thread(target=self._drive, name=f"run-{run_id}", daemon=True)
+        self.proc = RunProcess(cfg, folder, run_id, [*observers, self], estimate=estimate)
+        self.out_dir = storage_join(folder, cfg.rule.label)
 
     def after_transition(self, ctl: RunView, previous: RunState, current: RunState) -> None:
+        if current in TERMINAL and self.proc.process is not None:
+            return  # told once its process has gone and its slot is free (_ended)
         self.state = current
         self._bump()
 
-    def _drive(self) -> None:
-        try:
-            self.ctl.run_to_end()
-        except RunFailed:
-            pass  # the controller logged it; GetRun and WatchRun report its state and error
-        except Exception:
-            log.exception("run %s: its controller raised", self.run_id)
-        finally:
-            self._bump()
-            self.runs.ended(self)
+    def start(self) -> None:
+        self.proc.start(on_end=self._ended)
+
+    def _ended(self) -> None:
+        self.state = self.proc.view.state
+        self.runs.ended(self)
+        self._bump()
 
     def cancel(self) -> None:
         """End a run that never started: pending -> stopped, through its callbacks."""
         try:
-            self.ctl.cancel()
+            self.proc.cancel()
         except Exception:
             log.exception("run %s: a callback failed as it was stopped", self.run_id)
 
@@ -154,25 +118,20 @@ class RunHandle(Callback):
 
     def fields(self) -> dict[str, Any]:
         """The run as the API's Run message's fields."""
-        c = self.ctl
-        last = c.run.epochs[-1] if c.run.epochs else {}
-        per_epoch = 0
-        if c.splits is not None:
-            per_epoch = -(-len(c.splits.train) // c.cfg.train.batch_size)  # type: ignore[arg-type]
-        total = c.cfg.train.epochs * per_epoch
-        if c.cfg.train.max_steps:
-            total = min(total, c.cfg.train.max_steps) if total else c.cfg.train.max_steps
+        snap = self.proc.view.snap
         return dict(
             run_id=self.run_id,
             state=self.state.value,
-            step=c.run.steps,
-            total_steps=total,
-            epoch=c.pos.epoch,
-            val_acc=last.get("val_acc", 0.0),
-            test_acc=c.run.test_acc or 0.0,
-            restarts=c.restarts,
-            error=c.error or "",
-            out_dir=str(c.out),
+            step=snap.step,
+            total_steps=snap.total_steps,
+            epoch=snap.epoch,
+            val_acc=snap.val_acc,
+            test_acc=snap.test_acc,
+            restarts=snap.restarts,
+            error=snap.error,
+            out_dir=str(self.out_dir),
+            pid=self.proc.pid,
+            memory_estimate=self.proc.estimate,
         )
 
 
@@ -184,6 +143,7 @@ class Runs:
         self.cfg, self.metrics = cfg, metrics
         # resolved once: a later change of directory must not move the runs
         self.root = cfg.runs_dir if is_uri(cfg.runs_dir) else str(Path(cfg.runs_dir).resolve())
+        self.data_roots = data_roots(cfg)
         self.lock = threading.Lock()
         self.runs: dict[str, RunHandle] = {}  # every run held, in the order started
         self.queue: collections.deque[RunHandle] = collections.deque()
@@ -195,7 +155,7 @@ class Runs:
         """A new run: started now if a slot is free, else queued as pending."""
         folder = run_folder(self.root, run_id) if run_id else ""
         cfg = parse_config(text, overrides, source="the request's config_toml")
-        check_request(cfg)
+        estimate = admit(cfg, self.cfg, self.data_roots)
         with self.lock:
             if self.closed:
                 raise Closing("the service is shutting down; start the run elsewhere or later")
@@ -216,7 +176,9 @@ class Runs:
                     f"{self.cfg.max_queued}); retry when one has started, or raise the key"
                 )
             train = dataclasses.replace(cfg.train, out_dir=folder, compare=())
-            handle = RunHandle(run_id, dataclasses.replace(cfg, train=train), folder, self)
+            handle = RunHandle(
+                run_id, dataclasses.replace(cfg, train=train), folder, self, estimate.line()
+            )
             self.runs[run_id] = handle
             if queued:
                 self.queue.append(handle)
@@ -232,7 +194,7 @@ class Runs:
 
     def _admit(self, handle: RunHandle) -> None:
         self.active[handle.run_id] = handle
-        handle.thread.start()
+        handle.start()
 
     def get(self, run_id: str) -> RunHandle:
         with self.lock:
@@ -263,11 +225,11 @@ class Runs:
                 handle.cancel()
                 self._forget_old(handle)
                 return handle
-        handle.ctl.request_stop()
+        handle.proc.request_stop(self.cfg.stop_timeout_s)
         return handle
 
     def ended(self, handle: RunHandle) -> None:
-        """A run's thread ends: free its slot, start the next pending run."""
+        """A run's process has ended: free its slot, start the next pending run."""
         with self.lock:
             self.active.pop(handle.run_id, None)
             self._forget_old(handle)
@@ -279,8 +241,9 @@ class Runs:
         while len(self.finished) > self.cfg.keep_finished:
             self.runs.pop(self.finished.popleft(), None)
 
-    def close(self, timeout: float = 60.0) -> None:
-        """Refuse new runs, stop pending ones, stop the active ones and wait for them."""
+    def close(self) -> None:
+        """Refuse new runs, stop pending ones, stop the active ones and wait for them (each is
+        killed past service.stop_timeout_s)."""
         with self.lock:
             self.closed = True
             pending, self.queue = list(self.queue), collections.deque()
@@ -289,6 +252,6 @@ class Runs:
                 self._forget_old(handle)
             active = list(self.active.values())
         for handle in active:
-            handle.ctl.request_stop()
-        for handle in active:
-            handle.thread.join(timeout=timeout)
+            handle.proc.request_stop(self.cfg.stop_timeout_s)
+        for handle in active:  # the watchdog kills at the deadline; the reader then ends
+            handle.proc.join(self.cfg.stop_timeout_s + 60.0)

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from driver.api import reclra_pb2 as _pb
+from driver.api.admission import OverBudget
 from driver.api.credentials import (
     ServerTls,
     TokenSource,
@@ -37,7 +38,7 @@ METHODS = {
     "StopRun": ("StopRunRequest", "Run", False),
     "WatchRun": ("WatchRunRequest", "RunEvent", True),
 }
-REFUSALS = (UnknownRun, QueueFull, Closing, ValueError)
+REFUSALS = (UnknownRun, QueueFull, OverBudget, Closing, ValueError)
 TERMINAL_STATES = {s.value for s in (RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED)}
 pb: Any = _pb  # generated messages carry no static types
 
@@ -46,6 +47,7 @@ pb: Any = _pb  # generated messages carry no static types
 ERRORS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (UnknownRun, grpc.StatusCode.NOT_FOUND),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (OverBudget, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Closing, grpc.StatusCode.UNAVAILABLE),
     (RunExists, grpc.StatusCode.ALREADY_EXISTS),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # RunRefused, ConfigError
@@ -67,6 +69,13 @@ class Servicer:
             handle = self.runs.start(request.config_toml, list(request.overrides), request.run_id)
         except REFUSALS as exc:
             _abort(context, exc)
+        except Exception as exc:  # a bug of ours, never UNKNOWN: the log has the traceback
+            log.exception("StartRun failed on a request")
+            context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"the service failed on this request ({type(exc).__name__}); its log has the "
+                "traceback: report it",
+            )
         return pb.Run(**handle.fields())
 
     def _get(self, run_id: str, context: grpc.ServicerContext) -> RunHandle:

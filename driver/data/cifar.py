@@ -55,8 +55,9 @@ def _file_problem(path: str, mtime_ns: int, size: int, batch: bool) -> str | Non
     return None
 
 
-def cifar_problem(folder: Path) -> str | None:
-    """Structural check of a ``cifar-10-batches-py`` folder, as one line with the fix, or None."""
+def cifar_missing(folder: Path) -> str | None:
+    """Which files of a ``cifar-10-batches-py`` folder are absent, as one line with the fix, or
+    None (nothing is read: the service's admission asks this)."""
     names = [n for n, _ in CIFAR10.train_list + CIFAR10.test_list]
     if not folder.is_dir() or not any((folder / n).is_file() for n in names):
         where = f"under {folder} (looked for data_batch_1..5, test_batch)"
@@ -64,6 +65,15 @@ def cifar_problem(folder: Path) -> str | None:
     missing = [n for n in [*names, CIFAR10.meta["filename"]] if not (folder / n).is_file()]
     if missing:
         return f"cifar10: missing {', '.join(missing)} under {folder}; {_MISSING_FIX}"
+    return None
+
+
+def cifar_problem(folder: Path) -> str | None:
+    """Structural check of a ``cifar-10-batches-py`` folder, as one line with the fix, or None."""
+    absent = cifar_missing(folder)
+    if absent:
+        return absent
+    names = [n for n, _ in CIFAR10.train_list + CIFAR10.test_list]
     for name in [*names, CIFAR10.meta["filename"]]:
         stat = (folder / name).stat()
         problem = _file_problem(str(folder / name), stat.st_mtime_ns, stat.st_size, name in names)

@@ -28,7 +28,7 @@ HOLDOUT_FRACTION = 0.02
 _FIX = "point data.root at a folder holding train/<class>/*.JPEG and val/<class>/*.JPEG"
 
 
-def _check_split(folder: Path) -> list[str]:
+def check_split(folder: Path) -> list[str]:
     """The class folder names of one split, or DataError naming the folder and the fix."""
     if not folder.is_dir():
         raise DataError(f"imagenet: no folder {folder}; {_FIX}")
@@ -97,8 +97,8 @@ def transforms(image_size: int, *, augment: bool) -> tuple[v2.Compose, v2.Compos
 def load_imagenet(cfg: DataConfig) -> DatasetSplits:
     """Train = root/train minus a 2% per-class hold-out (val), test = root/val."""
     root = Path(cfg.root)
-    classes = _check_split(root / "train")
-    val_classes = _check_split(root / "val")
+    classes = check_split(root / "train")
+    val_classes = check_split(root / "val")
     if val_classes != classes:
         odd = sorted(set(classes).symmetric_difference(val_classes))[:3]
         raise DataError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from driver.config.data import DataConfig
-from driver.data.common import DatasetSplits, TensorImages
+from driver.data.common import DataError, DatasetSplits, TensorImages
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,30 @@ def load_dataset(cfg: DataConfig) -> DatasetSplits:
     from driver.data.imagenet import load_imagenet
 
     return load_imagenet(cfg)
+
+
+def check_present(cfg: DataConfig) -> None:
+    """DataError unless the dataset's files are where data.root says, found without reading
+    them: what load_dataset would refuse first (the service's admission asks this)."""
+    if cfg.name in ("digits", "synthetic") or cfg.download:
+        return
+    if cfg.name == "cifar10":
+        from torchvision.datasets import CIFAR10
+
+        from driver.data.cifar import cifar_missing
+
+        problem = cifar_missing(Path(cfg.root) / CIFAR10.base_folder)
+        if problem:
+            raise DataError(problem)
+    elif cfg.name in ("fashion_mnist", "mnist"):
+        from driver.data.mnist import locate
+
+        locate(cfg.name, cfg.root)
+    else:
+        from driver.data.imagenet import check_split
+
+        for split in ("train", "val"):
+            check_split(Path(cfg.root) / split)
 
 
 def make_loader(

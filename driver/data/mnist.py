@@ -93,7 +93,7 @@ def _root_hint(name: str, root: Path) -> str:
     return ""
 
 
-def _locate(name: str, root: str | Path) -> dict[str, Path]:
+def locate(name: str, root: str | Path) -> dict[str, Path]:
     """The path of each of the four files, or DataError saying which are missing and the fix."""
     raw, folder = raw_folder(name, root), SOURCES[name].__name__
     found = {stem: _find(raw, stem) for pair in FILES.values() for stem in pair}
@@ -110,7 +110,7 @@ def _locate(name: str, root: str | Path) -> dict[str, Path]:
 
 def read_idx(name: str, root: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{split: (uint8 N x 28 x 28, uint8 N)}``, read in place; DataError names file and fix."""
-    found = _locate(name, root)
+    found = locate(name, root)
     out = {}
     for split, (image_stem, label_stem) in FILES.items():
         pair = []
@@ -137,7 +137,7 @@ def _download(name: str, root: str) -> None:
         source(root, train=True, download=True)
     except Exception as err:  # network or disk, or torchvision's reader on a damaged file
         try:
-            _locate(name, root)  # all there: read_idx will say which one is damaged
+            locate(name, root)  # all there: read_idx will say which one is damaged
         except DataError:
             raise DataError(
                 f"{name}: download of {source.__name__} into {raw_folder(name, root)} failed "
@@ -185,7 +185,7 @@ def load_mnist(cfg: DataConfig) -> DatasetSplits:
         _download(cfg.name, cfg.root)
         files = read_idx(cfg.name, cfg.root)
     (x, y), (x_test, y_test) = files["train"], files["test"]
-    n_train, keep = split_train(y, cfg, str(_locate(cfg.name, cfg.root)[FILES["train"][0]]))
+    n_train, keep = split_train(y, cfg, str(locate(cfg.name, cfg.root)[FILES["train"][0]]))
     train = np.arange(n_train) if keep is None else keep
     parts = {
         "train": (x[train], y[train]),  # fancy indexing copies: the cached arrays stay unshared
