@@ -159,3 +159,27 @@ def test_over_budget_and_unfit_requests_are_refused_before_a_process_starts(tmp_
     finally:
         client.close()
         svc.stop()
+
+
+def test_a_run_that_fits_alone_but_not_beside_the_active_one_waits(tmp_path):
+    """Two slots, a budget for one run: the second waits as pending until the first ends."""
+    from driver.config import parse_config
+    from driver.run.memory import estimate_memory
+
+    one = estimate_memory(parse_config(LONG)).total / 1024**3
+    svc, client = _serve(tmp_path, max_active_runs=2, max_run_memory_gib=round(one * 1.5, 2))
+    try:
+        _start(client, LONG, "first")
+        _training(client, "first")
+        assert _start(client, RUN.format(epochs=1, steps=2, threads=0), "second").state == (
+            "pending"
+        )
+        time.sleep(2.0)
+        assert _get(client, "second").state == "pending"  # a slot is free, the memory is not
+        client.call("StopRun", messages.StopRunRequest(run_id="first"))
+        events = list(client.watch("second", timeout=DEADLINE_S))
+        assert events[-1].run.state == "succeeded" and events[-1].run.step == 2
+        assert _get(client, "first").state == "stopped"
+    finally:
+        client.close()
+        svc.stop()

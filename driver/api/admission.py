@@ -109,9 +109,9 @@ def check_memory(cfg: Config, budget: int) -> MemoryEstimate:
     return estimate
 
 
-def admit(cfg: Config, service: ServiceConfig, roots: list[Path]) -> MemoryEstimate:
+def admit(cfg: Config, roots: list[Path], budget: int) -> MemoryEstimate:
     """Every check a request must pass, cheapest first; the run's memory estimate."""
     check_request(cfg)
     check_data(cfg.data, roots)
     check_stages(cfg)
-    return check_memory(cfg, memory_budget(service))
+    return check_memory(cfg, budget)

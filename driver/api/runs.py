@@ -18,13 +18,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from driver.api.admission import RunRefused, admit, data_roots
+from driver.api.admission import RunRefused, admit, data_roots, memory_budget
 from driver.api.metrics import Metrics
 from driver.api.metrics_callback import MetricsCallback
 from driver.api.run_process import RunProcess, is_uri
 from driver.config import Config, parse_config
 from driver.config.service import ServiceConfig
 from driver.run.callbacks import TERMINAL, Callback, RunState, RunView
+from driver.run.memory import MemoryEstimate
 from driver.run.storage import join as storage_join
 
 log = logging.getLogger(__name__)
@@ -79,15 +80,18 @@ class RunHandle(Callback):
     counter watchers wait on (bumped at every transition: this handle is one of the callbacks
     its process's hooks are replayed into)."""
 
-    def __init__(self, run_id: str, cfg: Config, folder: str, runs: Runs, estimate: str) -> None:
+    def __init__(
+        self, run_id: str, cfg: Config, folder: str, runs: Runs, estimate: MemoryEstimate
+    ) -> None:
         self.run_id, self.runs = run_id, runs
+        self.memory = estimate.total  # what admission counts while the run is active
         self.version = 0
         self.cond = threading.Condition()
         # the state the API reports: a terminal one only once the run's process has exited (its
         # run log is final, its slot free, its memory returned)
         self.state = RunState.PENDING
         observers = [] if runs.metrics is None else [MetricsCallback(runs.metrics, run_id)]
-        self.proc = RunProcess(cfg, folder, run_id, [*observers, self], estimate=estimate)
+        self.proc = RunProcess(cfg, folder, run_id, [*observers, self], estimate=estimate.line())
         self.out_dir = storage_join(folder, cfg.rule.label)
 
     def after_transition(self, ctl: RunView, previous: RunState, current: RunState) -> None:
@@ -144,6 +148,7 @@ class Runs:
         # resolved once: a later change of directory must not move the runs
         self.root = cfg.runs_dir if is_uri(cfg.runs_dir) else str(Path(cfg.runs_dir).resolve())
         self.data_roots = data_roots(cfg)
+        self.budget = memory_budget(cfg)
         self.lock = threading.Lock()
         self.runs: dict[str, RunHandle] = {}  # every run held, in the order started
         self.queue: collections.deque[RunHandle] = collections.deque()
@@ -152,10 +157,10 @@ class Runs:
         self.closed = False
 
     def start(self, text: str, overrides: list[str], run_id: str) -> RunHandle:
-        """A new run: started now if a slot is free, else queued as pending."""
+        """A new run: started now if a slot and its memory are free, else queued as pending."""
         folder = run_folder(self.root, run_id) if run_id else ""
         cfg = parse_config(text, overrides, source="the request's config_toml")
-        estimate = admit(cfg, self.cfg, self.data_roots)
+        estimate = admit(cfg, self.data_roots, self.budget)
         with self.lock:
             if self.closed:
                 raise Closing("the service is shutting down; start the run elsewhere or later")
@@ -169,7 +174,7 @@ class Runs:
                     f"run_id {run_id!r}: {folder} holds an earlier run's files; "
                     "pick another id or leave it empty"
                 )
-            queued = len(self.active) >= self.cfg.max_active_runs
+            queued = bool(self.queue) or not self._fits(estimate.total)
             if queued and len(self.queue) >= self.cfg.max_queued:
                 raise QueueFull(
                     f"{len(self.queue)} runs are already waiting (service.max_queued = "
@@ -177,7 +182,7 @@ class Runs:
                 )
             train = dataclasses.replace(cfg.train, out_dir=folder, compare=())
             handle = RunHandle(
-                run_id, dataclasses.replace(cfg, train=train), folder, self, estimate.line()
+                run_id, dataclasses.replace(cfg, train=train), folder, self, estimate
             )
             self.runs[run_id] = handle
             if queued:
@@ -191,6 +196,13 @@ class Runs:
             run_id = uuid.uuid4().hex[:12]
             if run_id not in self.runs and not Path(self.root, run_id).exists():
                 return run_id
+
+    def _fits(self, memory: int) -> bool:
+        """Whether a run needing `memory` bytes may start now: a slot is free, and its estimate
+        fits the memory budget beside the active runs' (one run over the budget alone was
+        refused at admission; one that fits alone waits for the others to end)."""
+        used = sum(h.memory for h in self.active.values())
+        return len(self.active) < self.cfg.max_active_runs and used + memory <= self.budget
 
     def _admit(self, handle: RunHandle) -> None:
         self.active[handle.run_id] = handle
@@ -233,7 +245,7 @@ class Runs:
         with self.lock:
             self.active.pop(handle.run_id, None)
             self._forget_old(handle)
-            while self.queue and len(self.active) < self.cfg.max_active_runs and not self.closed:
+            while self.queue and self._fits(self.queue[0].memory) and not self.closed:
                 self._admit(self.queue.popleft())
 
     def _forget_old(self, handle: RunHandle) -> None:
