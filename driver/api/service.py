@@ -54,9 +54,19 @@ ERRORS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 )
 
 
+MAX_DETAILS = 1024  # a status message quoting a huge value must stay under the client's limit
+
+
+def clip(details: str) -> str:
+    """A status message as one line of at most MAX_DETAILS characters: refusals quote what the
+    request sent, which may be megabytes."""
+    line = " ".join(details.split("\n"))
+    return line if len(line) <= MAX_DETAILS else line[: MAX_DETAILS - 25] + " ... (message clipped)"
+
+
 def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
     code = next(code for kind, code in ERRORS if isinstance(exc, kind))
-    context.abort(code, str(exc))
+    context.abort(code, clip(str(exc)))
     raise AssertionError("unreachable: abort raises")
 
 
@@ -123,11 +133,31 @@ def _handlers(servicer: Servicer) -> grpc.GenericRpcHandler:
             grpc.unary_stream_rpc_method_handler if stream else grpc.unary_unary_rpc_method_handler
         )
         handlers[name] = make(
-            getattr(servicer, name),
-            request_deserializer=getattr(pb, req).FromString,
+            _decoding(getattr(servicer, name), getattr(pb, req)),
             response_serializer=getattr(pb, resp).SerializeToString,
         )
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+def _decoding(method: Any, message: Any) -> Any:
+    """`method` taking the request's raw bytes: a body that is not a `message` (a broken
+    protobuf, invalid UTF-8 in a string field) is INVALID_ARGUMENT, where grpc's own
+    deserializer would answer INTERNAL."""
+
+    def behaviour(raw: bytes, context: grpc.ServicerContext) -> Any:
+        try:
+            request = message.FromString(raw)
+        except Exception as exc:  # protobuf's DecodeError, or UTF-8 decoding
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                clip(
+                    f"the request is not a valid {message.DESCRIPTOR.full_name} "
+                    f"({type(exc).__name__}: {exc}); send it as the .proto says, strings in UTF-8"
+                ),
+            )
+        return method(request, context)
+
+    return behaviour
 
 
 class _BearerAuth(grpc.ServerInterceptor):
