@@ -52,6 +52,7 @@ from bench.output import save
 from driver.api import reclra_pb2 as _pb
 from driver.api.service import METHODS, SERVICE, Client
 from driver.config import SECTIONS, parse_config
+from driver.config.docs import toml_value
 from driver.run.memory import estimate_memory
 
 pb: Any = _pb  # generated messages carry no static types
@@ -518,27 +519,6 @@ def fixed_cases() -> list[Case]:
 
 
 # -- the generated part -------------------------------------------------------------------------
-def _toml(value: Any) -> str:
-    """`value` as a TOML value (nan and the infinities included)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + "}"
-    raise TypeError(value)
-
-
 def _kind(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin is typing.Literal:
@@ -646,11 +626,11 @@ def _mutated_config(rng: random.Random) -> tuple[str, str]:
             key = "".join(rng.choice("abcdefghij_") for _ in range(rng.randint(1, 12))).strip("_")
             key = key or "k"
         value = rng.choice([1, "x", True, 1.5])
-    line = f"{key} = {_toml(value)}"
+    line = f"{key} = {toml_value(value)}"
     return f"{how} [{section}] {_short(line, 60)}", _with(section, line, OVER_BUDGET)
 
 
-def _broken_toml(rng: random.Random) -> str:
+def _brokentoml_value(rng: random.Random) -> str:
     for _ in range(100):
         text = OVER_BUDGET
         at = rng.randint(0, len(text))
@@ -712,7 +692,7 @@ def generated_cases(seed: int, n: int) -> list[Case]:
             summary, text = _mutated_config(rng)
             out.append(Case("gen_config", tag + summary, "StartRun", _start(text), inv))
         elif family == "toml":
-            text = _broken_toml(rng)
+            text = _brokentoml_value(rng)
             out.append(
                 Case("gen_toml", tag + f"config {_short(text, 60)}", "StartRun", _start(text), inv)
             )
@@ -759,7 +739,7 @@ def generated_cases(seed: int, n: int) -> list[Case]:
             )
         elif family == "override":
             section, key, kind = rng.choice(keys)
-            item = f"{section}.{key}={_toml(rng.choice(WRONG[kind]))}"
+            item = f"{section}.{key}={toml_value(rng.choice(WRONG[kind]))}"
             if rng.random() < 0.3:
                 item = rng.choice([item.replace("=", ":"), item.replace(".", "", 1), f"{key}=1"])
             out.append(
