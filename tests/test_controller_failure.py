@@ -13,25 +13,36 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures_data import write_idx_mnist
 from prometheus_client.parser import text_string_to_metric_families
 from torch.utils.data import Dataset
 
 from driver.api.metrics import STATE_CODES, Metrics, MetricsServer
 from driver.api.metrics_callback import MetricsCallback
-from driver.api.service import Client, Service, messages
+from driver.api.service import Client, RpcError, Service, StatusCode, messages
 from driver.config import load_config
 from driver.config.service import ServiceConfig
 from driver.data.load import load_dataset
 from driver.run.callbacks import Callback
 from driver.run.controller import Controller, RunFailed, RunState
 
-# parses (the block count is known only once the model is built), then fails in `starting`
+# passes admission (the files are there, by name), then fails as the run reads them: the
+# training images file is cut short
 CRASH = """
 [model]
 width = 4
+[data]
+name = "fashion_mnist"
+root = "{root}"
+val_size = 16
 [train]
 epochs = 1
 batch_size = 64
+"""
+# a cut the model cannot take: refused at admission now (it used to fail in `starting`)
+UNCUT = """
+[model]
+width = 4
 [pipeline]
 stages = 2
 backend = "local"
@@ -49,17 +60,28 @@ def _state_gauge(url: str, run: str) -> float:
 
 
 def test_a_served_run_that_crashes_reads_failed_in_metrics_and_get_run(tmp_path):
+    raw = write_idx_mnist(tmp_path / "data", "FashionMNIST", n_train=96, n_test=16)
+    images = next(raw.glob("train-images*"))
+    images.write_bytes(images.read_bytes()[:100])
     metrics = Metrics()
     endpoint = MetricsServer(metrics)  # 127.0.0.1, a free port
-    svc = Service(ServiceConfig(port=0, token="t0k", runs_dir=str(tmp_path)), metrics)
+    cfg = ServiceConfig(
+        port=0, token="t0k", runs_dir=str(tmp_path / "runs"), data_roots=(str(tmp_path),)
+    )
+    svc = Service(cfg, metrics)
     client = Client(f"127.0.0.1:{svc.port}", "t0k")
     try:
-        reply = client.call("StartRun", messages.StartRunRequest(config_toml=CRASH, run_id="crash"))
+        with pytest.raises(RpcError) as info:
+            client.call("StartRun", messages.StartRunRequest(config_toml=UNCUT, run_id="uncut"))
+        assert info.value.code() == StatusCode.INVALID_ARGUMENT
+        assert "pipeline.boundaries" in info.value.details()
+        toml = CRASH.format(root=tmp_path / "data")
+        reply = client.call("StartRun", messages.StartRunRequest(config_toml=toml, run_id="crash"))
         final = list(client.watch(reply.run_id, timeout=300))[-1].run
         assert final.state == "failed"
         got = client.call("GetRun", messages.GetRunRequest(run_id="crash"))
         assert got.state == "failed"
-        assert got.error.startswith("ValueError: pipeline.boundaries"), got.error
+        assert "fashion_mnist" in got.error and "\n" not in got.error, got.error
         assert _state_gauge(endpoint.url, "crash") == STATE_CODES["failed"]
         written = json.loads((Path(got.out_dir) / "metrics.json").read_text())
         assert written["error"] == got.error
