@@ -12,6 +12,10 @@ from workers.rules import RULES
 from workers.rules.recipes import variants
 
 
+TRACKERS = ("tensorboard", "mlflow")
+"""Experiment trackers train.trackers may name (driver/run/trackers.py)."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     epochs: int = 12
@@ -22,6 +26,13 @@ class TrainConfig:
     """Seeds the weights, the data order and the noise of the run."""
     dtype: Literal["float32", "float64"] = "float32"
     """Parameters' and activations' dtype."""
+    precision: Literal["float32", "bf16"] = "float32"
+    """Arithmetic of forward maps, errors and carries: bf16 runs them under autocast (CUDA,
+    or CPU where torch supports it); master weights, error synapses and optimizer state stay in
+    train.dtype. Needs train.dtype = "float32"."""
+    compile: bool = False
+    """Compile each stage's forward maps with torch.compile (docs/training.md says where it
+    pays)."""
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     """Where stages compute; auto: cuda when there is one."""
     threads: int = 0
@@ -51,6 +62,9 @@ class TrainConfig:
     """Extra validation every N steps (0: once per epoch only)."""
     diagnose_every: int = 0
     """Compare each layer's update with backprop's every N steps (0: off; never learned from)."""
+    trackers: tuple[str, ...] = ()
+    """Experiment trackers the run logs to: "tensorboard" (extra reclra[tensorboard]) and
+    "mlflow" (extra reclra[mlflow]). Each writes under train.out_dir."""
 
     # each numeric key's closed range (workers/bounds.py). Step counts: 10**12 (the most
     # epochs times a step per sample of a big set); seeds: 32 bits.
@@ -93,4 +107,16 @@ class TrainConfig:
                 raise ValueError(
                     f"train.compare: unknown rule {name!r}; choose from {variants(sorted(RULES))}"
                 )
+        if self.precision == "bf16" and self.dtype != "float32":
+            raise ValueError(
+                f"train.precision: bf16 autocasts float32 weights, got train.dtype = "
+                f"{self.dtype!r}; set train.dtype = \"float32\" or train.precision = \"float32\""
+            )
+        for name in self.trackers:
+            if name not in TRACKERS:
+                raise ValueError(
+                    f"train.trackers: unknown tracker {name!r}; choose from {list(TRACKERS)}"
+                )
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError(f"train.trackers: listed twice in {list(self.trackers)}")
         check_bounds("train", self, self.LIMITS)
