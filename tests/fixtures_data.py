@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import pickle
 import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
+from torchvision.datasets import CIFAR10
 
 CIFAR_NAMES = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"]
 LABEL_NAMES = ["airplane", "automobile", "bird", "cat", "deer"]
@@ -34,12 +37,15 @@ def cifar_images(start: int, n: int, seed: int) -> tuple[np.ndarray, list[int]]:
     return data.reshape(n, 3072), [(start + i) % 10 for i in range(n)]
 
 
-def write_cifar10(root: Path, per_batch: int = 8, n_test: int = 6, seed: int = 0) -> Path:
+def write_cifar10(
+    root: Path, monkeypatch: pytest.MonkeyPatch, per_batch: int = 8, n_test: int = 6, seed: int = 0
+) -> Path:
     """``root/cifar-10-batches-py`` pickled like the real batches; train images 0.., test 1000...
 
     The real files are Python 2 pickles whose ``str`` keys and strings load as ``str`` under
     ``encoding="latin1"`` (torchvision's reader); Python 3 ``str`` written with protocol 2 loads
-    the same way, and the numpy ``data`` array is pickled exactly as numpy pickles it.
+    the same way, and the numpy ``data`` array is pickled exactly as numpy pickles it. The files'
+    md5s become the ones torchvision checks, for the calling test (:func:`seal_cifar10`).
     """
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
@@ -57,7 +63,27 @@ def write_cifar10(root: Path, per_batch: int = 8, n_test: int = 6, seed: int = 0
     meta = {"num_cases_per_batch": per_batch, "label_names": LABEL_NAMES, "num_vis": 3072}
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump(meta, f, protocol=2)
+    seal_cifar10(monkeypatch, folder)
     return folder
+
+
+def seal_cifar10(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """Make the md5s of ``folder``'s files the published ones, for the calling test only.
+
+    torchvision's CIFAR10 refuses any file whose md5 is not the real CIFAR-10 file's, which a
+    tiny fixture cannot match. It keeps those md5s in the public class attributes
+    ``train_list``, ``test_list`` and ``meta`` (the ones its own CIFAR100 overrides); they are
+    set to the fixture files' md5s, and torchvision's check then runs unchanged: any later
+    change to a file (a truncation, a rewrite) fails it until the test seals the folder again.
+    """
+
+    def md5(name: str) -> str:
+        return hashlib.md5((folder / name).read_bytes()).hexdigest()
+
+    monkeypatch.setattr(CIFAR10, "train_list", [[n, md5(n)] for n in CIFAR_NAMES])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5("test_batch")]])
+    meta = {**CIFAR10.meta, "md5": md5(CIFAR10.meta["filename"])}
+    monkeypatch.setattr(CIFAR10, "meta", meta)
 
 
 MNIST_FILES = {  # torchvision's names: split -> (images, labels)

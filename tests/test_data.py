@@ -16,6 +16,7 @@ from fixtures_data import (
     cifar_images,
     marker,
     one_line_error,
+    seal_cifar10,
     write_cifar10,
     write_imagenet,
 )
@@ -177,8 +178,10 @@ def test_loader_order_depends_only_on_seed_and_epoch() -> None:
 # --------------------------------------------------------------------------------------- cifar10
 
 
-def test_cifar_pixels_labels_and_splits_round_trip(tmp_path: Path) -> None:
-    write_cifar10(tmp_path, PER_BATCH, N_TEST)
+def test_cifar_pixels_labels_and_splits_round_trip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_cifar10(tmp_path, monkeypatch, PER_BATCH, N_TEST)
     s = cifar(tmp_path)
     assert (len(s.train), len(s.val), len(s.test)) == (32, 8, 6)  # val = the LAST 8 of train
     assert s.input_shape == (3, 32, 32) and s.num_classes == 10
@@ -199,8 +202,10 @@ def crops_and_flips(img: torch.Tensor) -> list[torch.Tensor]:
     return crops + [c.flip(-1) for c in crops]
 
 
-def test_cifar_augment_crops_and_flips_train_only(tmp_path: Path) -> None:
-    write_cifar10(tmp_path, PER_BATCH, N_TEST)
+def test_cifar_augment_crops_and_flips_train_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_cifar10(tmp_path, monkeypatch, PER_BATCH, N_TEST)
     plain, aug = cifar(tmp_path), cifar(tmp_path, augment=True)
     torch.manual_seed(0)
     draws = [aug.train[3][0] for _ in range(48)]
@@ -233,8 +238,10 @@ def rewrite_batch(folder: Path, name: str, rows: slice, seed: int) -> None:
         pickle.dump(entry, f, protocol=2)
 
 
-def test_cifar_zca_whitens_train_and_is_fitted_on_train_only(tmp_path: Path) -> None:
-    folder = write_cifar10(tmp_path / "a", PER_BATCH, N_TEST)
+def test_cifar_zca_whitens_train_and_is_fitted_on_train_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = write_cifar10(tmp_path / "a", monkeypatch, PER_BATCH, N_TEST)
     a = cifar(tmp_path / "a", whiten=True)
     train = stack(a.train).flatten(1).double()
     n = len(train)
@@ -247,20 +254,24 @@ def test_cifar_zca_whitens_train_and_is_fitted_on_train_only(tmp_path: Path) -> 
     assert torch.linalg.eigvalsh(plain @ plain.T / n).max() > 10  # so the check can fail
 
     # Changing the held-out val images and the test batch leaves whitened train unchanged ...
-    write_cifar10(tmp_path / "b", PER_BATCH, N_TEST)
+    write_cifar10(tmp_path / "b", monkeypatch, PER_BATCH, N_TEST)
     rewrite_batch(tmp_path / "b" / folder.name, "data_batch_5", slice(-VAL, None), seed=1)
     rewrite_batch(tmp_path / "b" / folder.name, "test_batch", slice(None), seed=2)
+    seal_cifar10(monkeypatch, tmp_path / "b" / folder.name)  # the rewritten files are "published"
     b = cifar(tmp_path / "b", whiten=True)
     assert torch.allclose(stack(b.train), stack(a.train), atol=1e-5)
     assert not torch.allclose(stack(b.val), stack(a.val), atol=1e-2)
     # ... while changing one train image moves every whitened train image.
-    write_cifar10(tmp_path / "c", PER_BATCH, N_TEST)
+    write_cifar10(tmp_path / "c", monkeypatch, PER_BATCH, N_TEST)
     rewrite_batch(tmp_path / "c" / folder.name, "data_batch_1", slice(0, 1), seed=3)
+    seal_cifar10(monkeypatch, tmp_path / "c" / folder.name)
     c = cifar(tmp_path / "c", whiten=True)
     assert not torch.allclose(stack(c.train)[1:], stack(a.train)[1:], atol=1e-2)
 
 
-def test_cifar_errors_say_where_and_how_to_fix(tmp_path: Path) -> None:
+def test_cifar_errors_say_where_and_how_to_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder = tmp_path / "cifar-10-batches-py"
     with pytest.raises(DataError) as exc:
         cifar(tmp_path)
@@ -268,27 +279,34 @@ def test_cifar_errors_say_where_and_how_to_fix(tmp_path: Path) -> None:
         exc, str(folder), "data_batch_1..5, test_batch", "data.download = true", "data.root"
     )
 
-    write_cifar10(tmp_path, PER_BATCH, N_TEST)
+    write_cifar10(tmp_path, monkeypatch, PER_BATCH, N_TEST)
     (folder / "data_batch_3").unlink()
     with pytest.raises(DataError) as exc:
         cifar(tmp_path)
     one_line_error(exc, "data_batch_3", str(folder), "data.download = true")
 
-    write_cifar10(tmp_path, PER_BATCH, N_TEST)
+    write_cifar10(tmp_path, monkeypatch, PER_BATCH, N_TEST)
     blob = (folder / "data_batch_2").read_bytes()
     (folder / "data_batch_2").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DataError) as exc:
         cifar(tmp_path)
-    one_line_error(exc, str(folder / "data_batch_2"), "data.download = true")
+    one_line_error(exc, str(folder / "data_batch_2"), "md5", "data.download = true")
 
-    write_cifar10(tmp_path, PER_BATCH, N_TEST)
+    # a sound pickle of the wrong shape, and a well-formed batch with other pixels: torchvision's
+    # md5 check refuses both, and the message names the file, the layout and the fix
+    write_cifar10(tmp_path, monkeypatch, PER_BATCH, N_TEST)
     entry = {"data": np.zeros((4, 1024), np.uint8), "labels": [0] * 4}
     (folder / "test_batch").write_bytes(pickle.dumps(entry, protocol=2))
     with pytest.raises(DataError) as exc:
         cifar(tmp_path)
-    one_line_error(exc, str(folder / "test_batch"), "3072")
+    one_line_error(exc, str(folder / "test_batch"), "md5", "data_batch_1..5, test_batch")
+    write_cifar10(tmp_path, monkeypatch, PER_BATCH, N_TEST)
+    rewrite_batch(folder, "data_batch_4", slice(0, 1), seed=5)
+    with pytest.raises(DataError) as exc:
+        cifar(tmp_path)
+    one_line_error(exc, str(folder / "data_batch_4"), "md5", "data.download = true")
 
-    write_cifar10(tmp_path, PER_BATCH, N_TEST)
+    write_cifar10(tmp_path, monkeypatch, PER_BATCH, N_TEST)
     with pytest.raises(DataError) as exc:
         load_dataset(DataConfig(name="cifar10", root=str(tmp_path), val_size=40))
     one_line_error(exc, "data.val_size", "40")
@@ -299,7 +317,7 @@ def test_cifar_downloads_only_when_asked(tmp_path: Path, monkeypatch: pytest.Mon
 
     def fake_download(url: str, root: str, **kw: object) -> None:
         calls.append(url)
-        write_cifar10(Path(root), PER_BATCH, N_TEST)
+        write_cifar10(Path(root), monkeypatch, PER_BATCH, N_TEST)
 
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", fake_download)
     with pytest.raises(DataError):

@@ -183,9 +183,12 @@ def pixels(s: DatasetSplits, split: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", ["fashion_mnist", "cifar10"])
-def test_train_size_keeps_a_balanced_seeded_subset_of_train_only(tmp_path: Path, name: str) -> None:
+def test_train_size_keeps_a_balanced_seeded_subset_of_train_only(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if name == "cifar10":
-        write_cifar10(tmp_path, per_batch=12, n_test=6)  # 60 train images, labels g % 10
+        # 60 train images, labels g % 10
+        write_cifar10(tmp_path, monkeypatch, per_batch=12, n_test=6)
     else:
         write(tmp_path)  # 60 train images; class 9 is 4x as common as each other class
     full = load(tmp_path, name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -93,3 +94,39 @@ def test_report_errors(tmp_path):
         timeout=120,
     )
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("reclra: error:")
+
+
+def test_report_leaves_matplotlib_global_state_alone(tmp_path):
+    """The figures are matplotlib Figure objects: importing and running the report switches no
+    backend and loads no pyplot (a notebook's or an application's own backend stays theirs)."""
+    run = {
+        "epochs": [{"epoch": 1, "val_acc": 0.5, "train_loss": 1.2}],
+        "steps": 3,
+        "test_acc": 0.5,
+        "stages": {"0": {"forward_s": 1.0, "learn_s": 2.0, "idle_s": 0.5, "bytes_received": 10}},
+        "alignment": [{"step": 1, "synapse_angle_deg": {"fc": 40.0}}],
+    }
+    run["stages"]["0"].update(staleness_mean=0.0, staleness_max=0)
+    (tmp_path / "rec_lra").mkdir()
+    (tmp_path / "rec_lra" / "metrics.json").write_text(json.dumps(run))
+    code = (
+        "import sys, matplotlib\n"
+        "before = matplotlib.get_backend()\n"
+        "from driver.api.report import report\n"
+        f"md = report({str(tmp_path)!r})\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'\n"
+        "assert matplotlib.get_backend() == before, (before, matplotlib.get_backend())\n"
+        "print(before)\n"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MPLBACKEND": "svg"},
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "svg"
+    for png in ("curves.png", "stage_times.png", "alignment.png"):
+        assert _png_width(tmp_path / png) > 100

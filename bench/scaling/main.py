@@ -51,15 +51,11 @@ SIDE_BY_SIDE = {
 
 
 def plot(projections: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend switch
 
     names = list(projections)
-    fig, axes = plt.subplots(
-        len(names), len(MODELS), figsize=(4 * len(MODELS), 3.4 * len(names)), squeeze=False
-    )
+    fig = Figure(figsize=(4 * len(MODELS), 3.4 * len(names)))
+    axes = fig.subplots(len(names), len(MODELS), squeeze=False)
     for i, prof in enumerate(names):
         for j, model in enumerate(MODELS):
             ax = axes[i][j]

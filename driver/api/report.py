@@ -7,13 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.figure import Figure  # no pyplot: no global backend, no figure registry
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from driver.api.report_alignment import alignment_figure, alignment_markdown  # noqa: E402
-from workers.rules.recipes import computes  # noqa: E402
+from driver.api.report_alignment import alignment_figure, alignment_markdown
+from workers.rules.recipes import computes
 
 
 class ReportError(ValueError):
@@ -41,7 +38,8 @@ def load_runs(run_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def curves(runs: dict[str, dict[str, Any]], path: Path) -> None:
-    fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    acc, loss = fig.subplots(1, 2)
     for rule, run in runs.items():
         epochs = [e["epoch"] for e in run["epochs"]]
         acc.plot(epochs, [e["val_acc"] for e in run["epochs"]], marker="o", label=rule)
@@ -53,7 +51,6 @@ def curves(runs: dict[str, dict[str, Any]], path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def stage_times(runs: dict[str, dict[str, Any]], path: Path) -> None:
@@ -64,7 +61,8 @@ def stage_times(runs: dict[str, dict[str, Any]], path: Path) -> None:
             fwd.append(st["forward_s"])
             learn.append(st["learn_s"])
             idle.append(st["idle_s"])
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(labels)), 4))
+    fig = Figure(figsize=(max(5, 1.3 * len(labels)), 4))
+    ax = fig.subplots()
     x = range(len(labels))
     ax.bar(x, fwd, label="forward")
     ax.bar(x, learn, bottom=fwd, label="learn + apply")
@@ -74,7 +72,6 @@ def stage_times(runs: dict[str, dict[str, Any]], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def markdown(runs: dict[str, dict[str, Any]], alignment: list[str] | None = None) -> str:

@@ -6,10 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # no pyplot: no global backend, no figure registry
 
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -41,7 +38,8 @@ def alignment_figure(runs: dict[str, dict[str, Any]], path: Path) -> list[str]:
     ]
     if not drawn:
         return []
-    fig, axes = plt.subplots(1, len(drawn), figsize=(6.5 * len(drawn), 4.5), squeeze=False)
+    fig = Figure(figsize=(6.5 * len(drawn), 4.5))
+    axes = fig.subplots(1, len(drawn), squeeze=False)
     for ax, (key, title, unit) in zip(axes[0], drawn, strict=True):
         for i, (rule, run) in enumerate(runs.items()):
             style = LINESTYLES[i % len(LINESTYLES)]  # one per rule; colours follow the layers
@@ -57,7 +55,6 @@ def alignment_figure(runs: dict[str, dict[str, Any]], path: Path) -> list[str]:
         ax.legend(fontsize="x-small", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return [key for key, _, _ in drawn]
 
 

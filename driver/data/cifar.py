@@ -1,17 +1,16 @@
-"""CIFAR-10 from its python batches: structural file checks, the held-out split, GCN + ZCA."""
+"""CIFAR-10 from its python batches (torchvision's CIFAR10, md5-checked), the held-out split,
+GCN + ZCA."""
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
-import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
 from driver.data.common import DataError, DatasetSplits, TensorImages
@@ -25,6 +24,10 @@ MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 ZCA_EPS = 1e-2
 ZCA_MAX_FIT = 10_000
+_LAYOUT = (
+    f"data.root must hold {CIFAR10.base_folder}/ with data_batch_1..5, test_batch and "
+    f"batches.meta, as extracted from {CIFAR10.filename}"
+)
 _MISSING_FIX = (
     "download them with data.download = true, "
     f"or point data.root at the folder that holds {CIFAR10.base_folder}"
@@ -32,83 +35,54 @@ _MISSING_FIX = (
 _CORRUPT_FIX = "delete it and re-run with data.download = true to fetch a fresh copy"
 
 
-@functools.cache
-def _file_problem(path: str, mtime_ns: int, size: int, batch: bool) -> str | None:
-    """What is wrong with one batch (or meta) file, or None; cached on the file's stat."""
-    try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-    except Exception as err:  # any unpickling failure means a truncated or foreign file
-        return f"cannot read {path} ({type(err).__name__}: {err})"
-    if not isinstance(entry, dict):
-        return f"{path} holds a {type(entry).__name__}, not a CIFAR-10 dict"
-    if not batch:
-        names = entry.get("label_names")
-        return None if isinstance(names, list) and len(names) == 10 else f"{path}: bad label_names"
-    data, labels = entry.get("data"), entry.get("labels")
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
-        return f"{path}: 'data' is not a uint8 N x 3072 array"
-    if data.shape[1] != 3 * 32 * 32 or not isinstance(labels, list) or len(labels) != len(data):
-        return f"{path}: 'data' {data.shape} and 'labels' do not form N x 3072 images with N labels"
-    if labels and not all(isinstance(v, int) and 0 <= v < 10 for v in labels):
-        return f"{path}: labels outside 0..9"
-    return None
+def _files() -> list[tuple[str, str]]:
+    """(file name, md5) of every file torchvision's CIFAR10 checks, batches first."""
+    named = [(name, md5) for name, md5 in CIFAR10.train_list + CIFAR10.test_list]
+    return [*named, (CIFAR10.meta["filename"], CIFAR10.meta["md5"])]
 
 
 def cifar_missing(folder: Path) -> str | None:
     """Which files of a ``cifar-10-batches-py`` folder are absent, as one line with the fix, or
     None (nothing is read: the service's admission asks this)."""
-    names = [n for n, _ in CIFAR10.train_list + CIFAR10.test_list]
-    if not folder.is_dir() or not any((folder / n).is_file() for n in names):
+    names = [name for name, _ in _files()]
+    if not folder.is_dir() or not any((folder / n).is_file() for n in names[:-1]):
         where = f"under {folder} (looked for data_batch_1..5, test_batch)"
         return f"cifar10: no CIFAR-10 batches {where}; {_MISSING_FIX}"
-    missing = [n for n in [*names, CIFAR10.meta["filename"]] if not (folder / n).is_file()]
+    missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         return f"cifar10: missing {', '.join(missing)} under {folder}; {_MISSING_FIX}"
     return None
 
 
-def cifar_problem(folder: Path) -> str | None:
-    """Structural check of a ``cifar-10-batches-py`` folder, as one line with the fix, or None."""
-    absent = cifar_missing(folder)
-    if absent:
-        return absent
-    names = [n for n, _ in CIFAR10.train_list + CIFAR10.test_list]
-    for name in [*names, CIFAR10.meta["filename"]]:
-        stat = (folder / name).stat()
-        problem = _file_problem(str(folder / name), stat.st_mtime_ns, stat.st_size, name in names)
-        if problem:
-            return f"cifar10: {problem}; {_CORRUPT_FIX}"
+def cifar_corrupt(folder: Path) -> str | None:
+    """The first file of the folder whose md5 is not the published one (the check torchvision's
+    CIFAR10 makes, file by file, through its public check_integrity), as one line, or None."""
+    for name, md5 in _files():
+        if not check_integrity(str(folder / name), md5):
+            return (
+                f"cifar10: {folder / name} is not the published CIFAR-10 file (its md5 differs: "
+                f"truncated, altered or from another dataset); {_LAYOUT}; {_CORRUPT_FIX}"
+            )
     return None
-
-
-class CheckedCIFAR10(CIFAR10):
-    """torchvision's CIFAR10 reader with the md5 check replaced by :func:`cifar_problem`."""
-
-    def _check_integrity(self) -> bool:
-        return cifar_problem(Path(self.root) / self.base_folder) is None
-
-    def _load_meta(self) -> None:
-        with open(os.path.join(self.root, self.base_folder, self.meta["filename"]), "rb") as f:
-            self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
 
 def _read(root: str, *, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One split as (uint8 N x 3 x 32 x 32, int64 N), or DataError naming the file and the fix."""
     folder = Path(root) / CIFAR10.base_folder
-    problem = None if download else cifar_problem(folder)
-    if problem:
-        raise DataError(problem)
+    absent = None if download else cifar_missing(folder)
+    if absent:
+        raise DataError(absent)
     try:
-        ds = CheckedCIFAR10(root, train=train, download=download)
+        ds = CIFAR10(root, train=train, download=download)
     except OSError as err:  # network or disk failure while downloading
         raise DataError(
             f"cifar10: download of {CIFAR10.url} into {root} failed ({err}); "
             f"check the network, or {_MISSING_FIX}"
         ) from err
-    except RuntimeError as err:  # torchvision: still "not found or corrupted" after downloading
-        raise DataError(cifar_problem(folder) or f"cifar10: {err}") from err
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted" (md5 check)
+        raise DataError(
+            cifar_missing(folder) or cifar_corrupt(folder) or f"cifar10: {err}; {_LAYOUT}"
+        ) from err
     images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
     return images, torch.tensor(ds.targets, dtype=torch.long)
 

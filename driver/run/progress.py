@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Any
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from driver.run.callbacks import TERMINAL, Callback, RunState, RunView
 
