@@ -1,4 +1,5 @@
-"""Networks as ordered lists of blocks: an MLP and CIFAR/ImageNet-form ResNets of depth 8/18/34."""
+"""Networks as ordered lists of blocks: an MLP and CIFAR/ImageNet-form ResNets of depth 8/18/34
+(basic blocks) and 50/101 (bottleneck blocks, torchvision's v1.5: the stride on the 3x3)."""
 
 from __future__ import annotations
 
@@ -13,19 +14,29 @@ from workers.blocks import Block, Wire
 from workers.bounds import Limits, check_bounds
 from workers.layers import Conv, Dense, Layer, PooledHead
 
-ModelName = Literal["mlp", "resnet8", "resnet18", "resnet34"]
+ModelName = Literal["mlp", "resnet8", "resnet18", "resnet34", "resnet50", "resnet101"]
 MODELS = get_args(ModelName)
-RESNET_LAYOUT = {"resnet8": (1, 1, 1), "resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+RESNET_LAYOUT = {  # residual blocks per stage
+    "resnet8": (1, 1, 1),
+    "resnet18": (2, 2, 2, 2),
+    "resnet34": (3, 4, 6, 3),
+    "resnet50": (3, 4, 6, 3),
+    "resnet101": (3, 4, 23, 3),
+}
+BOTTLENECK = ("resnet50", "resnet101")  # 1x1 reduce, 3x3, 1x1 expand; the rest: basic blocks
+EXPANSION = 4  # a bottleneck block's output channels over its 3x3's
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     name: ModelName = "resnet8"
-    """The network: an MLP, or a ResNet of depth 8, 18 or 34."""
+    """The network: an MLP, or a ResNet of depth 8, 18 or 34 (basic blocks) or 50 or 101
+    (bottleneck blocks, torchvision's v1.5)."""
     form: Literal["cifar", "imagenet"] = "cifar"
     """ResNets: cifar (3x3 stem) or imagenet (7x7 stride-2 stem and a max-pool)."""
     width: int = 16
-    """ResNets: channels of the first stage (doubling per stage)."""
+    """ResNets: channels of the stem and of the first stage (doubling per stage); in a
+    bottleneck ResNet, of the first stage's 3x3 convs (its blocks output 4x as many)."""
     hidden: int = 128
     """MLP: the hidden width."""
     depth: int = 2
@@ -157,13 +168,19 @@ def _resnet(
     shape = stem_shape
     if imagenet:
         shape = (cfg.width, _conv_out(hs, 3, 2, 1), _conv_out(ws, 3, 2, 1))
+    bottleneck = cfg.name in BOTTLENECK
     for s, n_blocks in enumerate(RESNET_LAYOUT[cfg.name]):
-        c_out = cfg.width * 2**s
+        c_mid = cfg.width * 2**s
+        c_out = c_mid * EXPANSION if bottleneck else c_mid
         for b in range(n_blocks):
             st = 2 if (s > 0 and b == 0) else 1
             out_shape = (c_out, _conv_out(shape[1], 3, st, 1), _conv_out(shape[2], 3, st, 1))
             name = f"layer{s + 1}.{b}"
-            plan.append((name, _basic_block_factory(name, shape, out_shape, st, cfg)))
+            if bottleneck:
+                make = _bottleneck_factory(name, shape, c_mid, out_shape, st, cfg)
+            else:
+                make = _basic_block_factory(name, shape, out_shape, st, cfg)
+            plan.append((name, make))
             shape = out_shape
     last = shape
 
@@ -201,6 +218,51 @@ def _basic_block_factory(
             identity=identity,
             in_shape=in_shape,
             node_shapes=[out_shape, out_shape],
+        )
+
+    return make
+
+
+def _bottleneck_factory(
+    name: str,
+    in_shape: tuple[int, ...],
+    c_mid: int,
+    out_shape: tuple[int, ...],
+    stride: int,
+    cfg: ModelConfig,
+) -> BlockFactory:
+    """A bottleneck block (torchvision's v1.5): conv1 1x1 to c_mid, conv2 3x3 carrying the
+    stride, conv3 1x1 to c_out; the identity, or a 1x1 projection `shortcut` (with the stride)
+    when the shape changes, joins conv3 before the last activation. Three nodes in a chain,
+    the same graph the rules already walk for a basic block, one node longer."""
+
+    def make() -> Block:
+        c_in, c_out, bn = in_shape[0], out_shape[0], cfg.batchnorm
+        mid_in = (c_mid, *in_shape[1:])  # conv1 keeps the input's size
+        mid_out = (c_mid, *out_shape[1:])
+        layers: dict[str, Layer] = {
+            "conv1": Conv(c_in, c_mid, 1, stride=1, padding=0, batchnorm=bn),
+            "conv2": Conv(c_mid, c_mid, 3, stride=stride, padding=1, batchnorm=bn),
+            "conv3": Conv(c_mid, c_out, 1, stride=1, padding=0, batchnorm=bn),
+        }
+        last_bn = layers["conv3"].bn
+        if cfg.zero_init_residual and isinstance(last_bn, nn.BatchNorm2d):
+            nn.init.zeros_(last_bn.weight)
+        wires = [Wire("conv1", -1, 0), Wire("conv2", 0, 1), Wire("conv3", 1, 2)]
+        identity: list[tuple[int, int]] = []
+        if stride != 1 or c_in != c_out:
+            layers["shortcut"] = Conv(c_in, c_out, 1, stride=stride, padding=0, batchnorm=bn)
+            wires.append(Wire("shortcut", -1, 2, shortcut=True))
+        else:
+            identity.append((-1, 2))
+        return Block(
+            name,
+            layers,
+            wires,
+            [cfg.act] * 3,
+            identity=identity,
+            in_shape=in_shape,
+            node_shapes=[mid_in, mid_out, out_shape],
         )
 
     return make

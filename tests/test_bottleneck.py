@@ -1,0 +1,276 @@
+"""Bottleneck ResNets (ResNet-50 and ResNet-101, torchvision's v1.5) as graphs the rules walk.
+
+(a) Shapes: every block's declared node and output shapes are what its forward computes, in
+    CIFAR form (32x32) and ImageNet form (64x64), with a small width.
+(b) The ImageNet-form ResNet-50 at width 64 with 1,000 classes has torchvision's parameter
+    count (25,557,032), and its weights, under torchvision's names (convN -> convN + bnN, the
+    projection shortcut -> downsample.0/1, stem -> conv1 + bn1, head -> fc), load into
+    torchvision.models.resnet50 with strict=True and give the same logits.
+(c) One training step of every rule (rec_lra in each topology, lra_e, fa, kp, sign, dfa,
+    backprop) on a small ResNet-50 cut into two stages: finite losses, finite weights that moved.
+(d) K = 2 and 3 partitions (balanced from a real profile, and explicit) cut only between
+    bottleneck blocks: each block's three convs (and its shortcut) sit in one stage.
+(e) The in-process pipeline on K = 2 and 3 stages trains a deterministic rule (rec-LRA
+    mirror, backprop) to the weights one stage reaches (float64).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from driver.config.pipeline import PipelineConfig
+from driver.pipeline.partition import plan_partition
+from driver.pipeline.stream import LocalPipeline
+from workers.blocks import Block
+from workers.chain import LocalRunner, stage_specs
+from workers.layers import init_weight_
+from workers.models import ModelConfig, model_plan
+from workers.optim import OptimConfig
+from workers.rules import RuleConfig
+from workers.spec import StageSpec
+
+CLASSES = 10
+RANDOM = dict(kp_init="kaiming", head_init="kaiming")  # every synapse moves from step one
+
+
+def _blocks(model: ModelConfig, shape: tuple[int, ...], classes: int = CLASSES) -> list[Block]:
+    """The model's blocks with Kaiming weights (a plan's layers are uninitialised until a
+    stage equips them)."""
+    blocks = [make() for _, make in model_plan(model, shape, classes)]
+    gen = torch.Generator().manual_seed(0)
+    for block in blocks:
+        for _, layer in block.layer_items():
+            init_weight_(layer.weight, "kaiming", 1.0, gen)
+    return blocks
+
+
+# -- (a) shapes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, form, hw, n_blocks",
+    [
+        ("resnet50", "cifar", 32, 18),
+        ("resnet50", "imagenet", 64, 18),
+        ("resnet101", "cifar", 32, 35),
+        ("resnet101", "imagenet", 64, 35),
+    ],
+)
+def test_shapes_follow_the_declared_node_shapes(name, form, hw, n_blocks):
+    model = ModelConfig(name=name, form=form, width=4)
+    blocks = _blocks(model, (3, hw, hw))
+    assert len(blocks) == n_blocks
+    x = torch.randn(2, 3, hw, hw)
+    for block in blocks:
+        assert tuple(x.shape[1:]) == block.in_shape, block.name
+        out, cache = block.forward_local(x)
+        for n, z in enumerate(cache.z):
+            assert tuple(z.shape[1:]) == block.node_shapes[n], (block.name, n)
+        assert tuple(out.shape[1:]) == block.out_shape, block.name
+        torch.testing.assert_close(block(x), out)  # the two forwards agree
+        x = out
+    assert x.shape == (2, CLASSES)
+    # torchvision's v1.5: conv2 (3x3) carries the stride, conv1 and conv3 are 1x1; 4x expansion
+    first = {b.name: b for b in blocks}["layer2.0"]
+    assert [first.layer(n).weight.shape[-1] for n in ("conv1", "conv2", "conv3")] == [1, 3, 1]
+    assert [first.layer(n).stride for n in ("conv1", "conv2", "conv3", "shortcut")] == [1, 2, 1, 2]
+    assert first.out_shape[0] == 4 * first.node_shapes[1][0] == 4 * 8
+    # the shortcut is a projection exactly where the shape changes (the first block of a stage)
+    for block in blocks[1:-1]:
+        projected = block.name.endswith(".0")
+        assert ("shortcut" in block.layers) == projected, block.name
+        assert (block.identity == [(-1, 2)]) == (not projected), block.name
+
+
+def test_zero_init_residual_zeroes_the_last_batchnorm():
+    model = ModelConfig(name="resnet50", width=4, zero_init_residual=True)
+    for block in _blocks(model, (3, 16, 16))[1:-1]:
+        assert torch.count_nonzero(block.layer("conv3").bn.weight) == 0  # type: ignore[union-attr]
+        assert torch.count_nonzero(block.layer("conv2").bn.weight) > 0  # type: ignore[union-attr]
+
+
+# -- (b) torchvision ------------------------------------------------------------------------------
+
+
+def _torchvision_key(name: str) -> str:
+    """A reclra parameter or buffer name (block.layer.[bn.]tensor) under torchvision's scheme."""
+    if name.startswith("stem.conv."):
+        name = name.replace("stem.conv.bn.", "bn1.").replace("stem.conv.", "conv1.")
+        return name
+    if name.startswith("head.fc."):
+        return name.removeprefix("head.")
+    m = re.fullmatch(r"(layer\d\.\d+)\.(conv(\d)|shortcut)\.(bn\.)?(\w+)", name)
+    assert m is not None, name
+    block, layer, index, bn, tensor = m.groups()
+    if layer == "shortcut":
+        module = "downsample.1" if bn else "downsample.0"
+    else:
+        module = f"bn{index}" if bn else layer
+    return f"{block}.{module}.{tensor}"
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet101"])
+def test_imagenet_form_matches_torchvision(name):
+    model = ModelConfig(name=name, form="imagenet", width=64)
+    blocks = _blocks(model, (3, 224, 224), 1000)
+    net = nn.Sequential(*blocks).eval()
+    reference = getattr(torchvision.models, name)().eval()
+    count = sum(p.numel() for p in net.parameters())
+    assert count == sum(p.numel() for p in reference.parameters())
+    if name == "resnet50":
+        assert count == 25_557_032
+    state = {}
+    for block in blocks:
+        for key, t in block.state_dict().items():
+            state[_torchvision_key(f"{block.name}.{key.removeprefix('layers.')}")] = t
+    reference.load_state_dict(state, strict=True)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode is really compared
+        for m in reference.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+        for block in blocks:
+            for key, t in block.state_dict().items():
+                t.copy_(
+                    reference.state_dict()[
+                        _torchvision_key(f"{block.name}.{key.removeprefix('layers.')}")
+                    ]
+                )
+        x = torch.randn(2, 3, 64, 64)
+        torch.testing.assert_close(net(x), reference(x), rtol=1e-4, atol=1e-4)
+
+
+# -- (c) every rule, one step --------------------------------------------------------------------
+
+SMALL = ModelConfig(name="resnet50", width=4)
+SHAPE = (3, 16, 16)
+N_BLOCKS = 18
+RULES = {
+    "rec_lra-mirror": dict(name="rec_lra"),
+    "rec_lra-mirror-local": dict(name="rec_lra", feedback_update="local", skip_update="local"),
+    "rec_lra-adjacent": dict(name="rec_lra", topology="adjacent", **RANDOM),
+    "rec_lra-skip": dict(name="rec_lra", topology="skip", **RANDOM),
+    "rec_lra-stage": dict(name="rec_lra", topology="stage", **RANDOM),
+    "rec_lra-decoupled": dict(name="rec_lra", topology="decoupled", aux_recon=0.5, **RANDOM),
+    "rec_lra-paper": dict(name="rec_lra", preset="paper"),
+    "lra_e": dict(name="lra_e", **RANDOM),
+    "fa": dict(name="fa"),
+    "kp": dict(name="kp", **RANDOM),
+    "sign": dict(name="sign"),
+    "dfa": dict(name="dfa"),
+    "backprop": dict(name="backprop"),
+}
+
+
+def _base(rule: RuleConfig, dtype: str = "float32") -> StageSpec:
+    assert len(model_plan(SMALL, SHAPE, CLASSES)) == N_BLOCKS
+    return StageSpec(
+        model=SMALL,
+        rule=rule,
+        optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, total_steps=10),
+        input_shape=SHAPE,
+        num_classes=CLASSES,
+        blocks=(0, N_BLOCKS),
+        dtype=dtype,
+    )
+
+
+def _batch(size: int = 8, seed: int = 0, dtype=torch.float32):  # noqa: ANN001, ANN202
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(size, *SHAPE, generator=g, dtype=dtype),
+        torch.randint(0, CLASSES, (size,), generator=g),
+    )
+
+
+def _units(runner) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    return {
+        f"{u}.{k}": t
+        for u, entry in runner.state_dict()["units"].items()
+        for k, t in entry["tensors"].items()
+    }
+
+
+@pytest.mark.parametrize("rule", list(RULES.values()), ids=list(RULES))
+def test_one_step_of_every_rule(rule):
+    runner = LocalRunner(stage_specs(_base(RuleConfig(**rule)), [0, 8, N_BLOCKS]))
+    before = {k: t.clone() for k, t in _units(runner).items()}
+    x, y = _batch()
+    ((logits, labels),) = runner.step(x, y, 2)
+    loss = nn.functional.cross_entropy(logits, labels)
+    assert math.isfinite(loss.item())
+    for _, stats in runner.drain_stats():
+        if rule["name"] not in ("backprop", "fa", "kp", "sign"):  # autograd: no node losses
+            assert stats.local_loss, "a stage reported no node loss"
+        assert all(math.isfinite(v) for v in stats.local_loss.values()), stats.local_loss
+        assert stats.update_norm and all(math.isfinite(v) for v in stats.update_norm.values())
+    after = _units(runner)
+    assert all(torch.isfinite(t).all() for t in after.values())
+    for layer in ("layer1.0.conv1", "layer2.3.conv3", "layer4.2.conv2", "head.fc"):
+        key = f"{layer}.weight"
+        assert not torch.equal(before[key], after[key]), f"{key} did not learn"
+    if rule["name"] in ("rec_lra", "lra_e", "kp") and rule.get("topology") != "skip":
+        # a learning error synapse on the 1x1 expand conv (a weight mirror or KP from step one)
+        assert "layer3.1.conv3.feedback" in after
+
+
+# -- (d) partitions cut between bottleneck blocks ------------------------------------------------
+
+
+def _stage_layers(spec: StageSpec) -> dict[str, set[str]]:
+    plan = model_plan(spec.model, spec.input_shape, spec.num_classes)
+    first, last = spec.blocks
+    return {name: set(make().layers) for name, make in plan[first:last]}
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_partition_cuts_between_bottleneck_blocks(k):
+    base = _base(RuleConfig(name="rec_lra"))
+    names = tuple(name for name, _ in model_plan(SMALL, SHAPE, CLASSES))
+    part = plan_partition(base, k, (), _batch(4), 1, names=names)
+    assert len(part.bounds) == k + 1 and part.bounds[0] == 0 and part.bounds[-1] == N_BLOCKS
+    explicit = plan_partition(base, k, (4, 11)[: k - 1], None, 1, names=names)
+    for bounds in (part.bounds, explicit.bounds):
+        seen: list[str] = []
+        for spec in stage_specs(base, list(bounds)):
+            for block, layers in _stage_layers(spec).items():
+                if block.startswith("layer"):  # a whole bottleneck in this one stage
+                    assert {"conv1", "conv2", "conv3"} <= layers, (block, layers)
+                seen.append(block)
+        assert seen == list(names)  # every block once, in order
+        for cut in bounds[1:-1]:
+            assert re.fullmatch(r"layer\d\.\d+|head", names[cut]), names[cut]
+
+
+# -- (e) the in-process pipeline equals one stage ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rule, bounds",
+    [
+        (RuleConfig(name="rec_lra", **RANDOM), [0, 6, N_BLOCKS]),
+        (RuleConfig(name="backprop"), [0, 4, 11, N_BLOCKS]),
+    ],
+    ids=["mirror-k2", "backprop-k3"],
+)
+def test_in_process_pipeline_equals_one_stage(rule, bounds):
+    base = _base(rule, dtype="float64")
+    one = LocalRunner([base])
+    pipe = LocalPipeline(stage_specs(base, bounds), PipelineConfig(stages=len(bounds) - 1))
+    for step in range(2):
+        x, y = _batch(6, seed=step, dtype=torch.float64)
+        one.step(x, y, 2)
+        pipe.step(x, y, 2)
+    pipe.flush()
+    a, b = _units(one), _units(pipe)
+    start = _units(LocalRunner([base]))
+    assert not torch.equal(a["layer3.0.conv2.weight"], start["layer3.0.conv2.weight"])
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-10, msg=key)
