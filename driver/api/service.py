@@ -5,14 +5,17 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
-from driver.api import reclra_pb2 as _pb
+from driver.api import reclra_pb2 as pb
+from driver.api import reclra_pb2_grpc as pb_grpc
 from driver.api.admission import OverBudget
 from driver.api.credentials import (
     ServerTls,
@@ -29,18 +32,17 @@ from driver.config.service import ServiceConfig
 from driver.run.callbacks import RunState
 
 log = logging.getLogger(__name__)
-SERVICE = "reclra.v1.Training"
-# rpc name -> (request message, response message, server-streaming); mirrors reclra.proto
+_TRAINING = pb.DESCRIPTOR.services_by_name["Training"]
+SERVICE = _TRAINING.full_name  # reclra.v1.Training
+# rpc name -> (request message, response message, server-streaming), read from the generated
+# descriptor of reclra.proto (for tools that send raw bytes, e.g. bench.chaos)
 METHODS = {
-    "StartRun": ("StartRunRequest", "Run", False),
-    "GetRun": ("GetRunRequest", "Run", False),
-    "ListRuns": ("ListRunsRequest", "ListRunsResponse", False),
-    "StopRun": ("StopRunRequest", "Run", False),
-    "WatchRun": ("WatchRunRequest", "RunEvent", True),
+    m.name: (m.input_type.name, m.output_type.name, m.server_streaming) for m in _TRAINING.methods
 }
+# what reflection lists: the API, the health check and reflection itself
+REFLECTED = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
 REFUSALS = (UnknownRun, QueueFull, OverBudget, Closing, ValueError)
 TERMINAL_STATES = {s.value for s in (RunState.SUCCEEDED, RunState.FAILED, RunState.STOPPED)}
-pb: Any = _pb  # generated messages carry no static types
 
 
 # the registry's refusals, as status codes (first match wins: the ValueErrors come last)
@@ -70,11 +72,16 @@ def _abort(context: grpc.ServicerContext, exc: Exception) -> NoReturn:
     raise AssertionError("unreachable: abort raises")
 
 
-class Servicer:
+class Servicer(pb_grpc.TrainingServicer):
+    """The Training service's methods, registered by the generated
+    add_TrainingServicer_to_server."""
+
     def __init__(self, runs: Runs, interval: float) -> None:
         self.runs, self.interval = runs, interval
 
-    def StartRun(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+    def StartRun(  # noqa: N802
+        self, request: pb.StartRunRequest, context: grpc.ServicerContext
+    ) -> pb.Run:
         try:
             handle = self.runs.start(request.config_toml, list(request.overrides), request.run_id)
         except REFUSALS as exc:
@@ -94,20 +101,24 @@ class Servicer:
         except REFUSALS as exc:
             _abort(context, exc)
 
-    def GetRun(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+    def GetRun(self, request: pb.GetRunRequest, context: grpc.ServicerContext) -> pb.Run:  # noqa: N802
         return pb.Run(**self._get(request.run_id, context).fields())
 
-    def ListRuns(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+    def ListRuns(  # noqa: N802
+        self, request: pb.ListRunsRequest, context: grpc.ServicerContext
+    ) -> pb.ListRunsResponse:
         return pb.ListRunsResponse(runs=[pb.Run(**h.fields()) for h in self.runs.all()])
 
-    def StopRun(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+    def StopRun(self, request: pb.StopRunRequest, context: grpc.ServicerContext) -> pb.Run:  # noqa: N802
         try:
             handle = self.runs.stop(request.run_id)
         except REFUSALS as exc:
             _abort(context, exc)
         return pb.Run(**handle.fields())
 
-    def WatchRun(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
+    def WatchRun(  # noqa: N802
+        self, request: pb.WatchRunRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.RunEvent]:
         handle = self._get(request.run_id, context)
         seen = -1
         while context.is_active():
@@ -125,44 +136,61 @@ class Servicer:
             time.sleep(self.interval)  # coalesce: many watchers must not slow the run
 
 
-def _handlers(servicer: Servicer) -> grpc.GenericRpcHandler:
-    """The service's method handlers, built from METHODS (only the messages are generated)."""
-    handlers = {}
-    for name, (req, resp, stream) in METHODS.items():
-        make = (
-            grpc.unary_stream_rpc_method_handler if stream else grpc.unary_unary_rpc_method_handler
-        )
-        handlers[name] = make(
-            _decoding(getattr(servicer, name), getattr(pb, req)),
-            response_serializer=getattr(pb, resp).SerializeToString,
-        )
-    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+def _request_name(method: str) -> str:
+    """The request message's full name for a method path, e.g. reclra.v1.GetRunRequest."""
+    service, _, name = method.strip("/").partition("/")
+    if service == SERVICE and name in METHODS:
+        return f"{pb.DESCRIPTOR.package}.{METHODS[name][0]}"
+    return f"request of {method}"
 
 
-def _decoding(method: Any, message: Any) -> Any:
-    """`method` taking the request's raw bytes: a body that is not a `message` (a broken
+def _decoding(deserialize: Callable[[bytes], Any], method: str) -> Callable[..., Any]:
+    """deserialize, run inside the method's behaviour: a body that does not decode (a broken
     protobuf, invalid UTF-8 in a string field) is INVALID_ARGUMENT, where grpc's own
     deserializer would answer INTERNAL."""
 
-    def behaviour(raw: bytes, context: grpc.ServicerContext) -> Any:
+    def decode(raw: bytes, context: grpc.ServicerContext) -> Any:
         try:
-            request = message.FromString(raw)
+            return deserialize(raw)
         except Exception as exc:  # protobuf's DecodeError, or UTF-8 decoding
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 clip(
-                    f"the request is not a valid {message.DESCRIPTOR.full_name} "
+                    f"the request is not a valid {_request_name(method)} "
                     f"({type(exc).__name__}: {exc}); send it as the .proto says, strings in UTF-8"
                 ),
             )
-        return method(request, context)
 
-    return behaviour
+    return decode
+
+
+class _DecodeInBehaviour(grpc.ServerInterceptor):
+    """Every unary-request method's handler (the generated ones, health's) with its request
+    deserializer moved into its behaviour, so a body that does not decode gets
+    INVALID_ARGUMENT with a message naming the message type."""
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        decode = _decoding(handler.request_deserializer, details.method)
+        if handler.response_streaming:
+            behaviour = handler.unary_stream
+            return grpc.unary_stream_rpc_method_handler(
+                lambda raw, context: behaviour(decode(raw, context), context),
+                response_serializer=handler.response_serializer,
+            )
+        behaviour = handler.unary_unary
+        return grpc.unary_unary_rpc_method_handler(
+            lambda raw, context: behaviour(decode(raw, context), context),
+            response_serializer=handler.response_serializer,
+        )
 
 
 class _BearerAuth(grpc.ServerInterceptor):
-    """Every call but the health check must carry `authorization: Bearer <token>`; the token
-    is asked of its source on every call, so a rotated token file takes effect at once."""
+    """Every call but the health check must carry `authorization: Bearer <token>` (reflection
+    included); the token is asked of its source on every call, so a rotated token file takes
+    effect at once. A refused call gets UNAUTHENTICATED whether its method exists or not."""
 
     def __init__(self, token: str | TokenSource) -> None:
         self.source = TokenSource(token) if isinstance(token, str) else token
@@ -173,8 +201,16 @@ class _BearerAuth(grpc.ServerInterceptor):
                 "missing or wrong bearer token (metadata authorization: Bearer ...)",
             )
 
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
-        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+        def deny_stream(requests: Any, context: grpc.ServicerContext) -> None:
+            deny(None, context)
+
+        # a refusal in the method's own shape: (request streaming, response streaming)
+        self._deny: dict[tuple[bool, bool], grpc.RpcMethodHandler[Any, Any]] = {
+            (False, False): grpc.unary_unary_rpc_method_handler(deny),
+            (False, True): grpc.unary_stream_rpc_method_handler(deny),
+            (True, False): grpc.stream_unary_rpc_method_handler(deny_stream),
+            (True, True): grpc.stream_stream_rpc_method_handler(deny_stream),
+        }
 
     def intercept_service(self, continuation: Any, details: Any) -> Any:
         if details.method.startswith("/grpc.health.v1.Health/"):
@@ -182,7 +218,10 @@ class _BearerAuth(grpc.ServerInterceptor):
         sent = dict(details.invocation_metadata).get("authorization", "")
         if hmac.compare_digest(sent.encode(), b"Bearer " + self.source.current()):
             return continuation(details)
-        return self._deny_stream if details.method.endswith("/WatchRun") else self._deny
+        handler = continuation(details)  # looked up only for its shape; never called
+        if handler is None:
+            return self._deny[False, False]
+        return self._deny[handler.request_streaming, handler.response_streaming]
 
 
 class Service:
@@ -194,16 +233,17 @@ class Service:
         tls = server_tls(cfg)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.max_workers),
-            interceptors=[_BearerAuth(token)],
+            interceptors=[_BearerAuth(token), _DecodeInBehaviour()],
             options=[("grpc.max_receive_message_length", cfg.max_request_bytes)],
         )
         self.port = self._bind(cfg.addr, cfg.port, tls)
         self.runs = Runs(cfg, metrics)
-        self.server.add_generic_rpc_handlers(
-            (_handlers(Servicer(self.runs, cfg.watch_interval_s)),)
+        pb_grpc.add_TrainingServicer_to_server(
+            Servicer(self.runs, cfg.watch_interval_s), self.server
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(REFLECTED, self.server)
         self.server.start()
         for name in (SERVICE, ""):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -244,6 +284,7 @@ class Service:
 
 
 PemSource = str | Path | bytes
+_UNARY = ", ".join(name for name, (_, _, stream) in METHODS.items() if not stream)
 
 
 class Client:
@@ -285,23 +326,21 @@ class Client:
             self.channel = grpc.secure_channel(target, creds, options=options)
         else:
             self.channel = grpc.insecure_channel(target)
-        self.rpcs = {
-            name: (self.channel.unary_stream if stream else self.channel.unary_unary)(
-                f"/{SERVICE}/{name}",
-                request_serializer=getattr(pb, req).SerializeToString,
-                response_deserializer=getattr(pb, resp).FromString,
-            )
-            for name, (req, resp, stream) in METHODS.items()
-        }
+        self.stub = pb_grpc.TrainingStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),)
 
     def call(self, method: str, request: Any, timeout: float = 30.0) -> Any:
-        return self.rpcs[method](request, metadata=self.metadata, timeout=timeout)
+        """A unary method of the service by its rpc name, e.g. call("GetRun", GetRunRequest)."""
+        if method not in METHODS or METHODS[method][2]:
+            raise ValueError(f"Client.call: no unary method {method!r}; one of {_UNARY}")
+        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
 
-    def watch(self, run_id: str, timeout: float = 600.0) -> Any:
-        return self.rpcs["WatchRun"](
+    def watch(self, run_id: str, timeout: float = 600.0) -> Iterator[pb.RunEvent]:
+        """The run's events until it ends (or timeout seconds pass: DEADLINE_EXCEEDED)."""
+        events: Iterator[pb.RunEvent] = self.stub.WatchRun(
             pb.WatchRunRequest(run_id=run_id), metadata=self.metadata, timeout=timeout
         )
+        return events
 
     def health(self) -> str:
         stub = health_pb2_grpc.HealthStub(self.channel)
