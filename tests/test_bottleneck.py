@@ -12,6 +12,7 @@
     bottleneck blocks: each block's three convs (and its shortcut) sit in one stage.
 (e) The in-process pipeline on K = 2 and 3 stages trains a deterministic rule (rec-LRA
     mirror, backprop) to the weights one stage reaches (float64).
+(f) The memory estimate counts a bottleneck ResNet's weights, synapses and moments exactly.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ import torch
 import torchvision
 from torch import nn
 
+from driver.config import parse_config, with_rule
 from driver.config.pipeline import PipelineConfig
 from driver.pipeline.partition import plan_partition
 from driver.pipeline.stream import LocalPipeline
+from driver.run.memory import data_shape, estimate_memory, model_blocks
 from workers.blocks import Block
 from workers.chain import LocalRunner, stage_specs
 from workers.layers import init_weight_
@@ -34,6 +37,7 @@ from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
 from workers.rules import RuleConfig
 from workers.spec import StageSpec
+from workers.stage import Stage
 
 CLASSES = 10
 RANDOM = dict(kp_init="kaiming", head_init="kaiming")  # every synapse moves from step one
@@ -274,3 +278,41 @@ def test_in_process_pipeline_equals_one_stage(rule, bounds):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-9, atol=1e-10, msg=key)
+
+
+# -- (f) the memory estimate -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["rec_lra", "rec_lra_decoupled", "dfa", "kp", "backprop"])
+def test_memory_estimate_counts_what_the_stages_build(variant):
+    """driver/run/memory.py counts a bottleneck ResNet's weights, error synapses and optimizer
+    moments exactly as its K = 2 stages hold them, and a run's peak grows with the depth."""
+    text = (
+        '[model]\nname = "resnet50"\nwidth = 4\n'
+        '[data]\nname = "synthetic"\nsynthetic_shape = [3, 16, 16]\n'
+        '[pipeline]\nstages = 2\nbackend = "ray"\nboundaries = [8]\n'
+    )
+    cfg = with_rule(parse_config(text, []), variant)
+    assert model_blocks(cfg) == N_BLOCKS
+    est = estimate_memory(cfg)
+    assert len(est.stages) == 2
+    shape, classes = data_shape(cfg.data)
+    base = StageSpec(
+        model=cfg.model,
+        rule=cfg.rule,
+        optim=cfg.optim,
+        input_shape=shape,
+        num_classes=classes,
+        blocks=(0, N_BLOCKS),
+        keep_freed_memory=False,
+    )
+    moments = 2 if cfg.optim.name == "adamw" else 1
+    for proc, spec in zip(est.stages, stage_specs(base, [0, 8, N_BLOCKS]), strict=True):
+        stage = Stage(spec)
+        held = sum(p.numel() for p in stage.blocks.parameters())
+        held += sum(b.numel() for b in stage.blocks.buffers())
+        learned = sum(p.numel() for g in stage.optimizer.param_groups for p in g["params"])
+        assert proc.resident["weights"] + proc.resident["error synapses"] == 4 * held
+        assert proc.resident["optimizer"] == 4 * learned * moments
+    deeper = estimate_memory(with_rule(parse_config(text, ['model.name="resnet101"']), variant))
+    assert deeper.total > est.total
