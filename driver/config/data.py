@@ -34,7 +34,16 @@ class DataConfig:
     synthetic_shape: tuple[int, int, int] = (3, 32, 32)
     """synthetic: the images' (C, H, W)."""
     num_workers: int = 0
-    """DataLoader worker processes."""
+    """DataLoader worker processes (beside the driver, or in the decoder with decode = "ray")."""
+    decode: Literal["driver", "ray"] = "driver"
+    """Where train batches are read, decoded and transformed. driver: a DataLoader in the driver
+    process. ray: a Ray actor (with num_workers DataLoader workers of its own) on a node with
+    decode_cpus free CPUs, data.root readable there; decoded batches come back to the driver.
+    Both give the same batches; needs a run on Ray (pipeline.stages > 1)."""
+    decode_cpus: float = 1.0
+    """decode = "ray": the CPUs the decoder actor reserves."""
+    decode_timeout_s: float = 300.0
+    """decode = "ray": the longest wait for one decoded batch (placing the decoder included)."""
     seed: int = 0
     """Seeds the train subset and the split."""
 
@@ -46,6 +55,8 @@ class DataConfig:
         "synthetic_size": (4, 10**7),
         "synthetic_shape": (1, 2048),
         "num_workers": (0, 256),
+        "decode_cpus": (0.0, 1024.0),
+        "decode_timeout_s": (1.0, 86_400.0),
         "seed": (0, 2**32 - 1),
     }
 
@@ -62,6 +73,10 @@ class DataConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"data.{key}: must be an integer >= {low}, got {value!r}")
+        for key in ("decode_cpus", "decode_timeout_s"):
+            value = getattr(self, key)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ValueError(f"data.{key}: must be a number, got {value!r}")
         shape = self.synthetic_shape
         if (
             not isinstance(shape, tuple | list)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from driver.config.data import DataConfig
 from driver.data.common import DataError, DatasetSplits, TensorImages
@@ -63,6 +65,87 @@ def check_present(cfg: DataConfig) -> None:
             check_split(Path(cfg.root) / split)
 
 
+def batch_count(n: int, batch_size: int, *, drop_last: bool = False) -> int:
+    """The batches a pass over `n` samples makes."""
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def _generator(seed: int, epoch: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def seeded_order(n: int, seed: int, epoch: int) -> list[int]:
+    """Epoch `epoch`'s order of `n` samples: the permutation a DataLoader(shuffle=True) with this
+    (seed, epoch) generator gave (it draws its worker base seed first, then the permutation),
+    so runs keep the order they had before the loader could start mid-epoch."""
+    generator = _generator(seed, epoch)
+    torch.empty((), dtype=torch.int64).random_(generator=generator)  # the worker base seed
+    return torch.randperm(n, generator=generator).tolist()
+
+
+class SeededBatch(list):
+    """One batch's sample indices, and the seed its random transforms draw from."""
+
+    def __init__(self, indices: list[int], seed: int) -> None:
+        super().__init__(indices)
+        self.seed = seed
+
+
+class SeededBatches(Sampler[SeededBatch]):
+    """The batches of one pass in its seeded order, from batch `start` on: a resumed epoch
+    begins at its position without reading a sample before it. Batch b's augmentation seed
+    depends only on (seed, epoch, b), wherever and in whichever process it is decoded."""
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        epoch: int,
+        drop_last: bool = False,
+        start: int = 0,
+    ) -> None:
+        self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
+        self.seed, self.epoch, self.drop_last = seed, epoch, drop_last
+        self.total = batch_count(n, batch_size, drop_last=drop_last)
+        if not 0 <= start <= self.total:
+            raise ValueError(f"start batch {start} is outside the epoch's {self.total} batches")
+        self.start = start
+
+    def __len__(self) -> int:
+        return self.total - self.start
+
+    def __iter__(self) -> Iterator[SeededBatch]:
+        order = seeded_order(self.n, self.seed, self.epoch) if self.shuffle else range(self.n)
+        bs = self.batch_size
+        for b in range(self.start, self.total):
+            state = np.random.SeedSequence([self.seed, self.epoch, b]).generate_state(2)
+            seed = int(state[0]) << 32 | int(state[1])
+            yield SeededBatch(list(order[b * bs : (b + 1) * bs]), seed)
+
+
+class BatchSeeded(Dataset):
+    """`ds`, read a batch at a time with torch's RNG seeded by the batch's own seed (and put
+    back after, so a caller's draws go on as if the batch had not been read)."""
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.ds[index]
+
+    def __getitems__(self, batch: SeededBatch) -> list[Any]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(batch.seed)
+            return [self.ds[i] for i in batch]
+
+
 def make_loader(
     ds: Dataset,
     batch_size: int,
@@ -72,18 +155,25 @@ def make_loader(
     epoch: int = 0,
     drop_last: bool = False,
     num_workers: int = 0,
+    start: int = 0,
 ) -> DataLoader:
-    """A DataLoader whose order (and worker seeds) depend only on ``(seed, epoch)``."""
+    """A DataLoader whose order, augmentation and worker seeds depend only on ``(seed, epoch)``,
+    from batch ``start`` of the pass on (the batches before it are never read)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    state = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint32)
-    generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-    return DataLoader(
-        ds,
-        batch_size=batch_size,
+    batches = SeededBatches(
+        len(ds),  # type: ignore[arg-type]
+        batch_size,
         shuffle=shuffle,
+        seed=seed,
+        epoch=epoch,
         drop_last=drop_last,
-        generator=generator,
+        start=start,
+    )
+    return DataLoader(
+        BatchSeeded(ds),
+        batch_sampler=batches,
+        generator=_generator(seed, epoch),  # the workers' base seed, as before
         num_workers=num_workers,
         persistent_workers=False,
     )

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from driver.config import Config
-from driver.data.load import make_loader
+from driver.data.decode import RayDecoded
+from driver.data.load import batch_count, make_loader
 from driver.run.run_log import Tally
 
 
@@ -23,24 +24,39 @@ class Position:
 
 class Epoch:
     """The batches of epoch `pos.epoch` in its seeded order, from batch `pos.batch` on (a resumed
-    epoch skips what was done), and the train accuracy of what it trained."""
+    epoch starts there: no batch before it is read or decoded), and the train accuracy of what
+    it trained. `data.decode` says where the batches are decoded."""
 
     def __init__(self, cfg: Config, train_set: Any, pos: Position, rng: torch.Tensor | None):
-        tc = cfg.train
-        loader = make_loader(
-            train_set,
-            tc.batch_size,
-            shuffle=True,
-            seed=tc.seed,
-            epoch=pos.epoch,
-            num_workers=cfg.data.num_workers,
-        )
-        self.batches: Iterator = iter(loader)
-        for _ in range(pos.batch):
-            next(self.batches)
-        if rng is not None:  # after skipping, so augmentation continues exactly
+        tc, dc = cfg.train, cfg.data
+        if dc.decode == "ray":
+            self.batches: Iterator = iter(
+                RayDecoded(
+                    train_set,
+                    tc.batch_size,
+                    shuffle=True,
+                    seed=tc.seed,
+                    epoch=pos.epoch,
+                    start=pos.batch,
+                    num_workers=dc.num_workers,
+                    cpus=dc.decode_cpus,
+                    timeout_s=dc.decode_timeout_s,
+                )
+            )
+        else:
+            loader = make_loader(
+                train_set,
+                tc.batch_size,
+                shuffle=True,
+                seed=tc.seed,
+                epoch=pos.epoch,
+                start=pos.batch,
+                num_workers=dc.num_workers,
+            )
+            self.batches = iter(loader)
+        if rng is not None:
             torch.set_rng_state(rng)
-        self.size = len(loader)  # batches in the whole epoch
+        self.size = batch_count(len(train_set), tc.batch_size)  # batches in the whole epoch
         self.start = pos.batch  # the batch it began at
         self.tally = Tally()
 
