@@ -35,6 +35,7 @@ from driver.run.observers import RunLogWriter
 from driver.run.progress import Progress
 from driver.run.run_log import RunLog, evaluate, evaluate_exits
 from driver.run.stats import StatsBook
+from driver.run.trackers import tracker_callbacks
 from workers.rules import rule_decoupled
 
 __all__ = ["TERMINAL", "Controller", "Position", "RunFailed", "RunState"]
@@ -51,7 +52,8 @@ class Controller:
     failure policy (driver/run/errors.py) and the callbacks that observe it.
 
     `callbacks` observe it (default: progress log lines; the service adds its Prometheus
-    series, driver/api/metrics_callback.py); the run log (metrics.json) is always written. A
+    series, driver/api/metrics_callback.py); the run log (metrics.json) is always written, and
+    the experiment trackers train.trackers names (driver/run/trackers/) log beside it. A
     `resume` checkpoint that cannot be used raises CheckpointError here, before the run
     exists."""
 
@@ -73,6 +75,7 @@ class Controller:
         self.config = config_to_dict(cfg)
         self.out = storage.join(out_dir or cfg.train.out_dir, cfg.rule.label)
         self.run = RunLog(rule=cfg.rule.label, config=self.config, config_origin=dict(cfg.origin))
+        trackers = tracker_callbacks(cfg, self.out)  # a missing package stops the run here
         self.book = StatsBook()
         self.pos = Position()
         self.runner: Runner | None = None
@@ -97,7 +100,8 @@ class Controller:
             state = checkpoint_store.load(resume)
             checkpoint_store.check_compatible(state, self.config, resume)
             self._restore(state)
-        own: list[Callback] = [RunLogWriter(storage.join(self.out, "metrics.json"))]
+        # the trackers come after the run log's writer: they read what it fills in at the end
+        own: list[Callback] = [RunLogWriter(storage.join(self.out, "metrics.json")), *trackers]
         self.callbacks = [*own, *(callbacks if callbacks is not None else [Progress()])]
 
     # -- driving ------------------------------------------------------------------------------
