@@ -1,4 +1,5 @@
-"""The `reclra` command line: train (and compare rules) from a TOML config with --set overrides."""
+"""The `reclra` command line: train (and compare rules) from a TOML config with --set overrides;
+export and evaluate a trained model."""
 
 from __future__ import annotations
 
@@ -42,6 +43,56 @@ def _parser() -> argparse.ArgumentParser:
         "good checkpoint), a local path or a URI such as s3://bucket/runs/rec_lra/checkpoints; "
         "trains cfg.rule only",
     )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="remove an earlier run's files from the rule folders this run writes "
+        "(train.out_dir/<rule>) before it starts; without it such a train.out_dir is refused",
+    )
+    x = sub.add_parser(
+        "export",
+        help="write a trained model's forward weights and BatchNorm as plain torch files",
+    )
+    x.add_argument(
+        "run",
+        metavar="RUN_OR_CKPT",
+        help="a checkpoint file, a run's checkpoint directory (its newest good checkpoint) or "
+        "a run folder (train.out_dir/<rule>); a path or a URI",
+    )
+    x.add_argument(
+        "--format",
+        default="state_dict",
+        help="torchvision (loads into torchvision.models.<name>, ImageNet-form ResNets of width "
+        "64), state_dict (any model; loads into driver.run.export.plain_model's module) or "
+        "safetensors (default: state_dict)",
+    )
+    x.add_argument(
+        "--out", help="the file to write (default: model.pt or model.safetensors in the run folder)"
+    )
+    x.add_argument(
+        "--with-synapses",
+        action="store_true",
+        help="also the error synapses, under reclra.<layer>.feedback / reclra.<block>.skipN",
+    )
+    x.add_argument(
+        "--with-aux-heads",
+        action="store_true",
+        help="also a decoupled run's auxiliary heads, under reclra.aux.*",
+    )
+    e = sub.add_parser(
+        "eval", help="the test accuracy of a trained model: a run, a checkpoint or an export"
+    )
+    e.add_argument(
+        "model",
+        metavar="RUN_OR_CKPT_OR_EXPORT",
+        help="a checkpoint, a run folder (train.out_dir/<rule>) or a file `reclra export` wrote",
+    )
+    e.add_argument(
+        "--config",
+        help="TOML config (default: the run's recorded config, or the one written beside an "
+        "export)",
+    )
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     c = sub.add_parser(
         "config",
         help="print the resolved config of a file and --sets (recipes applied) as TOML, each "
@@ -87,8 +138,13 @@ def _train(cfg: Config, args: argparse.Namespace) -> None:
     from driver.api.metrics import Metrics, MetricsServer
     from driver.api.metrics_callback import MetricsCallback
     from driver.run.compare import compare_rules, format_table
+    from driver.run.fresh import ensure_fresh
     from driver.run.train import train
 
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues a run and --overwrite removes it: pass one of them")
+    if not args.resume:  # before anything is written: a fresh run meets no old files
+        ensure_fresh(cfg, overwrite=args.overwrite)
     metrics = server = None
     if cfg.metrics.enabled:
         metrics = Metrics()
@@ -121,12 +177,37 @@ def _train(cfg: Config, args: argparse.Namespace) -> None:
             server.close()
 
 
+def _use_trained(args: argparse.Namespace) -> int:
+    """`reclra export` and `reclra eval`: a bad input is one line and exit 2."""
+    from driver.run.evaluate import evaluate_trained
+    from driver.run.export import export
+
+    try:
+        if args.command == "export":
+            weights, config = export(
+                args.run,
+                args.format,
+                args.out,
+                with_synapses=args.with_synapses,
+                with_aux_heads=args.with_aux_heads,
+            )
+            print(f"export: {storage.describe(weights)} (config: {storage.describe(config)})")
+        else:
+            print(evaluate_trained(args.model, args.config, args.overrides).line())
+    except (ConfigError, DataError, ValueError) as exc:  # CheckpointError, ExportError too
+        print(f"reclra: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command in ("export", "eval"):
+        return _use_trained(args)
     if args.command == "report":
         from driver.api.report import ReportError, report
 

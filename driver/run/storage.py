@@ -17,6 +17,7 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -245,6 +246,41 @@ def kind(where: Location) -> str:
         return "file" if fs.isfile(path) else "dir" if fs.isdir(path) else "none"
 
     return call("look up", where, probe)
+
+
+def files_under(where: Location) -> list[Location]:
+    """Every file in a directory or prefix and the folders below it, sorted; [] when none."""
+    if isinstance(where, Path):
+        return sorted(p for p in where.rglob("*") if p.is_file()) if where.is_dir() else []
+    fs, path = filesystem(where)
+    protocol = where.partition("://")[0]
+
+    def find() -> list[Location]:
+        fs.invalidate_cache(path)
+        found = fs.find(path) if fs.isdir(path) else []
+        return sorted(f"{protocol}://{p.lstrip('/')}" for p in found)
+
+    return call("list", where, find)
+
+
+def delete_tree(where: Location) -> None:
+    """Remove a directory or prefix and everything below it; one already gone is fine."""
+    if isinstance(where, Path):
+        local = where
+
+        def rmtree() -> None:
+            if local.exists():
+                shutil.rmtree(local)
+
+        call("delete", where, rmtree)
+        return
+    fs, path = filesystem(where)
+
+    def rm() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path, recursive=True)
+
+    call("delete", where, rm)
 
 
 def delete(where: Location) -> None:
