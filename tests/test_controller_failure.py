@@ -17,7 +17,7 @@ from fixtures_data import write_idx_mnist
 from prometheus_client.parser import text_string_to_metric_families
 from torch.utils.data import Dataset
 
-from driver.api.metrics import STATE_CODES, Metrics, MetricsServer
+from driver.api.metrics import Metrics, MetricsServer
 from driver.api.metrics_callback import MetricsCallback
 from driver.api.service import Client, RpcError, Service, StatusCode, messages
 from driver.config import load_config
@@ -50,12 +50,13 @@ boundaries = [9]
 """
 
 
-def _state_gauge(url: str, run: str) -> float:
+def _state_gauge(url: str, run: str) -> str:
+    """The run's state in /metrics: the reclra_run_state Enum's series that is 1."""
     text = urllib.request.urlopen(url, timeout=10).read().decode()
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            if s.name == "reclra_run_state" and s.labels == {"run": run}:
-                return s.value
+            if s.name == "reclra_run_state" and s.labels["run"] == run and s.value == 1:
+                return s.labels["reclra_run_state"]
     raise AssertionError(f"no reclra_run_state for run {run!r}")
 
 
@@ -82,7 +83,7 @@ def test_a_served_run_that_crashes_reads_failed_in_metrics_and_get_run(tmp_path)
         got = client.call("GetRun", messages.GetRunRequest(run_id="crash"))
         assert got.state == "failed"
         assert "fashion_mnist" in got.error and "\n" not in got.error, got.error
-        assert _state_gauge(endpoint.url, "crash") == STATE_CODES["failed"]
+        assert _state_gauge(endpoint.url, "crash") == "failed"
         written = json.loads((Path(got.out_dir) / "metrics.json").read_text())
         assert written["error"] == got.error
     finally:
@@ -123,7 +124,7 @@ def test_an_unexpected_error_while_running_fails_the_run_through_the_same_path(t
         assert seen[-2:] == [RunState.RUNNING, RunState.FAILED]  # failed at the first batch
         assert ctl.runner is None  # closed on the way into `failed`
         assert ctl.error and ctl.error.split(":")[0] in ("IndexError", "RuntimeError")
-        assert _state_gauge(server.url, "bad") == STATE_CODES["failed"]
+        assert _state_gauge(server.url, "bad") == "failed"
     finally:
         server.close()
     written = json.loads((tmp_path / "rec_lra" / "metrics.json").read_text())

@@ -1,15 +1,20 @@
-"""The /metrics endpoint, scraped over real HTTP during a short real run."""
+"""The /metrics endpoint, scraped over real HTTP during a short real run, and the series of a
+run the service forgets leaving it."""
 
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from driver.api.metrics import STATE_CODES, Metrics, MetricsServer
+from driver.api.metrics import RUN_STATES, Metrics, MetricsServer
 from driver.api.metrics_callback import MetricsCallback
+from driver.api.runs import Runs
 from driver.config import load_config
+from driver.config.service import ServiceConfig
+from driver.run.callbacks import TERMINAL
 from driver.run.controller import Controller
 
 
@@ -27,6 +32,14 @@ ANGLE, COSINE = "reclra_layer_synapse_angle_degrees", "reclra_layer_backprop_cos
 
 def _get(samples: dict, name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
+
+
+def _state(samples: dict, run: str) -> str:
+    """The run's state: reclra_run_state is an Enum, its current state's series 1, others 0."""
+    values = {s: _get(samples, "reclra_run_state", run=run, reclra_run_state=s) for s in RUN_STATES}
+    on = [s for s, v in values.items() if v == 1]
+    assert len(on) == 1 and sum(values.values()) == 1, values
+    return on[0]
 
 
 def test_metrics_move_with_a_real_two_stage_run(digits, tmp_path):
@@ -69,8 +82,8 @@ def test_metrics_move_with_a_real_two_stage_run(digits, tmp_path):
     assert _get(first, "reclra_steps_total", run="r1") == 5
     assert _get(second, "reclra_steps_total", run="r1") == 15
     assert _get(last, "reclra_samples_total", run="r1") == len(digits.train)
-    assert _get(first, "reclra_run_state", run="r1") == STATE_CODES["running"]
-    assert _get(last, "reclra_run_state", run="r1") == STATE_CODES["succeeded"]
+    assert _state(first, "r1") == "running"
+    assert _state(last, "r1") == "succeeded"
     assert _get(second, "reclra_step_seconds_count", run="r1") == 15
     for stage in ("0", "1"):
         f1 = _get(first, "reclra_stage_forward_seconds_total", run="r1", stage=stage)
@@ -90,11 +103,13 @@ def test_metrics_move_with_a_real_two_stage_run(digits, tmp_path):
     head_angle = _get(last, ANGLE, run="r1", stage="1", layer="head.fc")
     assert 0 <= head_angle <= 180
     assert not any(name == COSINE for name, _ in last)  # diagnostics off
-    # naming rules: prefix, and labels run / stage / layer only (build info aside)
+    # naming rules: prefix, and labels run / stage / layer only (build info aside; the state
+    # Enum's own label is named after it, as OpenMetrics StateSets are)
     for name, labels in last:
         assert name.startswith("reclra_"), name
         if not name.startswith("reclra_build"):
-            assert {k for k, _ in labels} <= {"run", "stage", "layer", "le"}, (name, labels)
+            allowed = {"run", "stage", "layer", "le", "reclra_run_state"}
+            assert {k for k, _ in labels} <= allowed, (name, labels)
     assert any(name == "reclra_build_info" for name, _ in last)
 
 
@@ -144,3 +159,74 @@ def test_alignment_gauges_in_a_real_scrape(digits, tmp_path):
         assert _get(last, COSINE, run="a1", stage=stage_of[layer], layer=layer) == v
     for layer, v in entry["synapse_angle_deg"].items():
         assert _get(last, ANGLE, run="a1", stage=stage_of[layer], layer=layer) == v
+
+
+SERVED = """
+[model]
+width = 4
+[train]
+epochs = 1
+max_steps = 3
+batch_size = 64
+log_every = 1000
+checkpoint_every = 2
+[pipeline]
+stages = 2
+backend = "local"
+boundaries = [2]
+"""
+
+
+def _runs_of(samples: dict) -> dict[str, set[str]]:
+    """{run id: the metric names with a series labelled with it} in a scrape."""
+    out: dict[str, set[str]] = {}
+    for name, labels in samples:
+        run = dict(labels).get("run")
+        if run is not None:
+            out.setdefault(run, set()).add(name)
+    return out
+
+
+def _finish(runs: Runs, run_id: str) -> None:
+    handle = runs.start(SERVED, [], run_id)
+    deadline = time.monotonic() + 180
+    with handle.cond:
+        while handle.state not in TERMINAL:
+            assert time.monotonic() < deadline, f"run {run_id} did not end: {handle.state}"
+            handle.cond.wait(1.0)
+    assert handle.state.value == "succeeded", handle.fields()["error"]
+
+
+def test_a_forgotten_run_leaves_metrics(tmp_path):
+    """service.keep_finished = 1: when a second run finishes, the service forgets the first,
+    and every series labelled with the first run's id leaves /metrics (scraped over HTTP);
+    the second run's stay."""
+    metrics = Metrics()
+    server = MetricsServer(metrics)
+    runs = Runs(ServiceConfig(runs_dir=str(tmp_path), keep_finished=1), metrics)
+    try:
+        _finish(runs, "old")
+        before = _scrape(server.url)
+        _finish(runs, "new")
+        after = _scrape(server.url)
+    finally:
+        runs.close()
+        server.close()
+    held = _runs_of(before)["old"]
+    # the run's own, per stage and per layer series were all there: the removal has work to do
+    for name in (
+        "reclra_run_state",
+        "reclra_steps_total",
+        "reclra_step_seconds_bucket",
+        "reclra_stage_forward_seconds_total",
+        "reclra_layer_local_loss",
+        "reclra_test_accuracy_ratio",
+        "reclra_stages",
+        "reclra_last_checkpoint_timestamp_seconds",
+    ):
+        assert name in held, name
+    assert _state(before, "old") == "succeeded"
+    assert "old" not in _runs_of(after), sorted(_runs_of(after).get("old", ()))
+    assert _runs_of(after)["new"] == held  # the same series, for the run still held
+    assert _state(after, "new") == "succeeded"
+    assert [h.run_id for h in runs.all()] == ["new"]

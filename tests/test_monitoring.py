@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from driver.api.metrics import Metrics, MetricsServer
+from driver.api.metrics import RUN_STATES, Metrics, MetricsServer
 from driver.api.metrics_callback import MetricsCallback
 from driver.config import load_config
 from driver.data.load import load_dataset
@@ -25,7 +25,20 @@ from driver.run.controller import Controller
 MON = Path(__file__).resolve().parent.parent / "deploy" / "monitoring"
 DASHBOARD = json.loads((MON / "grafana-dashboard.json").read_text())
 QUERIES = [(p["title"], t["expr"]) for p in DASHBOARD["panels"] for t in p["targets"]]
+VARIABLES = {v["name"]: v for v in DASHBOARD["templating"]["list"]}
+PANELS = {p["title"]: p for p in DASHBOARD["panels"]}
 RUN = "dash1"
+K8S = MON.parent / "k8s"
+
+
+def _rate_interval() -> str:
+    """$__rate_interval as Grafana resolves it for the service's PodMonitor: four scrape
+    intervals (its floor; the dashboard's own step is smaller at the default hour)."""
+    monitors = yaml.safe_load_all((K8S / "podmonitor.yaml").read_text())
+    service = next(m for m in monitors if m["metadata"]["name"] == "reclra-service")
+    interval = service["spec"]["podMetricsEndpoints"][0]["interval"]
+    assert interval.endswith("s"), interval
+    return f"{4 * int(interval[:-1])}s"
 
 
 def _tool(name: str) -> str:
@@ -90,7 +103,7 @@ def test_a_wrong_expectation_fails_promtool(rule_dir):
 
 def test_dashboard_has_the_run_variable_and_the_promised_panels():
     names = {v["name"] for v in DASHBOARD["templating"]["list"]}
-    assert "run" in names
+    assert {"run", "stage"} <= names
     assert all("$run" in expr for _, expr in QUERIES)
     titles = " ".join(p["title"] for p in DASHBOARD["panels"]).lower()
     for word in (
@@ -105,8 +118,42 @@ def test_dashboard_has_the_run_variable_and_the_promised_panels():
         "restarts",
         "checkpoint age",
         "early-exit accuracy per stage",
+        "stages",
+        "backprop cosine",
     ):
         assert word in titles, word
+    exprs = " ".join(expr for _, expr in QUERIES)
+    assert "reclra_stages{" in exprs and "reclra_layer_backprop_cosine{" in exprs
+
+
+def test_dashboard_queries_follow_grafana_conventions():
+    """Rates over $__rate_interval (no hard-coded window), every per-stage and per-layer series
+    filtered by the $stage variable, and the run state shown by name through value mappings."""
+    for title, expr in QUERIES:
+        windows = re.findall(r"\[([^\]]+)\]", expr)
+        assert all(w == "$__rate_interval" for w in windows), (title, windows)
+        for metric in re.findall(r"reclra_(?:stage|layer)_[a-z_]+", expr):
+            assert re.search(metric + r'\{[^}]*stage=~"\$stage"', expr), (title, metric)
+    stage = VARIABLES["stage"]
+    assert stage["multi"] and stage["includeAll"] and "$run" in stage["definition"]
+    panel = PANELS["Run state"]
+    (target,) = panel["targets"]
+    assert target["expr"] == 'reclra_run_state{run=~"$run"} == 1'  # the Enum's current state
+    assert panel["options"]["reduceOptions"]["fields"] == "/^reclra_run_state$/"
+    assert {"id": "labelsToFields", "options": {}} in panel["transformations"]
+    (mapping,) = panel["fieldConfig"]["defaults"]["mappings"]
+    assert mapping["type"] == "value"
+    assert list(mapping["options"]) == list(RUN_STATES)  # every state, in lifecycle order
+    assert mapping["options"]["failed"]["color"] == "red"
+    assert mapping["options"]["succeeded"]["color"] == "green"
+
+
+def test_alert_rules_name_only_real_run_states():
+    text = (MON / "prometheusrule.yaml").read_text() + (MON / "rules_test.yaml").read_text()
+    named = set(re.findall(r'reclra_run_state="(\w+)"', text))
+    named |= set(re.findall(r"reclra_run_state: (\w+)", text))
+    assert named and named <= set(RUN_STATES), named - set(RUN_STATES)
+    assert not re.search(r"reclra_run_state(\{[^}]*\})? *== *[02-9]", text)  # no state codes
 
 
 def _free_port() -> int:
@@ -175,6 +222,7 @@ def scraped_run(tmp_path):
                 "pipeline.boundaries=[2]",
                 "pipeline.micro_batches=2",
                 "train.checkpoint_every=20",
+                "train.diagnose_every=5",  # the backprop cosine panel's series
             ],
         )
         ctl = Controller(
@@ -199,16 +247,49 @@ def scraped_run(tmp_path):
         endpoint.close()
 
 
+def _label_values(base: str, definition: str) -> list[str]:
+    """A `label_values(selector, label)` variable as Grafana's Prometheus source resolves it:
+    the label's values among the series the selector matches (the series API)."""
+    m = re.fullmatch(r"label_values\((.+), *(\w+)\)", definition)
+    assert m, definition
+    selector, label = m.group(1).replace("$run", RUN), m.group(2)
+    query = urllib.parse.urlencode({"match[]": selector})
+    reply = _get(f"{base}/api/v1/label/{label}/values?{query}")
+    assert reply["status"] == "success", reply
+    return reply["data"]
+
+
 def test_every_dashboard_query_returns_data_from_a_real_prometheus(scraped_run):
     base, exported = scraped_run
     names = set(re.findall(r"^(reclra_[a-z_]+)", exported, re.M))
+    assert RUN in _label_values(base, VARIABLES["run"]["definition"])
+    stages = _label_values(base, VARIABLES["stage"]["definition"])
+    assert stages == ["0", "1"]
+    # Grafana writes a multi-value variable into a regex matcher as (v1|v2)
+    values = {"$run": RUN, "$stage": "(" + "|".join(stages) + ")"}
+    values["$__rate_interval"] = _rate_interval()
     empty = []
     for title, expr in QUERIES:
         for metric in re.findall(r"reclra_[a-z_]+", expr):
             assert metric in names, f"{title}: {metric} is not exported"
-        q = expr.replace("$run", RUN)
+        q = expr
+        for name, value in values.items():
+            q = q.replace(name, value)
+        assert "$" not in q, q
         reply = _get(f"{base}/api/v1/query?query={urllib.parse.quote(q)}")
         assert reply["status"] == "success", (title, reply)
         if not reply["data"]["result"]:
             empty.append(title)
     assert not empty, f"panels without data: {empty}"
+    # the state panel's one series per run is the Enum's current state, named in its label
+    (series,) = _query(base, 'reclra_run_state{run=~"' + RUN + '"} == 1')
+    assert series["metric"]["reclra_run_state"] == "succeeded"
+    # one stage chosen: the per-stage panels narrow to it
+    only = _query(base, 'reclra_stage_in_flight_micro_batches{run=~"' + RUN + '", stage=~"(1)"}')
+    assert [r["metric"]["stage"] for r in only] == ["1"]
+
+
+def _query(base: str, q: str) -> list[dict]:
+    reply = _get(f"{base}/api/v1/query?query={urllib.parse.quote(q)}")
+    assert reply["status"] == "success", reply
+    return reply["data"]["result"]

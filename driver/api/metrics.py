@@ -2,41 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
+import threading
 import time
 from collections.abc import Sequence
 from importlib import metadata
+from typing import TypeVar
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Enum,
     Gauge,
     Histogram,
     Info,
     start_http_server,
 )
+from prometheus_client.metrics import MetricWrapperBase
 
+from driver.run.callbacks import RunState
 from workers.spec import StageStats
 
-# reclra_run_state's values, in lifecycle order (a gauge: labels stay run / stage / layer).
-STATE_CODES = {
-    "pending": 0,
-    "starting": 1,
-    "running": 2,
-    "checkpointing": 3,
-    "recovering": 4,
-    "succeeded": 5,
-    "failed": 6,
-    "stopped": 7,
-}
+# reclra_run_state's states, in lifecycle order: an Enum (an OpenMetrics StateSet), one series
+# per state, the current one 1 and the others 0, the state in the label `reclra_run_state`
+RUN_STATES = tuple(state.value for state in RunState)
+M = TypeVar("M", bound=MetricWrapperBase)
 
 
 class Metrics:
     """Every metric the service exports, in its own registry. Names: prefix reclra_, base
-    units; labels: run, stage, layer only."""
+    units; labels: run, stage, layer only (and the run state's own label). Every series a run
+    made is remembered, so that forget_run removes them all when the run leaves memory."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry()
+        self._lock = threading.Lock()
+        # run -> the (metric, label values) of every series it has, for forget_run
+        self._series: dict[str, set[tuple[MetricWrapperBase, tuple[str, ...]]]] = {}
         self.build = Info("reclra_build", "reclra build information", registry=r)
         self.build.info(
             {
@@ -46,10 +49,11 @@ class Metrics:
                 "python": platform.python_version(),
             }
         )
-        self.state = Gauge(
+        self.state = Enum(
             "reclra_run_state",
-            "Run state: " + ", ".join(f"{v}={k}" for k, v in STATE_CODES.items()),
+            "Run state: the series of the current state is 1, the others 0",
             ["run"],
+            states=list(RUN_STATES),
             registry=r,
         )
         self.steps = Counter("reclra_steps", "Training steps done", ["run"], registry=r)
@@ -171,56 +175,77 @@ class Metrics:
         )
 
     # -- recording ----------------------------------------------------------------------------
+    def series(self, metric: M, run: str, *rest: str) -> M:
+        """`metric`'s child for run `run` (and `rest`: stage, layer), remembered as the run's."""
+        values = (run, *rest)
+        with self._lock:
+            self._series.setdefault(run, set()).add((metric, values))
+        return metric.labels(*values)
+
     def register_run(self, run: str) -> None:
         """Export the run's counters at 0 from the start (a counter absent until its first
         increment breaks rate() and alert rules)."""
         for counter in (self.steps, self.samples, self.checkpoints, self.restarts):
-            counter.labels(run)
+            self.series(counter, run)
         self.set_state(run, "pending")
 
+    def forget_run(self, run: str) -> None:
+        """Remove every series of `run` (the service no longer holds it: its files stay)."""
+        with self._lock:
+            series = self._series.pop(run, set())
+        for metric, values in series:
+            with contextlib.suppress(KeyError):  # already gone
+                metric.remove(*values)
+
     def set_state(self, run: str, state: str) -> None:
-        self.state.labels(run).set(STATE_CODES[state])
+        self.series(self.state, run).state(state)
 
     def step(self, run: str, seconds: float, samples: int) -> None:
-        self.steps.labels(run).inc()
-        self.samples.labels(run).inc(samples)
-        self.step_seconds.labels(run).observe(seconds)
+        self.series(self.steps, run).inc()
+        self.series(self.samples, run).inc(samples)
+        self.series(self.step_seconds, run).observe(seconds)
 
     def stages(self, run: str, reports: list[tuple[int, StageStats]]) -> None:
         for stage, st in reports:
             s = str(stage)
-            self.forward.labels(run, s).inc(st.forward_seconds)
-            self.learn.labels(run, s).inc(st.learn_seconds)
-            self.idle.labels(run, s).inc(st.idle_seconds)
-            self.received.labels(run, s).inc(st.bytes_received)
-            self.in_flight.labels(run, s).set(st.cached)
-            self.cached_bytes.labels(run, s).set(st.cached_bytes)
+            self.series(self.forward, run, s).inc(st.forward_seconds)
+            self.series(self.learn, run, s).inc(st.learn_seconds)
+            self.series(self.idle, run, s).inc(st.idle_seconds)
+            self.series(self.received, run, s).inc(st.bytes_received)
+            self.series(self.in_flight, run, s).set(st.cached)
+            self.series(self.cached_bytes, run, s).set(st.cached_bytes)
             if st.staleness:
-                self.staleness.labels(run, s).set(sum(st.staleness) / len(st.staleness))
-            for layer, v in st.local_loss.items():
-                self.local_loss.labels(run, s, layer).set(v)
-            for layer, v in st.update_norm.items():
-                self.update_norm.labels(run, s, layer).set(v)
-            for layer, v in st.synapse_angle.items():
-                self.synapse_angle.labels(run, s, layer).set(v)
-            for layer, v in st.start_angle.items():
-                self.start_angle.labels(run, s, layer).set(v)
-            self.mirror.labels(run, s).inc(st.mirror_seconds)
-            for layer, v in st.backprop_cosine.items():  # {} between probes: keeps the last
-                self.backprop_cosine.labels(run, s, layer).set(v)
+                self.series(self.staleness, run, s).set(sum(st.staleness) / len(st.staleness))
+            for gauge, values in (
+                (self.local_loss, st.local_loss),
+                (self.update_norm, st.update_norm),
+                (self.synapse_angle, st.synapse_angle),
+                (self.start_angle, st.start_angle),
+                (self.backprop_cosine, st.backprop_cosine),  # {} between probes: keeps the last
+            ):
+                for layer, v in values.items():
+                    self.series(gauge, run, s, layer).set(v)
+            self.series(self.mirror, run, s).inc(st.mirror_seconds)
+
+    def accuracy(self, run: str, split: str, acc: float) -> None:
+        """The run's accuracy on `split` ("val" or "test")."""
+        self.series(self.val_acc if split == "val" else self.test_acc, run).set(acc)
 
     def exits(self, run: str, split: str, accs: Sequence[float]) -> None:
         """The early-exit accuracy of each stage (stage order) on `split` ("val" or "test")."""
         gauge = self.exit_val_acc if split == "val" else self.exit_test_acc
         for stage, acc in enumerate(accs):
-            gauge.labels(run, str(stage)).set(acc)
+            self.series(gauge, run, str(stage)).set(acc)
 
     def set_stages(self, run: str, k: int) -> None:
-        self.stage_count.labels(run).set(k)
+        self.series(self.stage_count, run).set(k)
 
     def checkpoint(self, run: str) -> None:
-        self.checkpoints.labels(run).inc()
-        self.last_checkpoint.labels(run).set(time.time())
+        self.series(self.checkpoints, run).inc()
+        self.series(self.last_checkpoint, run).set(time.time())
+
+    def restart(self, run: str) -> None:
+        self.series(self.restarts, run).inc()
 
 
 class MetricsServer:

@@ -32,8 +32,7 @@ class MetricsCallback(Callback):
     ) -> None:
         if periodic:  # the gauges hold the epoch's validation and the run's test accuracy
             return
-        gauge = self.metrics.val_acc if split == "val" else self.metrics.test_acc
-        gauge.labels(self.run_id).set(acc)
+        self.metrics.accuracy(self.run_id, split, acc)
         exits = ctl.run.exit_val_acc if split == "val" else ctl.run.exit_test_acc
         if exits is not None:  # a decoupled run on K > 1 stages: every stage's early exit
             self.metrics.exits(self.run_id, split, exits)
@@ -42,4 +41,4 @@ class MetricsCallback(Callback):
         self.metrics.checkpoint(self.run_id)
 
     def on_restart(self, ctl: RunView) -> None:
-        self.metrics.restarts.labels(self.run_id).inc()
+        self.metrics.restart(self.run_id)

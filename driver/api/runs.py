@@ -3,8 +3,8 @@
 What a request must pass to be admitted is driver/api/admission.py; each admitted run trains
 in a process of its own (driver/api/run_process.py). At most service.max_active_runs runs train
 at once; later ones wait as `pending`, first in first out, up to service.max_queued; finished
-runs stay in memory up to service.keep_finished (their files always stay). No grpc here: errors
-are plain exceptions that driver/api/service.py maps to status codes.
+runs stay in memory, and in /metrics, up to service.keep_finished (their files always stay).
+No grpc here: errors are plain exceptions that driver/api/service.py maps to status codes.
 """
 
 from __future__ import annotations
@@ -249,9 +249,14 @@ class Runs:
                 self._admit(self.queue.popleft())
 
     def _forget_old(self, handle: RunHandle) -> None:
+        """Count `handle` as finished; past service.keep_finished, the oldest finished runs
+        leave memory, and /metrics with them (every series labelled with their run id)."""
         self.finished.append(handle.run_id)
         while len(self.finished) > self.cfg.keep_finished:
-            self.runs.pop(self.finished.popleft(), None)
+            run_id = self.finished.popleft()
+            self.runs.pop(run_id, None)
+            if self.metrics is not None:
+                self.metrics.forget_run(run_id)
 
     def close(self) -> None:
         """Refuse new runs, stop pending ones, stop the active ones and wait for them (each is

@@ -52,7 +52,8 @@ class ServiceConfig:
     max_queued: int = 16
     """Pending runs; StartRun beyond it is RESOURCE_EXHAUSTED."""
     keep_finished: int = 100
-    """Finished runs held in memory (their files always stay)."""
+    """Finished runs held in memory and exported in /metrics, newest first; an older one's
+    series are removed from /metrics when it leaves (its files always stay)."""
     max_request_bytes: int = 4 * 1024 * 1024
     """Larger requests are RESOURCE_EXHAUSTED."""
     stop_timeout_s: float = 120.0
