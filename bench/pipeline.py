@@ -1,8 +1,12 @@
 """Benchmark: layer-parallel throughput, one process vs K = 2 Ray stages, side by side.
 
     python -m bench.pipeline --json results.json [--steps 8 --rounds 2]
+    python -m bench.pipeline --json r50.json --models resnet50_64 --skip-time-to-accuracy \
+        --skip-accuracy
 
-For each model (a ResNet-18 on 32x32 inputs, and the digits ResNet) and rule (rec_lra,
+For each model (by default a ResNet-18 on 32x32 inputs and the digits ResNet; resnet50_64 is
+the ImageNet-form ResNet-50 at width 64 on 64x64 inputs; --set changes any key of every
+model's config, e.g. --set model.width=8 for a quick look) and rule (rec_lra,
 backprop, rec_lra_decoupled, or a variant such as rec_lra:topology=skip): samples/s in one
 process with 1 and 2 torch threads, and on K = 2 stages (one core and one thread each) with the
 sync and async schedules, on the engine --engine resolves to (auto: p2p); configurations are
@@ -51,7 +55,17 @@ MODELS = {
         "pipeline.micro_batches=4",
     ],
     "digits_resnet": ["pipeline.micro_batches=4"],
+    "resnet50_64": [
+        "model.name=resnet50",
+        'model.form="imagenet"',
+        "model.width=64",
+        "data.name=synthetic",
+        "data.synthetic_shape=[3, 64, 64]",
+        "train.batch_size=32",
+        "pipeline.micro_batches=4",
+    ],
 }
+DEFAULT_MODELS = ("resnet18_32", "digits_resnet")  # resnet50_64 when asked (--models)
 
 
 def variant(cfg: Config, spec: str) -> Config:
@@ -238,7 +252,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", required=True)
     p.add_argument("--steps", type=int, default=8, help="timed steps per configuration")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument(
+        "--models",
+        default=",".join(DEFAULT_MODELS),
+        help=f"comma-separated, of {', '.join(MODELS)}",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every model (repeatable), e.g. model.width=8",
+    )
     p.add_argument(
         "--rules",
         default="rec_lra,backprop,rec_lra_decoupled",
@@ -256,12 +281,21 @@ def main(argv: list[str] | None = None) -> dict:
         help="seconds each transport measurement may take before it counts as stalled",
     )
     args = p.parse_args(argv)
+    models = args.models.split(",")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        p.error(f"--models: unknown {unknown}; choose from {list(MODELS)}")
     # two K = 2 pipelines stay up side by side (only one runs at a time): four CPU slots
     ray.init(address="local", num_cpus=4, include_dashboard=False)
-    result: dict = {"device": args.device, "cores": torch.get_num_threads(), "models": {}}
+    result: dict = {
+        "device": args.device,
+        "cores": torch.get_num_threads(),
+        "overrides": args.set,
+        "models": {},
+    }
     try:
-        for model in args.models.split(","):
-            cfg = load_config(None, MODELS[model] + ["train.compare=[]"])
+        for model in models:
+            cfg = load_config(None, [*MODELS[model], "train.compare=[]", *args.set])
             print(f"{model}:", flush=True)
             tp, info = throughput(
                 cfg, args.rules.split(","), args.steps, args.rounds, args.device, args.engine

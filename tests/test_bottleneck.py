@@ -13,6 +13,8 @@
 (e) The in-process pipeline on K = 2 and 3 stages trains a deterministic rule (rec-LRA
     mirror, backprop) to the weights one stage reaches (float64).
 (f) The memory estimate counts a bottleneck ResNet's weights, synapses and moments exactly.
+(g) bench.scaling's ResNet-50 arithmetic is the model's own, its block profile runs on it, and
+    the weight mirror handles a 3x3 at stride 2 on a 2x2 map (ImageNet form at 32x32).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from driver.pipeline.stream import LocalPipeline
 from driver.run.memory import data_shape, estimate_memory, model_blocks
 from workers.blocks import Block
 from workers.chain import LocalRunner, stage_specs
-from workers.layers import init_weight_
+from workers.layers import Conv, init_weight_
+from workers.mirror import estimate, noise_samples
 from workers.models import ModelConfig, model_plan
 from workers.optim import OptimConfig
 from workers.rules import RuleConfig
@@ -316,3 +319,61 @@ def test_memory_estimate_counts_what_the_stages_build(variant):
         assert proc.resident["optimizer"] == 4 * learned * moments
     deeper = estimate_memory(with_rule(parse_config(text, ['model.name="resnet101"']), variant))
     assert deeper.total > est.total
+
+
+# -- (g) the benchmarks' ResNet-50 -------------------------------------------------------------
+
+
+def test_scaling_arithmetic_is_the_models_own():
+    """bench/scaling/project.resnet_blocks (the MACs and boundary sizes the projections use)
+    describes workers/models.py's ImageNet-form ResNet-50 block for block."""
+    from bench.scaling.project import resnet_blocks
+
+    blocks = _blocks(ModelConfig(name="resnet50", form="imagenet", width=64), (3, 224, 224), 1000)
+    arithmetic = resnet_blocks("resnet50")
+    assert [b["name"] for b in arithmetic] == [b.name for b in blocks]
+    for block, row in zip(blocks, arithmetic, strict=True):
+        macs = sum(
+            block.layer(w.layer).weight.numel() * math.prod(block.node_shapes[w.tgt][1:])
+            for w in block.wires
+        )
+        assert row["macs"] == macs, block.name
+        assert row["out"] == math.prod(block.out_shape), block.name
+
+
+@pytest.mark.parametrize("rule", ["rec_lra:topology=skip", "rec_lra", "backprop"])
+def test_scaling_profiles_resnet50_blocks(rule):
+    """bench.scaling's block profile (what --measure-profile times) runs on ResNet-50."""
+    from bench.scaling.profile import config_of, profile_blocks
+
+    overrides = [
+        "model.name=resnet50",
+        'model.form="imagenet"',
+        "model.width=4",
+        "data.name=synthetic",
+        "data.synthetic_shape=[3, 32, 32]",
+        "data.synthetic_size=64",
+        "train.batch_size=4",
+        "pipeline.micro_batches=1",
+    ]
+    prof = profile_blocks(config_of(overrides, rule), reps=1, micro_batches=1)
+    assert len(prof.names) == len(prof.forward) == len(prof.learn) == N_BLOCKS
+    assert all(t > 0 for t in prof.forward + prof.learn)
+    assert prof.out_bytes[1] == 4 * 4 * 16 * 8 * 8  # layer1.0: 4 x width channels at 8x8
+
+
+def test_weight_mirror_on_a_map_smaller_than_the_kernel_reach():
+    """A ResNet-50's layer4.0.conv2 on a 32x32 ImageNet-form input is a 3x3 at stride 2 on a
+    2x2 map: its first row and column of taps only ever meet padding. The mirror estimates the
+    taps that see the input (near W) and leaves the others at 0, with no division by zero."""
+    layer = Conv(16, 16, 3, stride=2, padding=1)
+    gen = torch.Generator().manual_seed(0)
+    init_weight_(layer.weight, "kaiming", 1.0, gen)
+    src = (16, 2, 2)
+    n = noise_samples(layer, src, 10.0)
+    est = estimate(layer, src, n, gen)
+    assert torch.isfinite(est).all()
+    assert torch.count_nonzero(est[:, :, 0, :]) == torch.count_nonzero(est[:, :, :, 0]) == 0
+    seen_est, seen_w = est[:, :, 1:, 1:].flatten(), layer.weight[:, :, 1:, 1:].flatten()
+    cos = torch.dot(seen_est, seen_w) / (seen_est.norm() * seen_w.norm())
+    assert math.degrees(math.acos(cos.clamp(-1, 1).item())) < 15.0

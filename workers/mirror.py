@@ -56,9 +56,15 @@ def _taps(layer: Conv, src_shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def noise_samples(layer: Layer, src_shape: tuple[int, ...], angle: float) -> int:
-    """Noise samples the layer needs for its estimate to lie about `angle` degrees from W."""
+    """Noise samples the layer needs for its estimate to lie about `angle` degrees from W.
+
+    A kernel tap that never lands inside the input (a 3x3 at stride 2 on a 2x2 map) only ever
+    meets padding: it has no effect and nothing to estimate, so it sets no sample count."""
     fan_in = layer.weight[0].numel()
-    per_sample = float(_taps(layer, src_shape).min()) if isinstance(layer, Conv) else 1.0
+    per_sample = 1.0
+    if isinstance(layer, Conv):
+        taps = _taps(layer, src_shape)
+        per_sample = float(taps[taps > 0].min())
     return max(1, math.ceil(fan_in / (math.tan(math.radians(angle)) ** 2 * per_sample)))
 
 
@@ -81,8 +87,9 @@ def estimate(
         x = x.mul_(scale).to(w.device)
         # (pooled features, as the head's own map takes them when handed features, not maps)
         total.add_(layer.weight_grad(x, layer.linear(x, w)))
-    if isinstance(layer, Conv):
-        return total.div_((_taps(layer, src_shape) * n).to(w.device, w.dtype))
+    if isinstance(layer, Conv):  # a tap that meets only padding correlates nothing: it stays 0
+        taps = _taps(layer, src_shape).clamp_min(1.0)
+        return total.div_((taps * n).to(w.device, w.dtype))
     return total.div_(n * scale * scale)
 
 

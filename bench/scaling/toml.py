@@ -1,6 +1,5 @@
-"""Measure bench/profiles/cpu_here.toml: ImageNet-form ResNet-18/34 blocks timed here at a small
-input and scaled to 224x224 by pixel count; ResNet-50 (not in workers/models.py) derived from
-ResNet-34's measured seconds per MAC per layer group and its own MACs (bench/scaling/project.py)."""
+"""Measure bench/profiles/cpu_here.toml: ImageNet-form ResNet-18/34/50 blocks timed here at a
+small input and scaled to 224x224 by pixel count (bench/scaling/project.py has their MACs)."""
 
 from __future__ import annotations
 
@@ -8,12 +7,13 @@ from bench.scaling.profile import config_of, profile_blocks
 from bench.scaling.project import resnet_blocks
 
 FAMILIES = {"rec_lra": "rec_lra:topology=skip", "rec_lra_mirror": "rec_lra", "backprop": "backprop"}
+MEASURED = ("resnet18", "resnet34", "resnet50")  # the models bench.scaling projects
 
 
 def measure(size: int, batch: int, reps: int) -> dict:
     scale = (224 / size) ** 2
     models: dict = {}
-    for model in ("resnet18", "resnet34"):
+    for model in MEASURED:
         ov = [
             f"model.name={model}",
             'model.form="imagenet"',
@@ -34,36 +34,7 @@ def measure(size: int, batch: int, reps: int) -> dict:
             print(f"  {model} {fam}: {sum(entry[fam]['forward_s']) * 1e3:.2f} ms/sample fwd")
         entry["out_bytes"] = [4.0 * b["out"] for b in resnet_blocks(model)]
         models[model] = entry
-    models["resnet50"] = derive_resnet50(models["resnet34"])
     return models
-
-
-def _group(name: str) -> str:
-    return name.split(".")[0]
-
-
-def derive_resnet50(r34: dict) -> dict:
-    """ResNet-50 per block: ResNet-34's measured seconds per MAC in the same layer group
-    (stem, layer1..4, head) times ResNet-50's MACs; apply seconds scale with parameter count
-    (~25.6M against 21.8M)."""
-    b34, b50 = resnet_blocks("resnet34"), resnet_blocks("resnet50")
-    out: dict = {"out_bytes": [4.0 * b["out"] for b in b50]}
-    for fam in FAMILIES:
-        per_mac: dict[str, dict[str, list[float]]] = {}
-        for kind in ("forward_s", "learn_s"):
-            for blk, t in zip(b34, r34[fam][kind], strict=True):
-                per_mac.setdefault(kind, {}).setdefault(_group(blk["name"]), []).append(
-                    t / blk["macs"]
-                )
-        e: dict = {}
-        for kind in ("forward_s", "learn_s"):
-            rate = {g: sum(v) / len(v) for g, v in per_mac[kind].items()}
-            e[kind] = [rate[_group(b["name"])] * b["macs"] for b in b50]
-        total = sum(r34[fam]["apply_s"]) * 25.6 / 21.8
-        macs = sum(b["macs"] for b in b50)
-        e["apply_s"] = [total * b["macs"] / macs for b in b50]
-        out[fam] = e
-    return out
 
 
 def _arr(v: list[float]) -> str:
@@ -86,11 +57,9 @@ def _write_models(path: str, lines: list[str], models: dict, note: str = "") -> 
 def write(path: str, models: dict, link: dict, size: int, batch: int) -> None:
     lines = [
         "# Measured here (python -m bench.scaling --measure-profile): a 2-core CPU VM, one torch",
-        f"# thread per block. ResNet-18/34 ImageNet form timed at {size}x{size},",
-        f"# micro-batch {batch},"
-        f"# scaled to 224x224 by pixel count (x{(224 / size) ** 2:.2f}); ResNet-50 is not in",
-        "# workers/models.py: derived from ResNet-34's seconds per MAC per layer group and",
-        "# ResNet-50's MACs (bench/scaling/project.resnet_blocks). Link: Ray on this machine.",
+        f"# thread per block. ResNet-18/34/50 ImageNet form timed at {size}x{size},",
+        f"# micro-batch {batch}, scaled to 224x224 by pixel count (x{(224 / size) ** 2:.2f}).",
+        "# Link: Ray on this machine.",
         "# Projected with one core per stage (cores unlimited), i.e. a cluster of such cores.",
         'name = "cpu_here"',
         "micro_batch = 8        # samples per micro-batch projected",
