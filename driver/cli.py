@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--config", help="TOML config with [service] and [metrics] sections")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     v.add_argument("--quiet", action="store_true", help="log warnings only")
+    from driver.api import runs_cli
+
+    runs_cli.add_parser(sub)
     return p
 
 
@@ -208,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command in ("export", "eval"):
         return _use_trained(args)
+    if args.command == "runs":
+        from driver.api import runs_cli
+
+        return runs_cli.main(args)
     if args.command == "report":
         from driver.api.report import ReportError, report
 
