@@ -303,3 +303,56 @@ def test_tensorboard_restart_drops_the_replayed_points(tmp_path):
     points = scalars(tmp_path / "tb").Scalars("epoch/val_acc")
     assert [p.step for p in points] == list(range(1, 11))
     assert [round(p.value, 1) for p in points] == [0.1] * 5 + [0.9] * 5
+
+
+SERVED = """
+[model]
+name = "mlp"
+hidden = 16
+[train]
+epochs = 1
+max_steps = 4
+batch_size = 64
+trackers = ["tensorboard"]
+"""
+
+
+def test_a_served_run_logs_to_its_trackers_in_its_own_process(tmp_path):
+    """The run's process makes its Controller, and with it the trackers: the event files land
+    in the run's folder, with the run's epochs."""
+    from driver.api.service import Client, Service, messages
+    from driver.config.service import ServiceConfig
+
+    svc = Service(ServiceConfig(port=0, token="t", runs_dir=str(tmp_path), watch_interval_s=0))
+    client = Client(f"127.0.0.1:{svc.port}", "t")
+    try:
+        client.call("StartRun", messages.StartRunRequest(config_toml=SERVED, run_id="tracked"))
+        end = list(client.watch("tracked", timeout=180.0))[-1].run
+        assert end.state == "succeeded", end.error
+        saved = json.loads((Path(end.out_dir) / "metrics.json").read_text())
+        points = scalars(Path(end.out_dir) / "tb").Scalars("epoch/val_acc")
+        assert [p.value for p in points] == pytest.approx([e["val_acc"] for e in saved["epochs"]])
+    finally:
+        client.close()
+        svc.stop()
+
+
+def test_the_service_refuses_a_run_whose_tracker_is_missing(tmp_path, monkeypatch):
+    """Admission imports the trackers' packages before any process starts: INVALID_ARGUMENT
+    naming the extra (absence simulated as above, in the service's process)."""
+    from driver.api.service import Client, RpcError, Service, StatusCode, messages
+    from driver.config.service import ServiceConfig
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    svc = Service(ServiceConfig(port=0, token="t", runs_dir=str(tmp_path), watch_interval_s=0))
+    client = Client(f"127.0.0.1:{svc.port}", "t")
+    try:
+        with pytest.raises(RpcError) as caught:
+            client.call("StartRun", messages.StartRunRequest(config_toml=SERVED, run_id="x"))
+        assert caught.value.code() == StatusCode.INVALID_ARGUMENT
+        assert "pip install 'reclra[tensorboard]'" in caught.value.details()
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        client.close()
+        svc.stop()

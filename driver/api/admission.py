@@ -18,6 +18,7 @@ from driver.config.service import ServiceConfig
 from driver.data.common import DataError
 from driver.data.load import check_present
 from driver.run.memory import MemoryEstimate, estimate_memory, model_blocks
+from driver.run.trackers import check_packages
 
 # keys that name where a run writes: a request leaves them at their defaults
 WRITE_SUFFIXES = ("_dir", "_path", "_uri", "_url", "_file")
@@ -112,6 +113,7 @@ def check_memory(cfg: Config, budget: int) -> MemoryEstimate:
 def admit(cfg: Config, roots: list[Path], budget: int) -> MemoryEstimate:
     """Every check a request must pass, cheapest first; the run's memory estimate."""
     check_request(cfg)
+    check_packages(cfg)  # train.trackers' packages (a ConfigError naming the extra)
     check_data(cfg.data, roots)
     check_stages(cfg)
     return check_memory(cfg, budget)
