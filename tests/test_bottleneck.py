@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ from workers.spec import StageSpec
 from workers.stage import Stage
 
 CLASSES = 10
-RANDOM = dict(kp_init="kaiming", head_init="kaiming")  # every synapse moves from step one
+RANDOM: dict[str, Any] = dict(kp_init="kaiming", head_init="kaiming")  # all synapses move
 
 
 def _blocks(model: ModelConfig, shape: tuple[int, ...], classes: int = CLASSES) -> list[Block]:
@@ -149,7 +150,7 @@ def test_imagenet_form_matches_torchvision(name):
                         _torchvision_key(f"{block.name}.{key.removeprefix('layers.')}")
                     ]
                 )
-        x = torch.randn(2, 3, 64, 64)
+        x = torch.randn(2, 3, 48, 48)
         torch.testing.assert_close(net(x), reference(x), rtol=1e-4, atol=1e-4)
 
 
@@ -261,7 +262,7 @@ def test_partition_cuts_between_bottleneck_blocks(k):
 @pytest.mark.parametrize(
     "rule, bounds",
     [
-        (RuleConfig(name="rec_lra", **RANDOM), [0, 6, N_BLOCKS]),
+        (RuleConfig(name="rec_lra", mirror_angle=20.0, **RANDOM), [0, 6, N_BLOCKS]),
         (RuleConfig(name="backprop"), [0, 4, 11, N_BLOCKS]),
     ],
     ids=["mirror-k2", "backprop-k3"],
