@@ -134,3 +134,104 @@ def test_the_served_api_speaks_tls_with_the_secrets_the_head_mounts():
     assert secret_file(cfg.tls_key) == ("reclra-tls", "tls.key")
     assert secret_file(cfg.token_file) == ("reclra-service-token", "token")
     assert "grpc" not in serve["readinessProbe"]  # the kubelet's gRPC probe cannot speak TLS
+
+
+def _kustomized() -> list[dict]:
+    """The objects `kubectl apply -k deploy/` creates from files (the generators aside)."""
+    kust = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    return [d for res in kust["resources"] for d in yaml.safe_load_all((DEPLOY / res).read_text())]
+
+
+def _claims(node: object) -> set[str]:
+    """Every persistentVolumeClaim.claimName under a manifest."""
+    if isinstance(node, dict):
+        found = {node["claimName"]} if "claimName" in node else set()
+        return found.union(*(_claims(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_claims(v) for v in node))
+    return set()
+
+
+def test_every_volume_claim_a_manifest_mounts_is_defined_by_the_kustomization():
+    defined = {d["metadata"]["name"] for d in _kustomized() if d["kind"] == "PersistentVolumeClaim"}
+    used = set().union(*(_claims(d) for _, d in DOCS))
+    assert {"reclra-runs", "reclra-data"} <= used
+    assert used <= defined, f"claims no manifest defines: {sorted(used - defined)}"
+
+
+_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
+
+
+def _bytes(quantity: str) -> int:
+    for unit, factor in _UNITS.items():
+        if quantity.endswith(unit):
+            return int(float(quantity[: -len(unit)]) * factor)
+    return int(quantity)
+
+
+def _ray_groups() -> list[tuple[str, dict]]:
+    """(name, group spec) of every Ray head and worker group, in RayClusters and RayJobs."""
+    out = []
+    for name, doc in CUSTOM:
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"].get("rayClusterSpec")
+        if spec is None:
+            continue
+        out.append((f"{name} head", spec["headGroupSpec"]))
+        out += [(f"{name} {g['groupName']}", g) for g in spec.get("workerGroupSpecs", [])]
+    return out
+
+
+@pytest.mark.parametrize("name, group", _ray_groups(), ids=[n for n, _ in _ray_groups()])
+def test_ray_pods_hold_their_object_store_in_a_memory_backed_dev_shm(name, group):
+    """A container's /dev/shm is 64 MiB unless a volume replaces it: Ray's object store would
+    fall back to disk. Each Ray container mounts a medium: Memory emptyDir there, sized for the
+    object store it is given (with room to spare) and within the container's memory limit."""
+    pod = group["template"]["spec"]
+    store = _bytes(group["rayStartParams"]["object-store-memory"])
+    assert store >= 2**30, "an explicit object store of at least 1 GiB"
+    ray = pod["containers"][0]  # KubeRay runs `ray start` in the first container
+    mount = next(m for m in ray.get("volumeMounts", []) if m["mountPath"] == "/dev/shm")
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    shm = volume["emptyDir"]
+    assert shm["medium"] == "Memory"
+    size = _bytes(shm["sizeLimit"])
+    assert store < size <= 1.5 * store
+    # the shared memory counts against the pod's memory: the processes keep at least half
+    assert size <= 0.5 * _bytes(ray["resources"]["limits"]["memory"])
+
+
+def _max_stages() -> int:
+    return max(load_config(p).pipeline.stages for p in (DEPLOY / "configs").glob("*.toml"))
+
+
+def test_the_long_lived_cluster_autoscales_its_gpu_workers():
+    cluster = next(d for _, d in DOCS if d["kind"] == "RayCluster")
+    spec = cluster["spec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    opts = spec["autoscalerOptions"]
+    assert opts["version"] == "v2"  # what cluster/placement.py's cluster_can_grow reads
+    assert opts["upscalingMode"] == "Default" and 60 <= opts["idleTimeoutSeconds"] <= 3600
+    head_env = {
+        e["name"]: e for e in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    env = {e["name"]: e for e in opts["env"]}
+    assert env["RAY_AUTH_TOKEN"] == head_env["RAY_AUTH_TOKEN"]  # same Secret: it can reach GCS
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    for group in spec["workerGroupSpecs"]:
+        low, start, high = group["minReplicas"], group["replicas"], group["maxReplicas"]
+        assert 0 <= low <= start <= high and low < high, group["groupName"]
+        gpus = int(
+            group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+        )
+        assert high * gpus >= _max_stages()  # the largest example config fits, one GPU a stage
+
+
+def test_the_rayjob_cluster_is_fixed_at_its_configs_stage_count():
+    job = next(d for _, d in DOCS if d["kind"] == "RayJob")
+    spec = job["spec"]["rayClusterSpec"]
+    assert not spec.get("enableInTreeAutoscaling", False)
+    config = job["spec"]["entrypoint"].split("--config ")[1].split()[0]
+    cfg = load_config(DEPLOY / "configs" / Path(config).name)
+    assert not cfg.pipeline.elastic  # a run that never grows: nothing for an autoscaler to do
+    (group,) = spec["workerGroupSpecs"]
+    assert group["minReplicas"] == group["replicas"] == group["maxReplicas"] == cfg.pipeline.stages
