@@ -22,8 +22,8 @@ from driver.run.evaluate import evaluate_trained
 from driver.run.export import build_plain, plain_model
 from driver.run.train import train
 
-# ResNet-18 in torchvision's form at 32x32, a few steps. rule.mirror_angle = 0: the weight
-# mirror divides by zero on layer4's 1x1 maps at this input size (workers/mirror.py).
+# ResNet-18 in torchvision's form at 32x32 (layer4 on 1x1 maps), a few steps; no weight mirror
+# (its noise phase takes minutes on a width-64 ResNet-18 here, and exports nothing)
 R18 = [
     'model.name="resnet18"',
     'model.form="imagenet"',
