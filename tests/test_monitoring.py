@@ -140,7 +140,8 @@ def test_dashboard_queries_follow_grafana_conventions():
     (target,) = panel["targets"]
     assert target["expr"] == 'reclra_run_state{run=~"$run"} == 1'  # the Enum's current state
     assert panel["options"]["reduceOptions"]["fields"] == "/^reclra_run_state$/"
-    assert {"id": "labelsToFields", "options": {}} in panel["transformations"]
+    assert target["instant"] and target["format"] == "table"  # labels as columns, one row a run
+    assert panel["fieldConfig"]["defaults"]["displayName"] == "${__data.fields.run}"
     (mapping,) = panel["fieldConfig"]["defaults"]["mappings"]
     assert mapping["type"] == "value"
     assert list(mapping["options"]) == list(RUN_STATES)  # every state, in lifecycle order
