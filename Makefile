@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/reclra train
+	$(BIN)/reclra train --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q
