@@ -14,7 +14,8 @@
     mirror, backprop) to the weights one stage reaches (float64).
 (f) The memory estimate counts a bottleneck ResNet's weights, synapses and moments exactly.
 (g) bench.scaling's ResNet-50 arithmetic is the model's own, its block profile runs on it, and
-    the weight mirror handles a 3x3 at stride 2 on a 2x2 map (ImageNet form at 32x32).
+    the weight mirror handles a 3x3 at stride 2 on a 2x2 map (ImageNet form at 32x32);
+    bench.pipeline offers resnet50_64 and refuses an unknown model by name.
 """
 
 from __future__ import annotations
@@ -378,3 +379,18 @@ def test_weight_mirror_on_a_map_smaller_than_the_kernel_reach():
     seen_est, seen_w = est[:, :, 1:, 1:].flatten(), layer.weight[:, :, 1:, 1:].flatten()
     cos = torch.dot(seen_est, seen_w) / (seen_est.norm() * seen_w.norm())
     assert math.degrees(math.acos(cos.clamp(-1, 1).item())) < 15.0
+
+
+def test_bench_pipeline_offers_resnet50_and_refuses_unknown_models(tmp_path, capsys):
+    """bench.pipeline's resnet50_64 is the ImageNet-form ResNet-50 at width 64; an unknown
+    --models entry is refused by name before anything starts."""
+    from bench.pipeline import MODELS
+    from bench.pipeline import main as bench_main
+    from driver.config import load_config
+
+    cfg = load_config(None, [*MODELS["resnet50_64"], "train.compare=[]"])
+    assert (cfg.model.name, cfg.model.form, cfg.model.width) == ("resnet50", "imagenet", 64)
+    assert len(model_plan(cfg.model, (3, 64, 64), 10)) == N_BLOCKS
+    with pytest.raises(SystemExit):
+        bench_main(["--json", str(tmp_path / "r.json"), "--models", "resnet50_64,resnet99"])
+    assert "resnet99" in capsys.readouterr().err
