@@ -37,6 +37,22 @@ def init_weight_(w: torch.Tensor, scheme: str, std: float, gen: torch.Generator)
             raise ValueError(f"unknown init scheme {scheme!r}")
 
 
+def compute_dtype(e: torch.Tensor) -> torch.dtype:
+    """The dtype an error kernel computes in: autocast's (train.precision = "bf16") where it is
+    on for `e`'s device, else `e`'s own. Explicit kernels (a conv's backward, a transpose run by
+    autograd's backward, outside autocast) cast their float32 weights to it, as autocast casts
+    them for the forward maps; master weights and error synapses are never changed."""
+    kind = e.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return e.dtype
+
+
+def as_dtype(dtype: torch.dtype, *ts: torch.Tensor) -> list[torch.Tensor]:
+    """`ts` in `dtype` (the same tensors, no copy, where they are in it already)."""
+    return [t if t.dtype == dtype else t.to(dtype) for t in ts]
+
+
 @dataclass
 class BatchNormSaved:
     """What a BatchNorm layer's backward needs of one forward: its input W z and batch stats."""
@@ -138,6 +154,7 @@ class Layer(nn.Module, ABC):
         bn = self.bn
         assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
         learns = [p is not None and p.requires_grad for p in (bn.weight, bn.bias)]
+        (e,) = as_dtype(saved.lin.dtype, e)  # bf16: the kernel takes float32 scale and stats
         g_lin, g_w, g_b = torch.ops.aten.native_batch_norm_backward(
             e,
             saved.lin,
@@ -168,9 +185,11 @@ class Dense(Layer):
         return z.flatten(1) @ weight.T
 
     def transpose(self, e: torch.Tensor, weight: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        e, weight = as_dtype(compute_dtype(e), e, weight)
         return (e @ weight).reshape(src.shape)
 
     def weight_grad(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        e, z = as_dtype(compute_dtype(e), e, z)
         return e.T @ z.flatten(1)
 
 
@@ -223,7 +242,9 @@ class Conv(Layer):
         self, e: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, *, carry: bool, update: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The conv's backward kernel: (e through `weight` to z's shape, the correlation of z
-        with e), each only where asked (the other slot is then undefined)."""
+        with e), each only where asked (the other slot is then undefined). Not an autocast op:
+        its operands are cast to the compute dtype here."""
+        e, z, weight = as_dtype(compute_dtype(e), e, z, weight)
         carried, grad, _ = torch.ops.aten.convolution_backward(
             e,
             z,
@@ -253,6 +274,7 @@ class PooledHead(Dense):
         return z.mean(dim=(2, 3)) if z.dim() == 4 else z.flatten(1)
 
     def transpose(self, e: torch.Tensor, weight: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        e, weight = as_dtype(compute_dtype(e), e, weight)
         d = e @ weight
         if src.dim() == 4:  # the transpose of average pooling: spread evenly over H x W
             b, c, h, w = src.shape
@@ -260,4 +282,5 @@ class PooledHead(Dense):
         return d.reshape(src.shape)
 
     def weight_grad(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        e, z = as_dtype(compute_dtype(e), e, z)
         return e.T @ self.pool(z)

@@ -11,6 +11,8 @@ from workers.optim import OptimConfig
 from workers.rules import RuleConfig
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# train.precision: the dtype forward maps, errors and carries compute in (None: the weights')
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bf16": torch.bfloat16}
 
 
 class NonFiniteError(FloatingPointError):
@@ -32,6 +34,10 @@ class StageSpec:
     index: int = 0
     seed: int = 0
     dtype: str = "float32"
+    # "bf16": forward maps, errors and carries run under autocast; weights, E and optimizer
+    # state stay in `dtype` (float32)
+    precision: str = "float32"
+    compile: bool = False  # torch.compile the stage's forward maps (workers/stage.py says which)
     device: str = "cpu"
     max_cached: int = 64  # micro-batches a stage may hold between forward and learn
     threads: int = 0  # torch threads for this stage's process; 0 leaves the process setting
@@ -41,6 +47,17 @@ class StageSpec:
     diagnose_every: int = 0  # probe backprop's gradient every N steps (0: never); see diagnostics
     apply_every: int = 1  # learn(apply=True) steps the optimizer once per this many learns
     learn_fraction: float = 1.0  # of a training step one micro-batch is (1 / micro-batches)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"train.precision: unknown {self.precision!r}; choose from {list(PRECISIONS)}"
+            )
+        if PRECISIONS[self.precision] is not None and self.dtype != "float32":
+            raise ValueError(
+                f"train.precision: {self.precision} autocasts float32 weights, got train.dtype = "
+                f'{self.dtype!r}; set train.dtype = "float32" or train.precision = "float32"'
+            )
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -19,12 +20,13 @@ from workers.assemble import (
     trainable,
 )
 from workers.blocks import Block, BlockCache
+from workers.compiled import compile_stage
 from workers.diagnostics import BackpropProbe, synapse_angles
 from workers.held import SavedBytes, cache_bytes
 from workers.mirror import mirror
 from workers.optim import build_optimizer, reproject_, set_lr
 from workers.rules import ErrorSignal, make_rule, rule_chained
-from workers.spec import DTYPES, NonFiniteError, StageSpec, StageStats
+from workers.spec import DTYPES, PRECISIONS, NonFiniteError, StageSpec, StageStats
 from workers.state import load_stage_state, stage_state, unit_buffers, with_buffers
 from workers.sweep import sweep_stage
 
@@ -39,7 +41,11 @@ class Stage:
         self.spec = spec
         self.rule = make_rule(spec.rule)
         self.chained = rule_chained(spec.rule)  # sends the boundary down to the stage below
-        self.dtype = DTYPES[spec.dtype]
+        self.dtype = DTYPES[spec.dtype]  # master weights, error synapses, optimizer state
+        # train.precision: forward maps, errors and carries under autocast in this dtype
+        self.precision = PRECISIONS[spec.precision]
+        # activations, errors and what goes between stages (the top's logits go in self.dtype)
+        self.act_dtype = self.precision or self.dtype
         self.device = torch.device(spec.device)
         self.blocks, self.is_first, self.is_last = build_blocks(spec, self.rule)
         self.trunk: list[Block] = list(self.blocks)  # type: ignore[arg-type]
@@ -74,6 +80,14 @@ class Stage:
         self._probe = BackpropProbe(self.trunk) if spec.diagnose_every > 0 else None
         self._cached_bytes = 0  # held now between forwards and their learns
         self._mark: tuple[dict, torch.Tensor] | None = None  # forward-side state held by mark()
+        # train.compile: the trunk's forward maps, compiled (None: eager)
+        self._compiled = compile_stage(self.trunk, self.rule, spec) if spec.compile else None
+
+    def _autocast(self) -> AbstractContextManager:
+        """train.precision's autocast for forward maps, errors and carries (none in float32)."""
+        if self.precision is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision)
 
     def units(self) -> dict[str, nn.Module]:
         """Every learnable unit by its model-wide name: layers and skip synapses."""
@@ -93,37 +107,49 @@ class Stage:
         if not self._training:
             self.blocks.train()
             self._training = True
-        x = x.to(self.device, self.dtype)
         if self.is_first and self.spec.rule.input_noise > 0:
+            x = x.to(self.device, self.dtype)
             noise = torch.randn(x.shape, generator=self._noise, dtype=x.dtype)
             x = x + self.spec.rule.input_noise * noise.to(self.device)
+        x = x.to(self.device, self.act_dtype)
+        with self._autocast():
+            out, cached, held = self._forward_train(x)
+        self._cache[mb] = (self.step, cached, held)
+        self._cached_bytes += held
+        self.stats.cached_bytes = max(self.stats.cached_bytes, self._cached_bytes)
+        self.stats.forward_seconds += self._end() - t0
+        return self._send(out, logits=self.is_last)
+
+    def _forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, Any, int]:
+        """The trunk's (and auxiliary blocks') train-mode forward: (output, what learn needs,
+        the bytes that holds)."""
+        compiled = self._compiled
         if self.rule.autograd:
             x_in = x.detach().requires_grad_(not self.is_first)
             saved = SavedBytes()
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-                out = x_in
-                for block in self.trunk:
-                    out = block(out, self.rule.layer_map)  # type: ignore[attr-defined]
-            held = cache_bytes([x_in, out], saved)
-            self._cache[mb] = (self.step, (x_in, out), held)
+                if compiled is not None:
+                    out = compiled.forward(x_in)
+                else:
+                    out = x_in
+                    for block in self.trunk:
+                        out = block(out, self.rule.layer_map)  # type: ignore[attr-defined]
+            return out, (x_in, out), cache_bytes([x_in, out], saved)
+        caches: list[BlockCache] = []
+        if compiled is not None:
+            out, caches = compiled.forward_local(x)
         else:
-            caches: list[BlockCache] = []
             out = x
             for block in self.trunk:
                 out, cache = block.forward_local(out)
                 caches.append(cache)
-            if self.aux is not None:
-                for chain in (self.aux.head, self.aux.recon):
-                    z = out
-                    for block in chain:
-                        z, cache = block.forward_local(z)
-                        caches.append(cache)
-            held = cache_bytes(caches)
-            self._cache[mb] = (self.step, caches, held)
-        self._cached_bytes += held
-        self.stats.cached_bytes = max(self.stats.cached_bytes, self._cached_bytes)
-        self.stats.forward_seconds += self._end() - t0
-        return self._send(out)
+        if self.aux is not None:
+            for chain in (self.aux.head, self.aux.recon):
+                z = out
+                for block in chain:
+                    z, cache = block.forward_local(z)
+                    caches.append(cache)
+        return out, caches, cache_bytes(caches)
 
     def _start(self) -> None:
         """Before the first training forward of a fresh stage: the weight-mirror phase, and the
@@ -149,8 +175,13 @@ class Stage:
         out = self.forward(mb, x)
         return out, self.learn(mb, signal, apply=apply)
 
-    def _send(self, t: torch.Tensor) -> torch.Tensor:
+    def _send(self, t: torch.Tensor, *, logits: bool = False) -> torch.Tensor:
+        """`t` as it leaves the stage: in act_dtype (bf16 under train.precision = "bf16": half
+        the bytes between stages), or in the weights' dtype for `logits` (the model's output)."""
         t = t.detach()
+        dtype = self.dtype if logits else self.act_dtype
+        if t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
         return t.cpu() if self.spec.send_to_cpu else t
 
     def _begin(self, *received: torch.Tensor | None) -> float:
@@ -186,26 +217,28 @@ class Stage:
             else:
                 logits = cached[-1 if self.aux is None else self._head_end - 1].z[-1]
             labels = signal.labels.to(self.device)
-            e_out = torch.softmax(logits.detach(), dim=1) - F.one_hot(labels, logits.shape[1]).to(
-                logits.dtype
-            )
+            probs = torch.softmax(logits.detach().to(self.dtype), dim=1)  # bf16: in float32
+            e_out = probs - F.one_hot(labels, logits.shape[1]).to(probs.dtype)
         if e_out is None:
             raise ValueError(f"stage {self.spec.index}: no output error in the signal")
-        e_out = e_out.to(self.device, self.dtype)
-        boundary = None if signal.boundary is None else signal.boundary.to(self.device, self.dtype)
-        if self.rule.autograd:
+        e_out = e_out.to(self.device, self.act_dtype)
+        boundary = signal.boundary
+        if boundary is not None:
+            boundary = boundary.to(self.device, self.act_dtype)
+        if self.rule.autograd:  # the backward runs outside autocast, in the forward's dtypes
             boundary = self._learn_autograd(cached, labels if self.is_last else None, boundary)
         else:
-            if self.aux is not None:  # the trunk's top learns from the auxiliary blocks
-                boundary = self._learn_aux(cached, e_out)
-            boundary = sweep_stage(
-                self.trunk,
-                cached[: len(self.trunk)],
-                self.rule,
-                d_out=boundary,
-                e_out=e_out,
-                losses=self._losses,
-            )
+            with self._autocast():
+                if self.aux is not None:  # the trunk's top learns from the auxiliary blocks
+                    boundary = self._learn_aux(cached, e_out)
+                boundary = sweep_stage(
+                    self.trunk,
+                    cached[: len(self.trunk)],
+                    self.rule,
+                    d_out=boundary,
+                    e_out=e_out,
+                    losses=self._losses,
+                )
         self._check_finite("error", e_out)
         true_grad = self._diagnose(cached, signal)
         self.stats.micro_batches += 1
@@ -271,6 +304,7 @@ class Stage:
         elif signal.true_grad is None:
             return None
         x = cached[0] if self.rule.autograd else cached[0].input
+        x = x.to(self.dtype)  # the probe is backprop in the weights' dtype, never autocast
         return self._probe.run(
             x,
             labels=signal.labels.to(self.device) if self.is_last else None,  # type: ignore[union-attr]
@@ -282,14 +316,14 @@ class Stage:
         self, cached: tuple, labels: torch.Tensor | None, grad: torch.Tensor | None
     ) -> torch.Tensor | None:
         x_in, out = cached
-        if labels is not None:
-            loss = F.cross_entropy(out, labels, reduction="sum")
+        if labels is not None:  # the loss in the weights' dtype (bf16 logits cast up)
+            loss = F.cross_entropy(out.to(self.dtype), labels, reduction="sum")
             self._losses["head.loss"] = loss.detach() / out.shape[0]
             loss.backward()
         else:
             if grad is None:
                 raise ValueError(f"stage {self.spec.index}: backprop needs the boundary gradient")
-            out.backward(grad)
+            out.backward(grad.to(out.dtype))
         return x_in.grad
 
     def apply(self) -> dict[str, float]:
@@ -387,15 +421,16 @@ class Stage:
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval-mode forward, no caching."""
-        return self._send(self._infer(x))
+        """Eval-mode forward, no caching (under train.precision's autocast, as training)."""
+        return self._send(self._infer(x), logits=self.is_last)
 
     def _infer(self, x: torch.Tensor) -> torch.Tensor:
         self.blocks.eval()
         self._training = False
-        out = x.to(self.device, self.dtype)
-        for block in self.trunk:
-            out = block(out)
+        out = x.to(self.device, self.act_dtype)
+        with self._autocast():
+            for block in self.trunk:
+                out = block(out)
         return out
 
     @torch.no_grad()
@@ -406,9 +441,11 @@ class Stage:
         logits: torch.Tensor | None = out if self.is_last else None
         if self.aux is not None:
             logits = out
-            for block in self.aux.head:
-                logits = block(logits)
-        return self._send(out), None if logits is None else self._send(logits)
+            with self._autocast():
+                for block in self.aux.head:
+                    logits = block(logits)
+        exit_logits = None if logits is None else self._send(logits, logits=True)
+        return self._send(out, logits=self.is_last), exit_logits
 
     def pop_stats(self) -> StageStats:
         """The stats since the last call, and a fresh window."""

@@ -10,11 +10,19 @@ from workers.rules.base import Rule
 
 
 def accumulate(param: torch.Tensor, grad: torch.Tensor, *, owned: bool = False) -> None:
-    """Add `grad` to param.grad; `owned`: nobody else holds `grad`, so it may become .grad."""
+    """Add `grad` to param.grad; `owned`: nobody else holds `grad`, so it may become .grad.
+    A bf16 update (train.precision) is accumulated in the parameter's own dtype (float32)."""
+    if grad.dtype != param.dtype:
+        grad, owned = grad.to(param.dtype), True
     if param.grad is None:
         param.grad = grad.detach() if owned else grad.detach().clone()
     else:
         param.grad.add_(grad)
+
+
+def _stat(e: torch.Tensor) -> torch.Tensor:
+    """`e` as a statistic is taken: in float32 at least (a bf16 error's norm is summed in it)."""
+    return e.detach().to(torch.promote_types(e.dtype, torch.float32))
 
 
 def _add(slot: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
@@ -70,7 +78,7 @@ def sweep_block(
         else:
             d_n = _node_displacement(block, n, d[n], cache, rule, e_out)
             e = rule.node_error(cache.h[n], cache.z[n], d_n, block.acts[n], rule.mix(block, n))
-        losses[f"{block.name}.node{n}"] = torch.linalg.vector_norm(e.detach()) ** 2 * (
+        losses[f"{block.name}.node{n}"] = torch.linalg.vector_norm(_stat(e)) ** 2 * (
             0.5 / e.shape[0]
         )
         for wire in block.wires_into[n]:

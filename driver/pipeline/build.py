@@ -67,6 +67,8 @@ def base_spec(cfg: Config, splits: DatasetSplits, n_blocks: int | None = None) -
         blocks=(0, n),
         seed=cfg.train.seed,
         dtype=cfg.train.dtype,
+        precision=cfg.train.precision,
+        compile=cfg.train.compile,
         device=resolve_device(cfg.train.device),
         diagnose_every=cfg.train.diagnose_every,
         keep_freed_memory=cfg.train.keep_freed_memory,
@@ -134,7 +136,9 @@ def _plan(cfg: Config, base: StageSpec, names: tuple[str, ...], splits: DatasetS
         return plan_partition(base, int(k), pc.boundaries, None, pc.profile_steps, names=names)
     sample = profile_sample(cfg, splits)  # every profile below times this one micro-batch
     driver_side = base if torch.cuda.is_available() else replace(base, device="cpu")
-    driver_side = replace(driver_side, diagnose_every=0)  # time the training, not the probe
+    # time the training, not the probe; and eager blocks: compiling every block of the profile
+    # would cost more than the profile (the partition needs relative costs)
+    driver_side = replace(driver_side, diagnose_every=0, compile=False)
     whole = driver_side
     if pc.backend != "local":  # profile blocks with a stage's thread count
         threads = pc.threads_per_stage or max(1, int(pc.cpus_per_stage))

@@ -96,7 +96,8 @@ class P2PStage(Stage):
     def _take(
         self, src: int, shape: tuple[int, ...], dtype: torch.dtype | None = None
     ) -> torch.Tensor:
-        out = torch.empty(shape, dtype=dtype or self.dtype, device=self.comm)
+        # activations and signals travel in act_dtype (bf16 under train.precision = "bf16")
+        out = torch.empty(shape, dtype=dtype or self.act_dtype, device=self.comm)
         dist.recv(out, src)
         return out
 

@@ -1,0 +1,179 @@
+"""train.precision = "bf16" and train.compile, through the config's own plumbing (build_runner).
+
+(a) bf16 computes in bf16: every conv, matmul and conv-backward kernel of a training step, and
+    of evaluation, takes bf16 operands (recorded below autocast, by a dispatch mode), for every
+    rule; master weights, error synapses, their updates and optimizer state stay float32.
+(b) Activations between stages travel in bf16 (half the bytes); the model's logits are float32.
+(c) A short bf16 run of each rule learns on the digits (its loss falls).
+(d) bf16 with a float64 spec is refused in one line.
+(e) train.compile gives the logits eager gives (rec-LRA's forward_local and backprop's autograd
+    forward), and a missing C++ compiler is refused in one line.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from driver.config import load_config
+from driver.config.root import with_rule
+from driver.pipeline.build import base_spec, build_runner
+from workers.chain import LocalRunner, stage_specs
+from workers.compiled import CompileError
+from workers.rules import ErrorSignal
+from workers.spec import StageSpec
+
+RULES = ["rec_lra", "lra_e", "fa", "kp", "sign", "dfa", "backprop"]
+aten = torch.ops.aten
+KERNELS = {
+    aten.convolution.default: "conv",
+    aten.convolution_backward.default: "conv_backward",
+    aten.mm.default: "mm",
+    aten.addmm.default: "mm",
+    aten.bmm.default: "mm",
+}
+
+
+class KernelDtypes(TorchDispatchMode):
+    """The dtypes of the floating operands of every conv / matmul kernel run under it (below
+    autocast: what the kernel really computes in)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[str, set[torch.dtype]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kind = KERNELS.get(func)
+        if kind is not None:
+            dtypes = {
+                a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()
+            }
+            self.seen.append((kind, dtypes))
+        return func(*args, **(kwargs or {}))
+
+
+def _cfg(rule: str, model: list[str], **train: object):  # noqa: ANN202
+    sets = [*model, "train.seed=0", "pipeline.stages=1"]
+    cfg = with_rule(load_config(None, sets), rule)
+    return replace(cfg, train=replace(cfg.train, **train))
+
+
+RESNET = ['model.name="resnet8"', "model.width=4"]
+MLP = ['model.name="mlp"', "model.hidden=64", "model.depth=2"]
+
+
+def _runner(rule: str, splits, model: list[str], **train: object) -> LocalRunner:  # noqa: ANN001
+    runner, _ = build_runner(_cfg(rule, model, **train), splits)
+    assert isinstance(runner, LocalRunner)
+    return runner
+
+
+def _batch(splits, n: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    items = [splits.train[i] for i in range(start, start + n)]
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_bf16_kernels_and_float32_state(rule: str, digits) -> None:  # noqa: ANN001
+    runner = _runner(rule, digits, RESNET, precision="bf16")
+    x, y = _batch(digits, 16)
+    runner.step(x, y)  # the first step runs the weight mirror (float32, outside autocast)
+    with KernelDtypes() as mode:
+        ((logits, _),) = runner.step(x, y)
+        runner.infer(x)
+    kinds = {kind for kind, _ in mode.seen}
+    assert {"conv", "conv_backward", "mm"} <= kinds, kinds
+    wrong = [(kind, dtypes) for kind, dtypes in mode.seen if dtypes != {torch.bfloat16}]
+    assert not wrong, f"{rule}: kernels not in bf16: {wrong[:5]}"
+    assert logits.dtype == torch.float32
+    stage = runner.stages[0]
+    params = dict(stage._named_params)
+    assert params and all(p.dtype == torch.float32 for p in params.values())
+    feedback = [lay.feedback for b in stage.block_list for _, lay in b.layer_items()]
+    assert all(e.dtype == torch.float32 for e in feedback if e is not None)
+    if rule in ("rec_lra", "lra_e", "fa", "kp"):
+        assert any(e is not None for e in feedback), f"{rule} has error synapses"
+    state = [t for s in stage.optimizer.state.values() for t in s.values()]
+    floats = [t for t in state if torch.is_tensor(t) and t.is_floating_point() and t.dim() > 0]
+    assert floats and all(t.dtype == torch.float32 for t in floats)
+    # updates are accumulated in float32, whatever they were computed in
+    stage.forward("extra", x)
+    stage.learn("extra", ErrorSignal(labels=y))
+    grads = [p.grad for p in params.values() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 for g in grads)
+
+
+def test_bf16_between_stages(digits) -> None:  # noqa: ANN001
+    base = base_spec(_cfg("rec_lra", RESNET, precision="bf16"), digits)
+    runner = LocalRunner(stage_specs(base, [0, 2, base.blocks[1]]))
+    x, y = _batch(digits, 8)
+    runner.step(x, y)
+    stats = dict(runner.drain_stats())
+    out, _ = runner.stages[0].infer_exit(x)
+    assert out.dtype == torch.bfloat16
+    # stage 1 received stage 0's activation (8 samples) in bf16: 2 bytes an element
+    assert stats[1].bytes_received == out.numel() * 2
+    assert runner.infer(x).dtype == torch.float32
+
+
+def _short_run(rule: str, splits, precision: str) -> tuple[float, float]:  # noqa: ANN001
+    """The loss on 256 training images before and after 16 steps of 64 (MLP, the rule's
+    recipe)."""
+    runner = _runner(rule, splits, MLP, precision=precision)
+    probe_x, probe_y = _batch(splits, 256)
+    before = float(F.cross_entropy(runner.infer(probe_x), probe_y))
+    for step in range(16):
+        runner.step(*_batch(splits, 64, start=(step * 64) % 1088))
+    return before, float(F.cross_entropy(runner.infer(probe_x), probe_y))
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_bf16_each_rule_learns(rule: str, digits) -> None:  # noqa: ANN001
+    before, after = _short_run(rule, digits, "bf16")
+    _, after_fp32 = _short_run(rule, digits, "float32")
+    assert after < before - 0.5, f"{rule}: loss {before:.3f} -> {after:.3f} in bf16"
+    assert abs(after - after_fp32) < 0.15, f"{rule}: bf16 {after:.3f}, float32 {after_fp32:.3f}"
+
+
+def test_bf16_needs_float32_weights() -> None:
+    cfg = _cfg("rec_lra", MLP)
+    with pytest.raises(ValueError, match=r"train\.precision: bf16 autocasts float32") as info:
+        StageSpec(
+            model=cfg.model,
+            rule=cfg.rule,
+            optim=cfg.optim,
+            input_shape=(1, 8, 8),
+            num_classes=10,
+            blocks=(0, 3),
+            dtype="float64",
+            precision="bf16",
+        )
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor on CPU needs a C++ compiler")
+@pytest.mark.parametrize("rule", ["rec_lra", "backprop"])
+def test_compile_matches_eager(rule: str, digits) -> None:  # noqa: ANN001
+    small = ['model.name="mlp"', "model.hidden=16", "model.depth=1"]
+    x, y = _batch(digits, 32)
+    logits = []
+    for compiled in (False, True):
+        runner = _runner(rule, digits, small, compile=compiled)
+        train_logits = [runner.step(x, y)[0][0] for _ in range(2)]
+        logits.append((train_logits, runner.infer(x)))
+    (eager_train, eager), (comp_train, comp) = logits
+    for a, b in zip(eager_train, comp_train, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(comp, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_compile_without_a_compiler_is_refused(digits, monkeypatch, tmp_path) -> None:  # noqa: ANN001
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(CompileError, match=r"needs a C\+\+ compiler .* train\.compile = false"):
+        _runner("rec_lra", digits, MLP, compile=True)
