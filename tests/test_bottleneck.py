@@ -16,6 +16,7 @@
 (g) bench.scaling's ResNet-50 arithmetic is the model's own, its block profile runs on it, and
     the weight mirror handles a 3x3 at stride 2 on a 2x2 map (ImageNet form at 32x32);
     bench.pipeline offers resnet50_64 and refuses an unknown model by name.
+(h) A decoupled stage's auxiliary head on a bottleneck is sized by its 3x3 width.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from driver.config.pipeline import PipelineConfig
 from driver.pipeline.partition import plan_partition
 from driver.pipeline.stream import LocalPipeline
 from driver.run.memory import data_shape, estimate_memory, model_blocks
+from workers.aux_heads import aux_blocks
 from workers.blocks import Block
 from workers.chain import LocalRunner, stage_specs
 from workers.layers import Conv, init_weight_
@@ -394,3 +396,36 @@ def test_bench_pipeline_offers_resnet50_and_refuses_unknown_models(tmp_path, cap
     with pytest.raises(SystemExit):
         bench_main(["--json", str(tmp_path / "r.json"), "--models", "resnet50_64,resnet99"])
     assert "resnet99" in capsys.readouterr().err
+
+
+def _macs(blocks: list[Block]) -> int:
+    return sum(
+        block.layer(w.layer).weight.numel() * math.prod(block.node_shapes[w.tgt][1:])
+        for block in blocks
+        for w in block.wires
+    )
+
+
+def test_auxiliary_heads_are_sized_by_the_bottleneck_width():
+    """A decoupled stage's head on a bottleneck is sized by the block's 3x3 width (its
+    narrowest node), as on a basic block by its output width: the conv2 head on ResNet-50's
+    layer3 is 7.6M parameters, not 58.7M, and bench.scaling charges exactly its MACs."""
+    from bench.scaling.project import aux_head_macs
+
+    rule = RuleConfig(name="rec_lra", topology="decoupled")
+    model = ModelConfig(name="resnet50", form="imagenet", width=64)
+    plan = {b.name: b for b in _blocks(model, (3, 224, 224), 1000)}
+    for name in ("stem", "layer1.1", "layer2.0", "layer3.5", "layer4.2"):
+        top = plan[name]
+        head = aux_blocks(top, (3, 224, 224), 1000, rule, model).head
+        c, h, _ = top.out_shape
+        assert _macs(head) == aux_head_macs(c, h, top.narrowest), name
+    layer3 = aux_blocks(plan["layer3.5"], (3, 224, 224), 1000, rule, model).head
+    assert plan["layer3.5"].narrowest == 256
+    assert [b.layer("conv").weight.shape[:2] for b in layer3[:2]] == [(512, 1024), (512, 512)]
+    params = sum(p.numel() for b in layer3 for p in b.parameters())
+    assert 7.5e6 < params < 7.7e6  # 58.7M when sized by the 1,024-channel output
+    # a basic block's head is what it always was: 2C on the block's output width C
+    r34 = {b.name: b for b in _blocks(ModelConfig(name="resnet34", width=64), (3, 32, 32))}
+    basic = aux_blocks(r34["layer2.0"], (3, 32, 32), CLASSES, rule, model).head
+    assert basic[0].layer("conv").weight.shape[:2] == (256, 128)

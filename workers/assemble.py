@@ -46,10 +46,7 @@ def build_aux(spec: StageSpec, rule: Rule, trunk: list[Block], is_last: bool) ->
     name, so a head is the same whichever stages the model is cut into."""
     if is_last or not rule_decoupled(spec.rule):
         return None
-    top = trunk[-1]
-    aux = aux_blocks(
-        top.name, top.out_shape, trunk[0].in_shape, spec.num_classes, spec.rule, spec.model
-    )
+    aux = aux_blocks(trunk[-1], trunk[0].in_shape, spec.num_classes, spec.rule, spec.model)
     for block in [*aux.head, *aux.recon]:
         gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + zlib.crc32(block.name.encode()))
         equip(block, rule, spec, gen, bottom=False)

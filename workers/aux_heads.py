@@ -52,23 +52,27 @@ def _dense_block(name: str, d_in: int, d_out: int, shape, act: str, bn: bool):
 
 
 def head_blocks(
-    top: str, shape: tuple[int, ...], classes: int, kind: str, model: ModelConfig
+    top: str, shape: tuple[int, ...], inner: int, classes: int, kind: str, model: ModelConfig
 ) -> list[Block]:
-    """The classifier on the output (of `shape`) of block `top`: `kind` is rule.aux_head."""
+    """The classifier on the output (of `shape`) of block `top`: `kind` is rule.aux_head.
+    Its hidden layers are sized by `inner`, the channels of the top block's narrowest node (C
+    in docs/algorithm.md's "2C"): a basic block's output width, a bottleneck's 3x3 width, so a
+    head on a bottleneck costs about what it costs on a basic block of the same inner width,
+    not 16 times as much."""
     prefix, act, bn = f"aux.{top}", model.act, model.batchnorm
     blocks: list[Block] = []
     spatial = len(shape) == 3
     if kind != "linear":
         c = shape[0]
         if not spatial:  # a dense network: a hidden dense layer in place of the conv
-            block, shape = _dense_block(f"{prefix}.c0", c, c, shape, act, bn)
+            block, shape = _dense_block(f"{prefix}.c0", c, inner, shape, act, bn)
             blocks.append(block)
         elif kind == "pointwise":
-            block, shape = _conv_block(f"{prefix}.c0", c, 2 * c, 1, 1, shape, act, bn)
+            block, shape = _conv_block(f"{prefix}.c0", c, 2 * inner, 1, 1, shape, act, bn)
             blocks.append(block)
         else:
             stride = 2 if min(shape[1], shape[2]) >= 8 else 1
-            width = 2 * c if stride == 2 else c
+            width = 2 * inner if stride == 2 else inner
             block, shape = _conv_block(f"{prefix}.c0", c, width, 3, stride, shape, act, bn)
             blocks.append(block)
             if kind == "conv2":
@@ -118,15 +122,15 @@ def recon_blocks(
 
 
 def aux_blocks(
-    top: str,
-    shape: tuple[int, ...],
+    top: Block,
     input_shape: tuple[int, ...],
     classes: int,
     rule: RuleConfig,
     model: ModelConfig,
 ) -> AuxBlocks:
-    """The auxiliary blocks of a decoupled stage whose top block `top` outputs `shape` and
-    whose input has `input_shape`."""
-    head = head_blocks(top, shape, classes, rule.aux_head, model)
-    recon = recon_blocks(top, shape, input_shape, model) if rule.aux_recon > 0 else []
+    """The auxiliary blocks of a decoupled stage whose top block is `top` and whose input has
+    `input_shape`."""
+    shape = top.out_shape
+    head = head_blocks(top.name, shape, top.narrowest, classes, rule.aux_head, model)
+    recon = recon_blocks(top.name, shape, input_shape, model) if rule.aux_recon > 0 else []
     return AuxBlocks(head, recon)

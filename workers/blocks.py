@@ -90,6 +90,12 @@ class Block(nn.Module):
         return (c, *hw)
 
     @property
+    def narrowest(self) -> int:
+        """Channels (features) of the block's narrowest node: a basic block's or a dense
+        block's width, a bottleneck's inner width (a quarter of its output's)."""
+        return min(shape[0] for shape in self.node_shapes)
+
+    @property
     def out_node(self) -> int:
         return len(self.acts) - 1
 

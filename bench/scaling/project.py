@@ -91,6 +91,7 @@ def resnet_blocks(name: str, size: int = 224, classes: int = 1000) -> list[dict]
             "macs": 49 * 3 * 64 * h * h,
             "out": 64 * (h // 2) ** 2,
             "shape": (64, h // 2),
+            "inner": 64,
         }
     ]
     h //= 2  # max-pool
@@ -113,20 +114,24 @@ def resnet_blocks(name: str, size: int = 224, classes: int = 1000) -> list[dict]
                     "macs": macs,
                     "out": c_out * ho * ho,
                     "shape": (c_out, ho),
+                    "inner": width,  # the narrowest node: an auxiliary head's C
                 }
             )
             c, h = c_out, ho
-    blocks.append({"name": "head", "macs": c * classes, "out": classes, "shape": (classes, 1)})
+    blocks.append(
+        {"name": "head", "macs": c * classes, "out": classes, "shape": (classes, 1), "inner": c}
+    )
     return blocks
 
 
-def aux_head_macs(c: int, h: int, classes: int = 1000, convs: int = 2) -> int:
+def aux_head_macs(c: int, h: int, inner: int, classes: int = 1000, convs: int = 2) -> int:
     """Forward MACs per sample of a decoupled stage's auxiliary head (the recipe's
     rule.aux_head = "conv2", workers/aux_heads.head_blocks; convs = 1 for "conv") on a (c, h, h)
-    output: a 3x3 conv to 2c channels at stride 2 while the map is 8 or more wide (else to c at
-    stride 1), a second 3x3 conv at that width, then a pooled linear layer."""
+    output of a block whose narrowest node has `inner` channels: a 3x3 conv to 2 inner
+    channels at stride 2 while the map is 8 or more wide (else to inner at stride 1), a second
+    3x3 conv at that width, then a pooled linear layer."""
     stride = 2 if h >= 8 else 1
-    width = 2 * c if stride == 2 else c
+    width = 2 * inner if stride == 2 else inner
     ho = (h - 1) // stride + 1
     return 9 * c * width * ho * ho + (convs - 1) * 9 * width * width * ho * ho + width * classes
 
@@ -145,7 +150,7 @@ def aux_head_ratios(prof: dict, model: str) -> list[float]:
         return [AUX_HEAD_FRACTION] * n
     if len(blocks) != n:
         return [AUX_HEAD_FRACTION] * n
-    return [aux_head_macs(*b["shape"]) / b["macs"] for b in blocks]
+    return [aux_head_macs(*b["shape"], b["inner"]) / b["macs"] for b in blocks]
 
 
 def load_profile(path: str | Path) -> dict:

@@ -456,9 +456,7 @@ def _stages(cfg: Config, k: int) -> list[_Stage]:
         if decoupled and b < n:  # the stage's auxiliary head (and decoder)
             top = blocks[-1]
             with torch.device("meta"):
-                aux = aux_blocks(
-                    top.name, top.out_shape, blocks[0].in_shape, classes, cfg.rule, cfg.model
-                )
+                aux = aux_blocks(top, blocks[0].in_shape, classes, cfg.rule, cfg.model)
             for block in [*aux.head, *aux.recon]:
                 _equip(block, rule, classes, bottom=False)
             blocks = [*blocks, *aux.head, *aux.recon]
