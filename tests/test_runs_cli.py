@@ -17,12 +17,14 @@ from google.protobuf import descriptor_pool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from test_service_tls import pki  # noqa: F401  (a CA, server and client certificates)
 
 from driver.api.service import Service
 from driver.cli import main
 from driver.config.service import ServiceConfig
 
 TOKEN = "cli-s3cret"
+TABLE_HEADER = ("RUN_ID", "STATE", "STEP", "EPOCH", "VAL_ACC", "TEST_ACC", "RESTARTS", "PID")
 RUN = """
 [model]
 width = 4
@@ -92,8 +94,7 @@ def test_start_list_watch_get_a_whole_run(env, capsys, tmp_path):
     assert out.startswith("whole: ") and "GiB" in out  # the state and the memory estimate
     code, out, _ = runs(capsys, "list")
     header, *rows = out.splitlines()
-    assert header.split() == ["RUN_ID", "STATE", "STEP", "EPOCH", "VAL_ACC", "TEST_ACC",
-                              "RESTARTS", "PID"]  # fmt: skip
+    assert header.split() == list(TABLE_HEADER)
     assert code == 0 and any(row.split()[0] == "whole" for row in rows)
     code, out, err = runs(capsys, "watch", "whole")
     assert code == 0, err
@@ -157,6 +158,8 @@ def test_unknown_run_and_bad_requests_are_one_line(env, capsys, tmp_path):
     assert code == 2 and "cannot read" in _one_line_error(err)
     code, _, err = runs(capsys, "list", "--cert", str(tmp_path / "c.pem"))
     assert code == 2 and "cert and key go together" in _one_line_error(err)
+    code, _, err = runs(capsys, "watch", "whole", "--wait", "0")
+    assert code == 2 and "--wait must be a positive number" in _one_line_error(err)
 
 
 def _closed_port() -> int:
@@ -194,6 +197,32 @@ def test_a_silent_server_hits_the_deadline(env, capsys):
     assert code == 2 and took < 10
     line = _one_line_error(err)
     assert "within 1.5 s" in line or "cannot reach" in line
+
+
+def test_mutual_tls_from_the_environment(env, capsys, tmp_path, pki):  # noqa: F811
+    svc = Service(
+        ServiceConfig(
+            port=0,
+            token=TOKEN,
+            runs_dir=str(tmp_path),
+            tls_cert=pki["server_cert"],
+            tls_key=pki["server_key"],
+            client_ca=pki["ca"],
+        )
+    )
+    try:
+        env.setenv("RECLRA_ADDR", f"localhost:{svc.port}")
+        env.setenv("RECLRA_ROOT_CA", pki["ca"])
+        code, out, err = runs(capsys, "list", "--timeout", "5")
+        assert code == 2 and "cannot reach" in _one_line_error(err)  # no client certificate
+        env.setenv("RECLRA_CERT", pki["client_cert"])
+        env.setenv("RECLRA_KEY", pki["client_key"])
+        code, out, err = runs(capsys, "list", "--timeout", "5")
+        assert code == 0 and out.split() == list(TABLE_HEADER), err  # no runs yet
+        code, _, err = runs(capsys, "list", "--root-ca", pki["other_ca"], "--timeout", "5")
+        assert code == 2 and "cannot reach" in _one_line_error(err)  # a CA that signed nothing
+    finally:
+        svc.stop()
 
 
 class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):

@@ -160,8 +160,10 @@ def _client(args: argparse.Namespace) -> Client:
     from driver.api.service import Client
     from driver.config import ConfigError
 
-    if args.timeout <= 0:
-        raise CliError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
+    for option in ("timeout", "wait"):
+        seconds = getattr(args, option, 1.0)
+        if not seconds > 0:  # NaN too
+            raise CliError(f"--{option} must be a positive number of seconds, not {seconds:g}")
     try:
         return Client(
             args.addr,
@@ -270,7 +272,9 @@ def _run(args: argparse.Namespace, client: Client) -> int:
         if args.json:
             print(json.dumps(run, indent=2))
         else:
-            print(f"{run['run_id']}: {run['state']} (memory {run['memory_estimate'] or '-'})")
+            print(
+                f"{run['run_id']}: {run['state']}; memory estimate {run['memory_estimate'] or '-'}"
+            )
         return 0
     if cmd == "list":
         reply = client.call("ListRuns", pb.ListRunsRequest(), timeout=args.timeout)
@@ -312,6 +316,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"reclra: error: {exc}", file=sys.stderr)
     except RpcError as exc:
         print(f"reclra: error: {_explain(exc, args, deadline)}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C on watch or stop's wait: the run goes on
+        print("reclra: interrupted; the run goes on (reclra runs stop ends it)", file=sys.stderr)
+        return 130
     finally:
         client.close()
     return 2
