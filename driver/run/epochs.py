@@ -54,8 +54,8 @@ class Epoch:
                 num_workers=dc.num_workers,
             )
             self.batches = iter(loader)
-        if rng is not None:
-            torch.set_rng_state(rng)
+        if rng is not None:  # the run's own draws (input noise...) go on exactly; batches draw
+            torch.set_rng_state(rng)  # from seeds of their own (driver/data/load.py)
         self.size = batch_count(len(train_set), tc.batch_size)  # batches in the whole epoch
         self.start = pos.batch  # the batch it began at
         self.tally = Tally()
