@@ -356,3 +356,27 @@ def test_the_service_refuses_a_run_whose_tracker_is_missing(tmp_path, monkeypatc
     finally:
         client.close()
         svc.stop()
+
+
+class FailAfterFirstEpoch(Callback):
+    def after_epoch(self, ctl: RunView, entry: dict[str, Any]) -> None:
+        raise ValueError("the user's callback gave up")
+
+
+def test_a_failed_run_ends_failed_in_both_trackers(digits, tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(RunFailed, match="gave up"):
+        train(
+            tracked_config(),
+            quiet=True,
+            out_dir=tmp_path,
+            splits=digits,
+            callbacks=[FailAfterFirstEpoch()],
+        )
+    acc = scalars(tmp_path / "rec_lra" / "tb")
+    outcome = acc.Tensors("outcome/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert outcome.startswith("failed: ") and "gave up" in outcome
+    assert len(acc.Scalars("epoch/val_acc")) == 1 and "final/test_acc" not in acc.Tags()["scalars"]
+    client = mlflow_client(tmp_path / "rec_lra" / "mlruns")
+    (run,) = client.search_runs([client.get_experiment_by_name("reclra").experiment_id])
+    assert run.info.status == "FAILED" and "gave up" in run.data.tags["reclra.error"]
