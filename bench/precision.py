@@ -1,0 +1,256 @@
+"""Benchmark: float32 against bf16 (train.precision) and eager against compiled (train.compile).
+
+    python -m bench.precision --json bench/results/precision_cpu.json
+    python -m bench.precision --device cuda --json bench/results/precision_gpu.json
+
+For each rule (default rec_lra and backprop, each with its own recipe, workers/rules/recipes.py)
+and each dataset (digits: its own budget; Fashion-MNIST: a short one, below), every
+--accuracy-variants variant trains every seed to the end, two runs at a time in one-thread
+processes, and the table gives each variant's mean test accuracy and its paired difference to
+float32 (same seed, same data order; the target: within 0.3 points). Step times: every
+--timing-variants variant of each rule in a process of its own, timed in alternating rounds
+(bench/step_time.py), as ratios to that rule's float32 (CPU time on CPU, wall time on CUDA).
+Compile time: the first step of a compiled stage against an eager one, each in a fresh
+process with an empty inductor cache.
+
+Budgets (the defaults fit 12 minutes on 2 cores): digits is bench/budgets.py's `digits`
+(ResNet-8 w16, 1,197 images, 10 epochs, batch 32); Fashion-MNIST is ResNet-8 w16 on 2,000
+training images, 1 epoch, batch 64, 1,000 validation images, the 10,000 test images. On a
+CPU without native bf16 (no AVX512-BF16 or AMX) bf16 runs several times slower than float32:
+autocast still casts, and the kernels emulate bf16. Fashion-MNIST is read in place from
+--data-root (default ../shared/data beside the checkout) and skipped, saying so, where absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from typing import Any
+
+from bench.accuracy_runs import run_all
+from bench.budgets import BUDGETS, SHARED
+from bench.output import save
+from bench.step_time import ratios, step_seconds
+from driver.config import Config, load_config, with_rule
+from driver.data.common import DataError
+from driver.data.load import load_dataset
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "float32": {},
+    "bf16": {"precision": "bf16"},
+    "compile": {"compile": True},
+    "bf16_compile": {"precision": "bf16", "compile": True},
+}
+TARGET_POINTS = 0.3  # bf16's test accuracy within this many points of float32's
+
+
+def base_config(data: str, args: argparse.Namespace) -> Config:
+    budget = BUDGETS["digits"]
+    sets = budget.sets(data, args.data_root)
+    if data != "digits":
+        sets = [s for s in sets if not s.startswith(("train.epochs", "data.train_size"))]
+        sets += [f"train.epochs={args.fashion_epochs}", f"data.train_size={args.fashion_train}"]
+        sets += [f"data.val_size={args.fashion_val}", "train.batch_size=64"]
+    sets += ["train.log_every=1000000", f'train.device="{args.device}"', *args.set]
+    return load_config(None, sets)
+
+
+def variant_config(base: Config, rule: str, variant: str, seed: int) -> Config:
+    """`base` trained by `rule` with its own recipe, in `variant`'s precision and compile."""
+    cfg = with_rule(base, rule)
+    out = f"/tmp/reclra-bench/precision/{rule}-{variant}-{seed}"
+    train = replace(cfg.train, seed=seed, out_dir=out, compare=(), **VARIANTS[variant])
+    return replace(cfg, train=train, compare={})
+
+
+def _first_step(cfg: Config, conn: Any) -> None:
+    """In a fresh process with an empty inductor cache: seconds of the first training step."""
+    import torch
+
+    from driver.data.load import make_loader
+    from driver.pipeline.build import base_spec
+    from workers.chain import LocalRunner
+
+    torch.set_num_threads(1)
+    splits = load_dataset(cfg.data)
+    x, y = next(iter(make_loader(splits.train, cfg.train.batch_size, shuffle=True, seed=0)))
+    runner = LocalRunner([base_spec(cfg, splits)])
+    t0 = time.perf_counter()
+    runner.step(x, y)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    runner.step(x, y)
+    conn.send((first, time.perf_counter() - t0))
+
+
+def first_step_seconds(cfg: Config) -> tuple[float, float]:
+    """(the first step's seconds, the second's) of `cfg`, in a spawned process whose inductor
+    cache is new and empty (a cold compile)."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    with tempfile.TemporaryDirectory(prefix="reclra-inductor-") as cache:
+        old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            proc = ctx.Process(target=_first_step, args=(cfg, child), daemon=True)
+            proc.start()
+        finally:
+            if old is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+        if not parent.poll(900):
+            proc.kill()
+            raise RuntimeError("bench.precision: the first-step process took over 900 s")
+        out = parent.recv()
+        proc.join(10)
+    return out
+
+
+def measure(data: str, args: argparse.Namespace) -> dict[str, Any]:
+    base = base_config(data, args)
+    try:
+        splits = load_dataset(base.data)
+    except DataError as err:
+        msg = f"bench.precision: {data} skipped, its data is not here ({err})"
+        print(msg, file=sys.stderr, flush=True)
+        return {"skipped": msg}
+    rules, seeds = args.rules.split(","), [int(s) for s in args.seeds.split(",")]
+    acc_variants, time_variants = args.accuracy_variants.split(","), args.timing_variants.split(",")
+    keys = [(r, v, s) for r in rules for v in acc_variants for s in seeds]
+    outs = run_all([variant_config(base, r, v, s) for r, v, s in keys], args.workers)
+    acc: dict[str, dict[str, dict[int, float]]] = {r: {v: {} for v in acc_variants} for r in rules}
+    for (r, v, s), out in zip(keys, outs, strict=True):
+        acc[r][v][s] = out["test_acc"]
+    timed = {f"{r}/{v}": variant_config(base, r, v, 0) for r in rules for v in time_variants}
+    times = step_seconds(timed, rounds=args.timing_rounds, steps=args.timing_steps)
+    key = "per_round" if args.device == "cuda" else "cpu_per_round"
+    result: dict[str, Any] = {"train_size": len(splits.train), "rules": {}}  # type: ignore[arg-type]
+    for r in rules:
+        per_rule: dict[str, Any] = {"variants": {}}
+        rel = ratios({v: times[f"{r}/{v}"] for v in time_variants}, "float32", key)
+        for v in acc_variants:
+            accs = [acc[r][v][s] for s in seeds]
+            entry: dict[str, Any] = {
+                "test_acc_per_seed": accs,
+                "test_acc_mean": statistics.mean(accs),
+            }
+            if v != "float32" and "float32" in acc_variants:
+                diffs = [100 * (acc[r][v][s] - acc[r]["float32"][s]) for s in seeds]
+                entry["diff_points_per_seed"] = diffs
+                entry["diff_points_mean"] = statistics.mean(diffs)
+                entry["within_target"] = abs(statistics.mean(diffs)) <= TARGET_POINTS
+            per_rule["variants"][v] = entry
+        for v in time_variants:
+            entry = per_rule["variants"].setdefault(v, {})
+            entry["step_seconds"] = times[f"{r}/{v}"]["step_seconds"]
+            entry["cpu_step_seconds"] = times[f"{r}/{v}"]["cpu_step_seconds"]
+            entry["step_ratio_to_float32"] = rel[v]
+        for v in time_variants:
+            if VARIANTS[v].get("compile") and args.compile_time:
+                eager = {k: x for k, x in VARIANTS[v].items() if k != "compile"}
+                plain = next(n for n, x in VARIANTS.items() if x == eager)
+                c_first, c_next = first_step_seconds(variant_config(base, r, v, 0))
+                e_first, _ = first_step_seconds(variant_config(base, r, plain, 0))
+                per_rule["variants"][v]["compile_seconds"] = c_first - e_first
+                per_rule["variants"][v]["first_step_seconds"] = c_first
+                per_rule["variants"][v]["second_step_seconds"] = c_next
+        result["rules"][r] = per_rule
+    m = base.model
+    result["model"] = f"{m.name}-w{m.width}"
+    result["epochs"], result["batch_size"] = base.train.epochs, base.train.batch_size
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"device {result['device']}, seeds {result['seeds']}; step ratio: to the rule's float32 "
+        f"({'wall' if result['device'] == 'cuda' else 'CPU'} time, one thread on CPU); "
+        f"target |bf16 - float32| <= {TARGET_POINTS} points"
+    ]
+    for data, res in result["datasets"].items():
+        if "skipped" in res:
+            lines.append(f"{data}: {res['skipped']}")
+            continue
+        lines.append(
+            f"{data}: {res['model']}, {res['train_size']} train images, {res['epochs']} "
+            f"epoch(s), batch {res['batch_size']}"
+        )
+        lines.append(
+            f"  {'rule':<10} {'variant':<13} {'test acc':>8} {'diff pts':>9} {'step ms':>8} "
+            f"{'ratio':>6} {'compile s':>9}"
+        )
+        for rule, r in res["rules"].items():
+            for v, e in r["variants"].items():
+                acc = e.get("test_acc_mean")
+                diff = e.get("diff_points_mean")
+                step = e.get("step_seconds")
+                ratio = e.get("step_ratio_to_float32")
+                comp = e.get("compile_seconds")
+                lines.append(
+                    f"  {rule:<10} {v:<13} {'-' if acc is None else f'{acc:.4f}':>8} "
+                    f"{'-' if diff is None else f'{diff:+.2f}':>9} "
+                    f"{'-' if step is None else f'{1e3 * step:.1f}':>8} "
+                    f"{'-' if ratio is None else f'{ratio:.2f}':>6} "
+                    f"{'-' if comp is None else f'{comp:.1f}':>9}"
+                )
+    return "\n".join(lines)
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", required=True, help="where to write the results")
+    p.add_argument("--data", default="digits,fashion_mnist", help="datasets, comma-separated")
+    p.add_argument("--data-root", default=str(SHARED), help="folder holding FashionMNIST/")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--rules", default="rec_lra,backprop")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--accuracy-variants", default="float32,bf16", help=f"of {list(VARIANTS)}")
+    p.add_argument("--timing-variants", default="float32,bf16,compile", help=f"of {list(VARIANTS)}")
+    p.add_argument("--fashion-train", type=int, default=2000, help="Fashion-MNIST train images")
+    p.add_argument("--fashion-epochs", type=int, default=1)
+    p.add_argument("--fashion-val", type=int, default=1000, help="Fashion-MNIST val images")
+    p.add_argument("--timing-rounds", type=int, default=3)
+    p.add_argument("--timing-steps", type=int, default=3, help="steps per timing round")
+    p.add_argument(
+        "--no-compile-time",
+        dest="compile_time",
+        action="store_false",
+        help="skip the cold first-step measurement of compiled variants",
+    )
+    p.add_argument("--workers", type=int, default=2, help="training runs side by side")
+    p.add_argument("--set", action="append", default=[], help="section.key=value for every run")
+    args = p.parse_args(argv)
+    for flag in ("accuracy_variants", "timing_variants"):
+        unknown = [v for v in getattr(args, flag).split(",") if v not in VARIANTS]
+        if unknown:
+            p.error(f"--{flag.replace('_', '-')}: unknown {unknown}; choose from {list(VARIANTS)}")
+    if "float32" not in args.timing_variants.split(","):
+        p.error("--timing-variants: needs float32 (every ratio is to it)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    t0 = time.perf_counter()
+    datasets = {data: measure(data, args) for data in args.data.split(",")}
+    result = {
+        "device": args.device,
+        "seeds": [int(s) for s in args.seeds.split(",")],
+        "rules": args.rules.split(","),
+        "datasets": datasets,
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    print(f"bench.precision: {result['wall_seconds']:.0f} s", flush=True)
+    return save(result, args.json, format_table(result))
+
+
+if __name__ == "__main__":
+    main()
