@@ -125,9 +125,15 @@ def test_safetensors_round_trip_with_synapses(r18, tmp_path):
     model.load_state_dict({k: v for k, v in tensors.items() if k not in extra}, strict=True)
 
 
-@pytest.mark.parametrize("which", ["cifar", "mlp"])
+@pytest.mark.parametrize("which", ["cifar", "mlp", "bf16"])
 def test_the_state_dict_format_loads_into_reclras_plain_module(which, cifar, tmp_path_factory):
-    cfg, folder, _ = cifar if which == "cifar" else _run(tmp_path_factory, "mlp", MLP)
+    """ResNet-8 in CIFAR form, a residual tanh MLP without BatchNorm, and a train.precision =
+    "bf16" run (the plain module runs under the same autocast): reclra's logits, to 1e-5."""
+    if which == "cifar":
+        cfg, folder, _ = cifar
+    else:
+        sets = MLP if which == "mlp" else [*CIFAR, 'train.precision="bf16"']
+        cfg, folder, _ = _run(tmp_path_factory, which, sets)
     out = folder.parent / "export.pt"
     assert main(["export", str(folder), "--out", str(out)]) == 0  # state_dict: the default
     weights = torch.load(out, weights_only=True)
@@ -138,7 +144,7 @@ def test_the_state_dict_format_loads_into_reclras_plain_module(which, cifar, tmp
     x = _test_images(cfg)
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(x), _reclra_logits(cfg, folder, x), rtol=0, atol=1e-5)
-    if which == "cifar":
+    if which != "mlp":
         assert "conv1.weight" in weights and weights["conv1.weight"].shape[-1] == 3  # 3x3 stem
     else:
         assert "dense1.fc1.weight" in weights and "dense0.fc0.bias" in weights

@@ -32,7 +32,7 @@ from driver.run.storage import Location
 from workers.blocks import ACTS, Block
 from workers.layers import Conv, Dense, Layer
 from workers.models import MODELS, model_plan
-from workers.spec import DTYPES
+from workers.spec import DTYPES, PRECISIONS
 
 FORMATS = ("torchvision", "state_dict", "safetensors")
 # torchvision.models builders a reclra ResNet of the same name may load into
@@ -58,6 +58,19 @@ def _map_of(layer: Layer) -> nn.Module:
     if isinstance(layer, Dense):  # a PooledHead too: its pooling is the plain net's own
         return nn.Linear(in_f, out_f, bias=bias)
     raise ExportError(f"export: no plain torch layer for {type(layer).__name__}")
+
+
+def _apply(m: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """A map as reclra's layer computes it: the bare W z, then the bias added (the same ops,
+    so the same logits under autocast too)."""
+    if isinstance(m, nn.Conv2d):
+        h = F.conv2d(z, m.weight, None, m.stride, m.padding)
+    else:
+        assert isinstance(m, nn.Linear)
+        h = z.flatten(1) @ m.weight.T
+    if m.bias is not None:
+        h = h + m.bias.view(1, -1, *([1] * (h.dim() - 2)))
+    return h
 
 
 def _bn_of(layer: Layer) -> nn.Module | None:
@@ -126,7 +139,7 @@ class PlainBlock(nn.Module):
             h: torch.Tensor | None = None
             for lin, bn, src in self._into[n]:
                 z = x if src < 0 else zs[src]
-                out = lin(z.flatten(1) if isinstance(lin, nn.Linear) else z)
+                out = _apply(lin, z)
                 out = out if bn is None else bn(out)
                 h = out if h is None else h + out
             for s in self.identity_into[n]:
@@ -149,6 +162,9 @@ class PlainNet(nn.Module):
         # under torchvision's names (conv1, bn1, fc); no stem in an MLP
         self._stem: tuple[nn.Module, nn.Module | None, str, bool] | None = None
         self._head: tuple[nn.Module] | None = None
+        # train.precision's autocast dtype (None: float32): reclra evaluates a bf16 run with
+        # its input in bf16 and its layers under autocast, and hands out float32 logits
+        self.precision: torch.dtype | None = None
         for block in blocks:
             if block.name == "stem" or block.head:
                 self._top_level(block)
@@ -183,25 +199,37 @@ class PlainNet(nn.Module):
             self._stem = (lin, bn, block.acts[0], block.out_pool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._head is None:
+            raise ExportError("export: the model has no head block")
+        if self.precision is None:
+            return self._forward(x)
+        with torch.autocast(x.device.type, dtype=self.precision):
+            logits = self._forward(x.to(self.precision))
+        weight = self._head[0].weight
+        assert isinstance(weight, torch.Tensor)
+        return logits.to(weight.dtype)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert self._head is not None
         if self._stem is not None:
             conv, bn, act, pool = self._stem
-            x = conv(x)
+            x = _apply(conv, x)
             x = ACTS[act](x if bn is None else bn(x))
             if pool:
                 x = F.max_pool2d(x, 3, stride=2, padding=1)
         for block in self._body:
             x = block(x)
-        if self._head is None:
-            raise ExportError("export: the model has no head block")
-        return self._head[0](x.mean(dim=(2, 3)) if x.dim() == 4 else x.flatten(1))  # type: ignore[no-any-return]
+        return _apply(self._head[0], x.mean(dim=(2, 3)) if x.dim() == 4 else x.flatten(1))
 
 
 def build_plain(cfg: Config, num_classes: int) -> PlainNet:
     """The plain module of `cfg.model` on `cfg.data`'s inputs, with `num_classes` outputs,
-    in train.dtype; its weights are still to be loaded."""
+    in train.dtype and under train.precision; its weights are still to be loaded."""
     input_shape, _ = data_shape(cfg.data)
     blocks = [make() for _, make in model_plan(cfg.model, input_shape, num_classes)]
-    return PlainNet(blocks).to(DTYPES[cfg.train.dtype])
+    net = PlainNet(blocks).to(DTYPES[cfg.train.dtype])
+    net.precision = PRECISIONS[cfg.train.precision]
+    return net
 
 
 def _units(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -300,9 +328,10 @@ def torchvision_mismatch(cfg: Config) -> list[str]:
     return why
 
 
-def check_torchvision(cfg: Config, net: nn.Module) -> None:
+def check_torchvision(cfg: Config, net: PlainNet) -> None:
     """Refuse the torchvision format unless torchvision.models.<name> loads `net`'s weights
-    with strict=True and computes the same logits."""
+    with strict=True and computes the same logits (both in float32: a bf16 run's weights are
+    float32, and autocast is the user's choice again)."""
     why = torchvision_mismatch(cfg)
     fix = "use --format state_dict (it loads into driver.run.export.plain_model's module)"
     if why:
@@ -324,8 +353,12 @@ def check_torchvision(cfg: Config, net: nn.Module) -> None:
         ) from None
     probe = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     probe = probe.to(weights["fc.weight"].dtype)
-    with torch.no_grad():
-        ours, tv = net(probe), theirs(probe)
+    precision, net.precision = net.precision, None
+    try:
+        with torch.no_grad():
+            ours, tv = net(probe), theirs(probe)
+    finally:
+        net.precision = precision
     if not torch.allclose(ours, tv, rtol=1e-4, atol=1e-5):
         gap = float((ours - tv).abs().max())
         raise ExportError(
