@@ -4,8 +4,8 @@
 nn.Sequential), in eval mode, whose logits are reclra's own eval-mode forward: the forward
 weights and BatchNorm of a run, without its error synapses or auxiliary heads. Its keys are
 torchvision's ResNet keys (conv1, bn1, layer1.0.conv1, layer2.0.downsample.0, fc), so an
-ImageNet-form ResNet at width 64 loads into torchvision.models.resnet18/34 (strict); an MLP's
-blocks keep their names (dense0.fc0, dense0.bn0, ..., fc).
+ImageNet-form ResNet at width 64 loads into torchvision.models.resnet18/34/50/101 (strict);
+an MLP's blocks keep their names (dense0.fc0, dense0.bn0, ..., fc).
 
 Export formats: `torchvision` (a torch.save'd state dict, refused unless torchvision's model of
 the same name loads it strictly and computes the same logits), `state_dict` (the same file for
