@@ -13,7 +13,7 @@ from workers.rules.recipes import variants
 
 
 TRACKERS = ("tensorboard", "mlflow")
-"""Experiment trackers train.trackers may name (driver/run/trackers.py)."""
+"""Experiment trackers train.trackers may name (driver/run/trackers/)."""
 
 
 @dataclass(frozen=True, kw_only=True)
