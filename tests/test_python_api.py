@@ -49,6 +49,19 @@ def result(digits, tmp_path_factory):
     return api.train(cfg, callbacks=[seen], splits=digits, quiet=True), seen, out
 
 
+def test_a_second_fresh_run_into_the_folder_is_refused_unless_overwrite(result, digits):
+    res, _, out = result
+    before = {p: p.read_bytes() for p in (out / "rec_lra").rglob("*") if p.is_file()}
+    cfg = api.config(values={**TINY, "train.out_dir": str(out)})
+    with pytest.raises(api.OldRunError, match="--overwrite"):
+        api.train(cfg, splits=digits, quiet=True)
+    assert {p: p.read_bytes() for p in (out / "rec_lra").rglob("*") if p.is_file()} == before
+    other = out.parent / (out.name + "_overwritten")
+    first = api.train(cfg, splits=digits, quiet=True, out_dir=other)
+    again = api.train(cfg, splits=digits, quiet=True, out_dir=other, overwrite=True)
+    assert again.log.steps == first.log.steps and again.test_acc == first.test_acc
+
+
 def test_train_returns_the_log_it_wrote(result):
     res, _, out = result
     assert res.rule == "rec_lra" and res.folder == out / "rec_lra"

@@ -15,6 +15,7 @@ RunFailed when it fails; its model is its final checkpoint as plain torch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from driver.run.callbacks import Callback, RunState, RunView
 from driver.run.compare import compare_rules, format_table, summary
 from driver.run.errors import RunFailed
 from driver.run.export import plain_model
+from driver.run.fresh import OldRunError, ensure_fresh
 from driver.run.run_log import RunLog
 from driver.run.storage import Location
 from driver.run.train import train as train_run
@@ -42,6 +44,7 @@ __all__ = [
     "Callback",
     "Comparison",
     "Config",
+    "OldRunError",
     "Result",
     "RunFailed",
     "RunState",
@@ -149,6 +152,7 @@ def train(
     track_test: bool = False,
     quiet: bool = False,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> Result:
     """Train `cfg` to the end and return its Result. `callbacks` observe the run (subclass
     Callback, override the hooks you need); train.trackers adds TensorBoard and MLflow.
@@ -156,7 +160,11 @@ def train(
     `resume` continues from a checkpoint (a file, or a run's checkpoints/ folder);
     `track_test` records test accuracy after every epoch too. Progress: a bar on a terminal
     (or with `progress`), log lines elsewhere, nothing with `quiet`. Raises RunFailed when
-    the run fails, ConfigError when a tracker's package is missing."""
+    the run fails, ConfigError when a tracker's package is missing. A fresh run (no `resume`)
+    into a folder holding an earlier run's files raises OldRunError, as `reclra train` does,
+    unless `overwrite` removes them first."""
+    if resume is None:
+        ensure_fresh(_writing_to(cfg, out_dir), overwrite=overwrite)
     final = FinalCheckpoint()
     log = train_run(
         cfg,
@@ -177,10 +185,13 @@ def compare(
     callbacks: Callable[[Config], Sequence[Callback]] | None = None,
     quiet: bool = False,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> Comparison:
     """Train cfg.rule as configured, then every rule in cfg.train.compare with its own recipe
     (with_rule), on the same data loaded once, as `reclra train` does (summary.json included).
-    `callbacks(c)` gives each run's observers from its config."""
+    `callbacks(c)` gives each run's observers from its config. Old files in the rule folders
+    raise OldRunError unless `overwrite` removes them (as `reclra train --overwrite`)."""
+    ensure_fresh(cfg, overwrite=overwrite)
     finals: dict[str, tuple[Config, FinalCheckpoint]] = {}
 
     def observers(c: Config) -> list[Callback]:
@@ -193,6 +204,13 @@ def compare(
         c, final = finals[run.rule]
         results[run.rule] = _result(c, run, final, None)
     return Comparison(results)
+
+
+def _writing_to(cfg: Config, out_dir: str | Path | None) -> Config:
+    """`cfg` as the run writes it: train.out_dir replaced by a call's `out_dir`."""
+    if out_dir is None:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(out_dir)))
 
 
 def _result(cfg: Config, log: RunLog, final: FinalCheckpoint, out_dir: str | Path | None) -> Result:
