@@ -77,7 +77,7 @@ def sweep_block(
             e = e_out
         else:
             d_n = _node_displacement(block, n, d[n], cache, rule, e_out)
-            e = rule.node_error(cache.h[n], cache.z[n], d_n, block.acts[n], rule.mix(block, n))
+            e = _node_error(rule, cache.h[n], cache.z[n], d_n, block.acts[n], rule.mix(block, n))
         losses[f"{block.name}.node{n}"] = torch.linalg.vector_norm(_stat(e)) ** 2 * (
             0.5 / e.shape[0]
         )
@@ -104,6 +104,19 @@ def sweep_block(
                 else:
                     d[s] = _add(d[s], e)
     return d_in
+
+
+def _node_error(
+    rule: Rule, h: torch.Tensor, z: torch.Tensor, d: torch.Tensor, act: str, mix: float
+) -> torch.Tensor:
+    """rule.node_error; with 16-bit activations (train.precision = "bf16") computed in float32
+    from them and stored back in their dtype. In bf16 the target's finite difference would
+    cancel: beta * d is far below h's last bit (8 bits of mantissa), so h - beta * d rounds to
+    h and e = (z - y) / beta to zero. From the bf16 h, z and d in float32 it is exact."""
+    if h.dtype.itemsize >= 4:
+        return rule.node_error(h, z, d, act, mix)
+    wide = torch.float32
+    return rule.node_error(h.to(wide), z.to(wide), d.to(wide), act, mix).to(h.dtype)
 
 
 def _learn_layer(
