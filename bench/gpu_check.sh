@@ -20,4 +20,4 @@ python3 -c "import ray, torch; print('ray', ray.__version__, 'torch', torch.__ve
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -8 | tee $OUT/gpu_tests.log
 timeout 320 python3 -m bench.pipeline --json $OUT/pipeline_gpu.json --device cuda --steps 8 --rounds 2 --skip-time-to-accuracy --transport-timeout 45 2>&1 | grep -v "INFO\|WARNING" | tail -40 | tee $OUT/bench_gpu.log
 timeout 160 python3 -m bench.engines --json $OUT/engines_gpu.json --device cuda --models resnet18_w64 --ks 2 --rounds 2 --steps 4 2>&1 | grep -v "INFO\|WARNING" | tail -14 | tee $OUT/engines_gpu.log
-timeout 150 python3 -m bench.precision --json $OUT/precision_gpu.json --device cuda --data digits --seeds 0 --timing-variants float32,bf16 --timing-rounds 3 --timing-steps 10 --no-compile-time 2>&1 | grep -v "INFO\|WARNING" | tail -12 | tee $OUT/precision_gpu.log
+timeout 150 python3 -m bench.precision --json $OUT/precision_gpu.json --device cuda --data digits --seeds 0 --timing-variants float32,bf16 --timing-rounds 3 --timing-steps 10 2>&1 | grep -v "INFO\|WARNING" | tail -12 | tee $OUT/precision_gpu.log

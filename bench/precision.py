@@ -4,28 +4,31 @@
     python -m bench.precision --device cuda --json bench/results/precision_gpu.json
 
 For each rule (default rec_lra and backprop, each with its own recipe, workers/rules/recipes.py)
-and each dataset (digits: its own budget; Fashion-MNIST: a short one, below), every
---accuracy-variants variant trains every seed to the end, two runs at a time in one-thread
-processes, and the table gives each variant's mean test accuracy and its paired difference to
-float32 (same seed, same data order; the target: within 0.3 points). Step times: every
---timing-variants variant of each rule in a process of its own, timed in alternating rounds
-(bench/step_time.py), as ratios to that rule's float32 (CPU time on CPU, wall time on CUDA).
-Compile time: the first step of a compiled stage against an eager one, each in a fresh
-process with an empty inductor cache.
+and each dataset, every --accuracy-variants variant trains every seed to the end, two runs at a
+time in one-thread processes; the table gives each variant's mean test accuracy and its
+difference to float32, paired by seed (same initial weights, same data order; the target:
+within 0.3 points). Step times: every --timing-variants variant of each rule in a process of
+its own, one thread, timed in alternating rounds after 2 warm-up steps, as ratios to that
+rule's float32 (CPU time on CPU, wall time on CUDA). Compiled variants are timed on
+--compile-data only (default digits); their compile time is their first step's seconds over
+the eager variant's, in a new, empty inductor cache (a cold compile).
 
-Budgets (the defaults fit 12 minutes on 2 cores): digits is bench/budgets.py's `digits`
-(ResNet-8 w16, 1,197 images, 10 epochs, batch 32); Fashion-MNIST is ResNet-8 w16 on 2,000
-training images, 1 epoch, batch 64, 1,000 validation images, the 10,000 test images. On a
-CPU without native bf16 (no AVX512-BF16 or AMX) bf16 runs several times slower than float32:
-autocast still casts, and the kernels emulate bf16. Fashion-MNIST is read in place from
---data-root (default ../shared/data beside the checkout) and skipped, saying so, where absent.
+Budgets, chosen to finish in about 12 minutes on 2 cores: digits is bench/budgets.py's `digits`
+(ResNet-8 w16, 1,197 images, 10 epochs, batch 32), seeds 0, 1, 2; Fashion-MNIST is ResNet-8 w16
+on 1,000 training images, 1 epoch, batch 64, 500 validation images and the 10,000 test images,
+seeds 0, 1. Most of a CPU bf16 run is its evaluation: on a CPU without native bf16 (no
+AVX512-BF16 or AMX) bf16 runs several times slower than float32, since autocast still casts
+and the kernels emulate bf16. Fashion-MNIST is read in place from --data-root (default
+../shared/data beside the checkout) and skipped, saying so, where absent.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -36,7 +39,7 @@ from typing import Any
 from bench.accuracy_runs import run_all
 from bench.budgets import BUDGETS, SHARED
 from bench.output import save
-from bench.step_time import ratios, step_seconds
+from bench.step_time import ratios
 from driver.config import Config, load_config, with_rule
 from driver.data.common import DataError
 from driver.data.load import load_dataset
@@ -69,8 +72,9 @@ def variant_config(base: Config, rule: str, variant: str, seed: int) -> Config:
     return replace(cfg, train=train, compare={})
 
 
-def _first_step(cfg: Config, conn: Any) -> None:
-    """In a fresh process with an empty inductor cache: seconds of the first training step."""
+def _worker(cfg: Config, conn: Any) -> None:
+    """One config in a process of its own, one thread: its first step's seconds (a compiled
+    stage compiles then), then `steps` steps at a time as the parent asks (wall, CPU)."""
     import torch
 
     from driver.data.load import make_loader
@@ -83,34 +87,57 @@ def _first_step(cfg: Config, conn: Any) -> None:
     runner = LocalRunner([base_spec(cfg, splits)])
     t0 = time.perf_counter()
     runner.step(x, y)
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    runner.step(x, y)
-    conn.send((first, time.perf_counter() - t0))
+    conn.send(time.perf_counter() - t0)
+    while (steps := conn.recv()) is not None:
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            runner.step(x, y)
+        conn.send((time.perf_counter() - t0, time.process_time() - c0))
 
 
-def first_step_seconds(cfg: Config) -> tuple[float, float]:
-    """(the first step's seconds, the second's) of `cfg`, in a spawned process whose inductor
-    cache is new and empty (a cold compile)."""
+def step_times(cfgs: dict[str, Config], rounds: int, steps: int) -> dict[str, dict[str, Any]]:
+    """Per config: the first step's seconds and seconds per step after 2 warm-up steps, each
+    config in its own spawned process, timed in alternating rounds (as bench/step_time.py: one
+    process computes at a time, so noise hits every config alike)."""
     ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    with tempfile.TemporaryDirectory(prefix="reclra-inductor-") as cache:
-        old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-        try:
-            proc = ctx.Process(target=_first_step, args=(cfg, child), daemon=True)
-            proc.start()
-        finally:
-            if old is None:
-                os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
-            else:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
-        if not parent.poll(900):
-            proc.kill()
-            raise RuntimeError("bench.precision: the first-step process took over 900 s")
-        out = parent.recv()
-        proc.join(10)
-    return out
+    procs, conns, first = {}, {}, {}
+    try:
+        for name, cfg in cfgs.items():  # one at a time: compile times do not overlap
+            parent, child = ctx.Pipe()
+            procs[name] = ctx.Process(target=_worker, args=(cfg, child), daemon=True)
+            procs[name].start()
+            conns[name] = parent
+            if not parent.poll(1800):
+                raise RuntimeError(f"bench.precision: {name} took over 1800 s to start")
+            first[name] = parent.recv()
+            parent.send(2)
+            parent.recv()
+        wall: dict[str, list[float]] = {n: [] for n in cfgs}
+        cpu: dict[str, list[float]] = {n: [] for n in cfgs}
+        for _ in range(rounds):
+            for name, conn in conns.items():
+                conn.send(steps)
+                w, c = conn.recv()
+                wall[name].append(w / steps)
+                cpu[name].append(c / steps)
+        return {
+            n: {
+                "first_step_seconds": first[n],
+                "step_seconds": statistics.mean(wall[n]),
+                "per_round": wall[n],
+                "cpu_step_seconds": statistics.mean(cpu[n]),
+                "cpu_per_round": cpu[n],
+            }
+            for n in cfgs
+        }
+    finally:
+        for conn in conns.values():
+            with contextlib.suppress(BrokenPipeError, OSError):
+                conn.send(None)
+        for proc in procs.values():
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
 
 
 def measure(data: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -121,20 +148,27 @@ def measure(data: str, args: argparse.Namespace) -> dict[str, Any]:
         msg = f"bench.precision: {data} skipped, its data is not here ({err})"
         print(msg, file=sys.stderr, flush=True)
         return {"skipped": msg}
-    rules, seeds = args.rules.split(","), [int(s) for s in args.seeds.split(",")]
+    rules = args.rules.split(",")
+    seeds = [int(s) for s in (args.seeds if data == "digits" else args.fashion_seeds).split(",")]
     acc_variants, time_variants = args.accuracy_variants.split(","), args.timing_variants.split(",")
     keys = [(r, v, s) for r in rules for v in acc_variants for s in seeds]
     outs = run_all([variant_config(base, r, v, s) for r, v, s in keys], args.workers)
     acc: dict[str, dict[str, dict[int, float]]] = {r: {v: {} for v in acc_variants} for r in rules}
     for (r, v, s), out in zip(keys, outs, strict=True):
         acc[r][v][s] = out["test_acc"]
-    timed = {f"{r}/{v}": variant_config(base, r, v, 0) for r in rules for v in time_variants}
-    times = step_seconds(timed, rounds=args.timing_rounds, steps=args.timing_steps)
+    timed = {
+        f"{r}/{v}": variant_config(base, r, v, 0)
+        for r in rules
+        for v in time_variants
+        if data in args.compile_data.split(",") or not VARIANTS[v].get("compile")
+    }
+    times = step_times(timed, args.timing_rounds, args.timing_steps)
     key = "per_round" if args.device == "cuda" else "cpu_per_round"
-    result: dict[str, Any] = {"train_size": len(splits.train), "rules": {}}  # type: ignore[arg-type]
+    result: dict[str, Any] = {"train_size": len(splits.train), "seeds": seeds, "rules": {}}  # type: ignore[arg-type]
     for r in rules:
         per_rule: dict[str, Any] = {"variants": {}}
-        rel = ratios({v: times[f"{r}/{v}"] for v in time_variants}, "float32", key)
+        timed_here = [v for v in time_variants if f"{r}/{v}" in times]
+        rel = ratios({v: times[f"{r}/{v}"] for v in timed_here}, "float32", key)
         for v in acc_variants:
             accs = [acc[r][v][s] for s in seeds]
             entry: dict[str, Any] = {
@@ -147,20 +181,21 @@ def measure(data: str, args: argparse.Namespace) -> dict[str, Any]:
                 entry["diff_points_mean"] = statistics.mean(diffs)
                 entry["within_target"] = abs(statistics.mean(diffs)) <= TARGET_POINTS
             per_rule["variants"][v] = entry
-        for v in time_variants:
+        for v in timed_here:
+            t = times[f"{r}/{v}"]
             entry = per_rule["variants"].setdefault(v, {})
-            entry["step_seconds"] = times[f"{r}/{v}"]["step_seconds"]
-            entry["cpu_step_seconds"] = times[f"{r}/{v}"]["cpu_step_seconds"]
+            entry["step_seconds"], entry["cpu_step_seconds"] = (
+                t["step_seconds"],
+                t["cpu_step_seconds"],
+            )
+            entry["first_step_seconds"] = t["first_step_seconds"]
             entry["step_ratio_to_float32"] = rel[v]
-        for v in time_variants:
-            if VARIANTS[v].get("compile") and args.compile_time:
+            if VARIANTS[v].get("compile"):  # the first step compiles: over the eager one's
                 eager = {k: x for k, x in VARIANTS[v].items() if k != "compile"}
                 plain = next(n for n, x in VARIANTS.items() if x == eager)
-                c_first, c_next = first_step_seconds(variant_config(base, r, v, 0))
-                e_first, _ = first_step_seconds(variant_config(base, r, plain, 0))
-                per_rule["variants"][v]["compile_seconds"] = c_first - e_first
-                per_rule["variants"][v]["first_step_seconds"] = c_first
-                per_rule["variants"][v]["second_step_seconds"] = c_next
+                if plain in timed_here:
+                    base_first = times[f"{r}/{plain}"]["first_step_seconds"]
+                    entry["compile_seconds"] = t["first_step_seconds"] - base_first
         result["rules"][r] = per_rule
     m = base.model
     result["model"] = f"{m.name}-w{m.width}"
@@ -170,7 +205,7 @@ def measure(data: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def format_table(result: dict[str, Any]) -> str:
     lines = [
-        f"device {result['device']}, seeds {result['seeds']}; step ratio: to the rule's float32 "
+        f"device {result['device']}; step ratio: to the rule's float32 "
         f"({'wall' if result['device'] == 'cuda' else 'CPU'} time, one thread on CPU); "
         f"target |bf16 - float32| <= {TARGET_POINTS} points"
     ]
@@ -180,7 +215,7 @@ def format_table(result: dict[str, Any]) -> str:
             continue
         lines.append(
             f"{data}: {res['model']}, {res['train_size']} train images, {res['epochs']} "
-            f"epoch(s), batch {res['batch_size']}"
+            f"epoch(s), batch {res['batch_size']}, seeds {res['seeds']}"
         )
         lines.append(
             f"  {'rule':<10} {'variant':<13} {'test acc':>8} {'diff pts':>9} {'step ms':>8} "
@@ -210,19 +245,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data-root", default=str(SHARED), help="folder holding FashionMNIST/")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--rules", default="rec_lra,backprop")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default="0,1,2", help="digits' seeds")
     p.add_argument("--accuracy-variants", default="float32,bf16", help=f"of {list(VARIANTS)}")
     p.add_argument("--timing-variants", default="float32,bf16,compile", help=f"of {list(VARIANTS)}")
-    p.add_argument("--fashion-train", type=int, default=2000, help="Fashion-MNIST train images")
+    p.add_argument("--fashion-seeds", default="0,1", help="Fashion-MNIST's seeds")
+    p.add_argument("--fashion-train", type=int, default=1000, help="Fashion-MNIST train images")
     p.add_argument("--fashion-epochs", type=int, default=1)
-    p.add_argument("--fashion-val", type=int, default=1000, help="Fashion-MNIST val images")
+    p.add_argument("--fashion-val", type=int, default=500, help="Fashion-MNIST val images")
     p.add_argument("--timing-rounds", type=int, default=3)
     p.add_argument("--timing-steps", type=int, default=3, help="steps per timing round")
     p.add_argument(
-        "--no-compile-time",
-        dest="compile_time",
-        action="store_false",
-        help="skip the cold first-step measurement of compiled variants",
+        "--compile-data", default="digits", help="datasets whose timing includes compiled variants"
     )
     p.add_argument("--workers", type=int, default=2, help="training runs side by side")
     p.add_argument("--set", action="append", default=[], help="section.key=value for every run")
@@ -239,15 +272,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
     t0 = time.perf_counter()
+    # a new, empty inductor cache: every compile measured is cold, as a first run's
+    cache = tempfile.mkdtemp(prefix="reclra-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
     datasets = {data: measure(data, args) for data in args.data.split(",")}
     result = {
         "device": args.device,
-        "seeds": [int(s) for s in args.seeds.split(",")],
         "rules": args.rules.split(","),
         "datasets": datasets,
         "settings": {k: v for k, v in vars(args).items() if k != "json"},
         "wall_seconds": time.perf_counter() - t0,
     }
+    shutil.rmtree(cache, ignore_errors=True)
     print(f"bench.precision: {result['wall_seconds']:.0f} s", flush=True)
     return save(result, args.json, format_table(result))
 

@@ -155,14 +155,17 @@ class Layer(nn.Module, ABC):
         assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
         learns = [p is not None and p.requires_grad for p in (bn.weight, bn.bias)]
         (e,) = as_dtype(saved.lin.dtype, e)  # bf16: the kernel takes float32 scale and stats
+        # (a compiled bf16 forward hands back its batch statistics in bf16)
+        stat = torch.promote_types(saved.lin.dtype, torch.float32)
+        mean, invstd = as_dtype(stat, saved.mean, saved.invstd)
         g_lin, g_w, g_b = torch.ops.aten.native_batch_norm_backward(
             e,
             saved.lin,
             bn.weight,
             bn.running_mean,
             bn.running_var,
-            saved.mean,
-            saved.invstd,
+            mean,
+            invstd,
             saved.training,
             bn.eps,
             [True, *learns],
