@@ -209,9 +209,20 @@ def test_compile_matches_eager(rule: str, precision: str, digits) -> None:  # no
 
 
 def test_compile_without_a_compiler_is_refused(digits, monkeypatch, tmp_path) -> None:  # noqa: ANN001
+    """A stage refuses to build, and a run fails, in one line naming the fix (no traceback:
+    driver/run/errors.py counts CompileError as expected)."""
+    from driver.run.errors import failure_message
+    from driver.run.train import train
+
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(CompileError, match=r"needs a C\+\+ compiler .* train\.compile = false"):
         _runner("rec_lra", digits, MLP, compile=True)
+    cfg = _cfg("rec_lra", MLP, compile=True, out_dir=str(tmp_path / "run"), max_steps=1)
+    with pytest.raises(RuntimeError) as info:
+        train(cfg, quiet=True, splits=digits)
+    message, traceback = failure_message(info.value.__cause__ or info.value)
+    assert "needs a C++ compiler" in str(info.value) and "\n" not in str(info.value)
+    assert "train.compile = false" in message and not traceback
 
 
 @pytest.mark.ray

@@ -6,10 +6,11 @@ from __future__ import annotations
 from cluster.errors import ActorDied, ActorError, ActorTimeout, ClusterError, PlacementError
 from driver.data.common import DataError
 from driver.run.checkpoint_store import CheckpointError
+from workers.compiled import CompileError
 from workers.spec import NonFiniteError
 
 RECOVERABLE = (ActorDied, ActorTimeout, PlacementError)
-EXPECTED = (ActorError, ClusterError, NonFiniteError, CheckpointError, DataError)
+EXPECTED = (ActorError, ClusterError, NonFiniteError, CheckpointError, DataError, CompileError)
 
 
 class RunFailed(RuntimeError):
