@@ -15,11 +15,12 @@ the eager variant's, in a new, empty inductor cache (a cold compile).
 
 Budgets, chosen to finish in about 12 minutes on 2 cores: digits is bench/budgets.py's `digits`
 (ResNet-8 w16, 1,197 images, 10 epochs, batch 32), seeds 0, 1, 2; Fashion-MNIST is ResNet-8 w16
-on 1,000 training images, 1 epoch, batch 64, 500 validation images and the 10,000 test images,
-seeds 0, 1. Most of a CPU bf16 run is its evaluation: on a CPU without native bf16 (no
-AVX512-BF16 or AMX) bf16 runs several times slower than float32, since autocast still casts
-and the kernels emulate bf16. Fashion-MNIST is read in place from --data-root (default
-../shared/data beside the checkout) and skipped, saying so, where absent.
+on 1,000 training images, 1 epoch, batch 64, 500 validation images and the first 2,000 test
+images, seeds 0, 1. Each run is tested once, at its end. Most of a CPU bf16 run is evaluation:
+on a CPU without native bf16 (no AVX512-BF16 or AMX) bf16 runs several times slower than
+float32, since autocast still casts and the kernels emulate bf16. Fashion-MNIST is read in
+place from --data-root (default ../shared/data beside the checkout) and skipped, saying so,
+where absent.
 """
 
 from __future__ import annotations
@@ -33,10 +34,12 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from typing import Any
 
-from bench.accuracy_runs import run_all
+from torch.utils.data import Subset
+
 from bench.budgets import BUDGETS, SHARED
 from bench.output import save
 from bench.step_time import ratios
@@ -70,6 +73,39 @@ def variant_config(base: Config, rule: str, variant: str, seed: int) -> Config:
     out = f"/tmp/reclra-bench/precision/{rule}-{variant}-{seed}"
     train = replace(cfg.train, seed=seed, out_dir=out, compare=(), **VARIANTS[variant])
     return replace(cfg, train=train, compare={})
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # two runs on two cores beat one run on two threads
+
+
+def one_run(job: tuple[Config, int]) -> dict[str, Any]:
+    """Train `cfg` to the end; its final test accuracy on the first `test_size` test images
+    (0: all), evaluated once, at the end."""
+    from driver.run.train import train
+
+    cfg, test_size = job
+    splits = load_dataset(cfg.data)
+    if test_size and test_size < len(splits.test):  # type: ignore[arg-type]
+        splits = replace(splits, test=Subset(splits.test, range(test_size)))
+    t0 = time.perf_counter()
+    log = train(cfg, quiet=True, splits=splits)
+    seconds = time.perf_counter() - t0
+    print(
+        f"{cfg.rule.label:<9} {cfg.train.precision:<8} seed {cfg.train.seed}: test "
+        f"{log.test_acc:.4f} ({seconds:.0f} s)",
+        flush=True,
+    )
+    return {"test_acc": log.test_acc, "seconds": seconds}
+
+
+def run_all(jobs: list[tuple[Config, int]], workers: int) -> list[dict[str, Any]]:
+    """Every job, in order; `workers` at a time in fresh one-thread processes."""
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
+        return list(pool.map(one_run, jobs))
 
 
 def _worker(cfg: Config, conn: Any) -> None:
@@ -152,7 +188,9 @@ def measure(data: str, args: argparse.Namespace) -> dict[str, Any]:
     seeds = [int(s) for s in (args.seeds if data == "digits" else args.fashion_seeds).split(",")]
     acc_variants, time_variants = args.accuracy_variants.split(","), args.timing_variants.split(",")
     keys = [(r, v, s) for r in rules for v in acc_variants for s in seeds]
-    outs = run_all([variant_config(base, r, v, s) for r, v, s in keys], args.workers)
+    test_size = 0 if data == "digits" else args.fashion_test
+    jobs = [(variant_config(base, r, v, s), test_size) for r, v, s in keys]
+    outs = run_all(jobs, args.workers)
     acc: dict[str, dict[str, dict[int, float]]] = {r: {v: {} for v in acc_variants} for r in rules}
     for (r, v, s), out in zip(keys, outs, strict=True):
         acc[r][v][s] = out["test_acc"]
@@ -164,7 +202,12 @@ def measure(data: str, args: argparse.Namespace) -> dict[str, Any]:
     }
     times = step_times(timed, args.timing_rounds, args.timing_steps)
     key = "per_round" if args.device == "cuda" else "cpu_per_round"
-    result: dict[str, Any] = {"train_size": len(splits.train), "seeds": seeds, "rules": {}}  # type: ignore[arg-type]
+    result: dict[str, Any] = {
+        "train_size": len(splits.train),  # type: ignore[arg-type]
+        "test_size": min(test_size or len(splits.test), len(splits.test)),  # type: ignore[arg-type]
+        "seeds": seeds,
+        "rules": {},
+    }
     for r in rules:
         per_rule: dict[str, Any] = {"variants": {}}
         timed_here = [v for v in time_variants if f"{r}/{v}" in times]
@@ -214,7 +257,8 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(f"{data}: {res['skipped']}")
             continue
         lines.append(
-            f"{data}: {res['model']}, {res['train_size']} train images, {res['epochs']} "
+            f"{data}: {res['model']}, {res['train_size']} train / {res['test_size']} test images, "
+            f"{res['epochs']} "
             f"epoch(s), batch {res['batch_size']}, seeds {res['seeds']}"
         )
         lines.append(
@@ -252,6 +296,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fashion-train", type=int, default=1000, help="Fashion-MNIST train images")
     p.add_argument("--fashion-epochs", type=int, default=1)
     p.add_argument("--fashion-val", type=int, default=500, help="Fashion-MNIST val images")
+    p.add_argument(
+        "--fashion-test", type=int, default=2000, help="Fashion-MNIST test images (0: all 10,000)"
+    )
     p.add_argument("--timing-rounds", type=int, default=3)
     p.add_argument("--timing-steps", type=int, default=3, help="steps per timing round")
     p.add_argument(
