@@ -191,6 +191,29 @@ def _resnet(
     return plan
 
 
+def _residual(
+    layers: dict[str, Layer],
+    wires: list[Wire],
+    last: str,
+    c_in: int,
+    c_out: int,
+    stride: int,
+    cfg: ModelConfig,
+) -> list[tuple[int, int]]:
+    """A residual block's join onto its last node (the one `last` feeds): a 1x1 projection
+    `shortcut` (with the stride) when the shape changes, added to `layers` and `wires`, else the
+    identity, returned. zero_init_residual zeroes `last`'s BatchNorm scale."""
+    last_bn = layers[last].bn
+    if cfg.zero_init_residual and isinstance(last_bn, nn.BatchNorm2d):
+        nn.init.zeros_(last_bn.weight)
+    node = wires[-1].tgt
+    if stride != 1 or c_in != c_out:
+        layers["shortcut"] = Conv(c_in, c_out, 1, stride=stride, padding=0, batchnorm=cfg.batchnorm)
+        wires.append(Wire("shortcut", -1, node, shortcut=True))
+        return []
+    return [(-1, node)]
+
+
 def _basic_block_factory(
     name: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...], stride: int, cfg: ModelConfig
 ) -> BlockFactory:
@@ -200,16 +223,8 @@ def _basic_block_factory(
             "conv1": Conv(c_in, c_out, 3, stride=stride, padding=1, batchnorm=bn),
             "conv2": Conv(c_out, c_out, 3, stride=1, padding=1, batchnorm=bn),
         }
-        last_bn = layers["conv2"].bn
-        if cfg.zero_init_residual and isinstance(last_bn, nn.BatchNorm2d):
-            nn.init.zeros_(last_bn.weight)
         wires = [Wire("conv1", -1, 0), Wire("conv2", 0, 1)]
-        identity: list[tuple[int, int]] = []
-        if stride != 1 or c_in != c_out:
-            layers["shortcut"] = Conv(c_in, c_out, 1, stride=stride, padding=0, batchnorm=bn)
-            wires.append(Wire("shortcut", -1, 1, shortcut=True))
-        else:
-            identity.append((-1, 1))
+        identity = _residual(layers, wires, "conv2", c_in, c_out, stride, cfg)
         return Block(
             name,
             layers,
@@ -245,16 +260,8 @@ def _bottleneck_factory(
             "conv2": Conv(c_mid, c_mid, 3, stride=stride, padding=1, batchnorm=bn),
             "conv3": Conv(c_mid, c_out, 1, stride=1, padding=0, batchnorm=bn),
         }
-        last_bn = layers["conv3"].bn
-        if cfg.zero_init_residual and isinstance(last_bn, nn.BatchNorm2d):
-            nn.init.zeros_(last_bn.weight)
         wires = [Wire("conv1", -1, 0), Wire("conv2", 0, 1), Wire("conv3", 1, 2)]
-        identity: list[tuple[int, int]] = []
-        if stride != 1 or c_in != c_out:
-            layers["shortcut"] = Conv(c_in, c_out, 1, stride=stride, padding=0, batchnorm=bn)
-            wires.append(Wire("shortcut", -1, 2, shortcut=True))
-        else:
-            identity.append((-1, 2))
+        identity = _residual(layers, wires, "conv3", c_in, c_out, stride, cfg)
         return Block(
             name,
             layers,

@@ -29,31 +29,25 @@ class Epoch:
 
     def __init__(self, cfg: Config, train_set: Any, pos: Position, rng: torch.Tensor | None):
         tc, dc = cfg.train, cfg.data
+        order: dict[str, Any] = {  # the epoch's seeded order, from the batch it begins at
+            "shuffle": True,
+            "seed": tc.seed,
+            "epoch": pos.epoch,
+            "start": pos.batch,
+            "num_workers": dc.num_workers,
+        }
         if dc.decode == "ray":
             self.batches: Iterator = iter(
                 RayDecoded(
                     train_set,
                     tc.batch_size,
-                    shuffle=True,
-                    seed=tc.seed,
-                    epoch=pos.epoch,
-                    start=pos.batch,
-                    num_workers=dc.num_workers,
                     cpus=dc.decode_cpus,
                     timeout_s=dc.decode_timeout_s,
+                    **order,
                 )
             )
         else:
-            loader = make_loader(
-                train_set,
-                tc.batch_size,
-                shuffle=True,
-                seed=tc.seed,
-                epoch=pos.epoch,
-                start=pos.batch,
-                num_workers=dc.num_workers,
-            )
-            self.batches = iter(loader)
+            self.batches = iter(make_loader(train_set, tc.batch_size, **order))
         if rng is not None:  # the run's own draws (input noise...) go on exactly; batches draw
             torch.set_rng_state(rng)  # from seeds of their own (driver/data/load.py)
         self.size = batch_count(len(train_set), tc.batch_size)  # batches in the whole epoch
