@@ -11,7 +11,6 @@ from workers.bounds import Limits, check_bounds
 from workers.rules import RULES
 from workers.rules.recipes import variants
 
-
 TRACKERS = ("tensorboard", "mlflow")
 """Experiment trackers train.trackers may name (driver/run/trackers/)."""
 
@@ -110,7 +109,7 @@ class TrainConfig:
         if self.precision == "bf16" and self.dtype != "float32":
             raise ValueError(
                 f"train.precision: bf16 autocasts float32 weights, got train.dtype = "
-                f"{self.dtype!r}; set train.dtype = \"float32\" or train.precision = \"float32\""
+                f'{self.dtype!r}; set train.dtype = "float32" or train.precision = "float32"'
             )
         for name in self.trackers:
             if name not in TRACKERS:
