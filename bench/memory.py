@@ -5,8 +5,10 @@
 Each config trains `--steps` steps to the end of a run (validation, test, the final
 checkpoint) in a fresh process of its own, as the service would run it: one process (K = 1),
 the run's Controller, its defaults (a checkpoint at the start and at the end), synthetic data
-or the bundled digits. The child reports its peak resident set (getrusage's ru_maxrss, which
-counts what was ever resident: the high-water mark, shared libraries included); the parent
+or the bundled digits. The child reports its peak resident set (the high-water mark of its own
+address space, shared libraries included: /proc/self/status VmHWM. Not getrusage's ru_maxrss:
+Linux carries that across fork and exec, so a child of a 2 GiB parent reports at least 2 GiB
+whatever it used); the parent
 estimates the same config without building it. The ratio estimate / measured should lie a
 little above 1: the estimate is meant to err high, by a modest factor. Runs go one at a time,
 each with one torch thread (train.threads = 1).
@@ -80,8 +82,21 @@ def child(text: str, overrides: list[str]) -> None:
     t0 = time.perf_counter()
     Controller(cfg, callbacks=[]).run_to_end()
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"peak_rss": peak, "seconds": seconds}))
+    print(json.dumps({"peak_rss": peak_rss(), "seconds": seconds}))
+
+
+def peak_rss() -> int:
+    """This process's peak resident bytes since its exec: VmHWM of its address space (Linux);
+    elsewhere getrusage's ru_maxrss (which on Linux would include the forking parent's peak)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 # the smallest run: its tensors are a few KiB, so its peak is the process baseline

@@ -44,12 +44,13 @@ MIB, GIB = 1 << 20, 1 << 30
 DTYPE_BYTES = {"float32": 4, "float64": 8}
 
 # Peak RSS of the smallest run (ResNet-8 of width 2 on 1x8x8 synthetic images, batch 4: its
-# tensors are a few KiB), 991 MiB measured, rounded up: python, torch and the run's modules
-# imported (760 MiB), the torch.optim import of building an optimizer (170 MiB: torch._dynamo,
-# sympy) and the kernels' code and thread pools of a first step. Measured with torch 2.14 (+cu130
-# wheel) on Linux x86-64, Python 3.11 (bench/memory.py); about half of it is shared libraries
-# mapped in (RssFile).
-BASELINE_BYTES = 1000 * MIB
+# tensors are a few KiB), 729 MiB measured, rounded up: python, torch and the run's modules
+# imported, the torch.optim import of building an optimizer (torch._dynamo, sympy) and the
+# kernels' code and thread pools of a first step. Measured with torch 2.14 (+cu130 wheel) on
+# Linux x86-64, Python 3.11 (bench/memory.py, as VmHWM: getrusage's ru_maxrss, used before,
+# carries the forking parent's peak into the child and had read 991 MiB); about half of it
+# is shared libraries mapped in (RssFile).
+BASELINE_BYTES = 760 * MIB
 # what loading each dataset imports on top (measured alike): scikit-learn for digits,
 # torchvision's transforms for the files read from data.root
 IMPORT_BYTES = {"digits": 105 * MIB, "synthetic": 0}
