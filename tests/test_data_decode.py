@@ -10,7 +10,7 @@ import torch
 from ckpt_helpers import TINY
 from fixtures_data import write_imagenet
 
-from driver.config import load_config
+from driver.config import ConfigError, load_config
 from driver.config.data import DataConfig
 from driver.data.common import DatasetSplits
 from driver.data.decode import RayDecoded
@@ -26,9 +26,15 @@ def _imagenet(root: Path, *, augment: bool) -> DatasetSplits:
     return load_dataset(DataConfig(name="imagenet", root=str(root), image_size=32, augment=augment))
 
 
+@pytest.mark.parametrize("no_ray", ["pipeline.stages=1", 'pipeline.backend="local"'])
+def test_ray_decoding_in_a_run_without_ray_is_refused_by_the_config(no_ray):
+    with pytest.raises(ConfigError, match=r'has no Ray.*set data.decode = "driver"'):
+        load_config(None, [*TINY, 'data.decode="ray"', "pipeline.stages=2", no_ray])
+
+
 def test_ray_decoding_without_ray_is_refused_with_the_fix(tmp_path):
     assert not ray.is_initialized()  # this module's Ray starts with the next test
-    cfg = load_config(None, [*TINY, 'data.decode="ray"'])
+    cfg = load_config(None, [*TINY, 'data.decode="ray"', "pipeline.stages=2"])  # Ray not up
     ds = _imagenet(tmp_path, augment=False).train
     with pytest.raises(ValueError, match=r'this run has no Ray.*set data.decode = "driver"'):
         Epoch(cfg, ds, Position(), None)

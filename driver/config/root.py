@@ -57,6 +57,14 @@ class Config:
                 )
         if self.pipeline.transport == "nccl" and self.train.device == "cpu":
             raise ValueError('pipeline.transport: nccl needs train.device = "cuda"; use gloo')
+        if self.data.decode == "ray" and (
+            self.pipeline.stages == 1 or self.pipeline.backend == "local"
+        ):
+            raise ValueError(
+                'data.decode: "ray" decodes in a Ray actor, but this run has no Ray '
+                '(pipeline.stages = 1 or pipeline.backend = "local"); set data.decode = "driver" '
+                "or run the stages on Ray"
+            )
         if self.pipeline.micro_batches > self.train.batch_size:
             raise ValueError(
                 f"pipeline.micro_batches ({self.pipeline.micro_batches}) exceeds "
