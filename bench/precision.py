@@ -26,7 +26,6 @@ where absent.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import multiprocessing as mp
 import os
 import shutil
@@ -42,7 +41,7 @@ from torch.utils.data import Subset
 
 from bench.budgets import BUDGETS, SHARED
 from bench.output import save
-from bench.step_time import ratios
+from bench.step_time import ratios, step_seconds
 from driver.config import Config, load_config, with_rule
 from driver.data.common import DataError
 from driver.data.load import load_dataset
@@ -108,74 +107,6 @@ def run_all(jobs: list[tuple[Config, int]], workers: int) -> list[dict[str, Any]
         return list(pool.map(one_run, jobs))
 
 
-def _worker(cfg: Config, conn: Any) -> None:
-    """One config in a process of its own, one thread: its first step's seconds (a compiled
-    stage compiles then), then `steps` steps at a time as the parent asks (wall, CPU)."""
-    import torch
-
-    from driver.data.load import make_loader
-    from driver.pipeline.build import base_spec
-    from workers.chain import LocalRunner
-
-    torch.set_num_threads(1)
-    splits = load_dataset(cfg.data)
-    x, y = next(iter(make_loader(splits.train, cfg.train.batch_size, shuffle=True, seed=0)))
-    runner = LocalRunner([base_spec(cfg, splits)])
-    t0 = time.perf_counter()
-    runner.step(x, y)
-    conn.send(time.perf_counter() - t0)
-    while (steps := conn.recv()) is not None:
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(steps):
-            runner.step(x, y)
-        conn.send((time.perf_counter() - t0, time.process_time() - c0))
-
-
-def step_times(cfgs: dict[str, Config], rounds: int, steps: int) -> dict[str, dict[str, Any]]:
-    """Per config: the first step's seconds and seconds per step after 2 warm-up steps, each
-    config in its own spawned process, timed in alternating rounds (as bench/step_time.py: one
-    process computes at a time, so noise hits every config alike)."""
-    ctx = mp.get_context("spawn")
-    procs, conns, first = {}, {}, {}
-    try:
-        for name, cfg in cfgs.items():  # one at a time: compile times do not overlap
-            parent, child = ctx.Pipe()
-            procs[name] = ctx.Process(target=_worker, args=(cfg, child), daemon=True)
-            procs[name].start()
-            conns[name] = parent
-            if not parent.poll(1800):
-                raise RuntimeError(f"bench.precision: {name} took over 1800 s to start")
-            first[name] = parent.recv()
-            parent.send(2)
-            parent.recv()
-        wall: dict[str, list[float]] = {n: [] for n in cfgs}
-        cpu: dict[str, list[float]] = {n: [] for n in cfgs}
-        for _ in range(rounds):
-            for name, conn in conns.items():
-                conn.send(steps)
-                w, c = conn.recv()
-                wall[name].append(w / steps)
-                cpu[name].append(c / steps)
-        return {
-            n: {
-                "first_step_seconds": first[n],
-                "step_seconds": statistics.mean(wall[n]),
-                "per_round": wall[n],
-                "cpu_step_seconds": statistics.mean(cpu[n]),
-                "cpu_per_round": cpu[n],
-            }
-            for n in cfgs
-        }
-    finally:
-        for conn in conns.values():
-            with contextlib.suppress(BrokenPipeError, OSError):
-                conn.send(None)
-        for proc in procs.values():
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
-
-
 def measure(data: str, args: argparse.Namespace) -> dict[str, Any]:
     base = base_config(data, args)
     try:
@@ -200,7 +131,9 @@ def measure(data: str, args: argparse.Namespace) -> dict[str, Any]:
         for v in time_variants
         if data in args.compile_data.split(",") or not VARIANTS[v].get("compile")
     }
-    times = step_times(timed, args.timing_rounds, args.timing_steps)
+    times = step_seconds(  # each first step compiles; then 2 warm-up steps
+        timed, rounds=args.timing_rounds, steps=args.timing_steps, warmup=3, start_timeout_s=1800
+    )
     key = "per_round" if args.device == "cuda" else "cpu_per_round"
     result: dict[str, Any] = {
         "train_size": len(splits.train),  # type: ignore[arg-type]

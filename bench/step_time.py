@@ -42,7 +42,9 @@ def _worker(cfg: Config, input_shape: tuple[int, ...] | None, batch: int, conn: 
         x = torch.nn.functional.interpolate(x, size=input_shape[1:])
         spec = replace(spec, input_shape=input_shape)
     runner = LocalRunner([spec])
-    conn.send("ready")
+    t0 = time.perf_counter()
+    runner.step(x, y)  # the first step: kernels' first calls, a compiled stage's compile
+    conn.send(time.perf_counter() - t0)
     while True:
         steps = conn.recv()
         if steps is None:
@@ -61,11 +63,14 @@ def step_seconds(
     warmup: int = 3,
     batch: int | None = None,
     input_shape: tuple[int, ...] | None = None,
+    start_timeout_s: float = 600,
 ) -> dict[str, dict[str, Any]]:
     """Per config: seconds per step (mean over `rounds` rounds of `steps` steps, after
-    `warmup` steps), and the per-round times. One thread each, one process each."""
+    `warmup` steps, the first included), the per-round times, and the first step's seconds
+    (a compiled stage compiles in it). One thread each, one process each, started one after
+    another (so first steps never overlap), timed in alternating rounds."""
     ctx = mp.get_context("spawn")
-    procs, conns = {}, {}
+    procs, conns, first = {}, {}, {}
     try:
         for name, cfg in cfgs.items():
             parent, child = ctx.Pipe()
@@ -73,11 +78,14 @@ def step_seconds(
             p = ctx.Process(target=_worker, args=(cfg, input_shape, size, child), daemon=True)
             p.start()
             procs[name], conns[name] = p, parent
-        for name, conn in conns.items():
-            if not conn.poll(600) or conn.recv() != "ready":
-                raise RuntimeError(f"bench.step_time: the {name} process did not start in 600 s")
-            conn.send(warmup)
-            conn.recv()
+            if not parent.poll(start_timeout_s):
+                raise RuntimeError(
+                    f"bench.step_time: the {name} process did not take its first step in "
+                    f"{start_timeout_s:g} s"
+                )
+            first[name] = parent.recv()
+            parent.send(max(warmup - 1, 0))
+            parent.recv()
         per_round: dict[str, list[float]] = {name: [] for name in cfgs}
         cpu_round: dict[str, list[float]] = {name: [] for name in cfgs}
         for _ in range(rounds):
@@ -92,6 +100,7 @@ def step_seconds(
                 "per_round": ts,
                 "cpu_step_seconds": statistics.mean(cpu_round[name]),
                 "cpu_per_round": cpu_round[name],
+                "first_step_seconds": first[name],
             }
             for name, ts in per_round.items()
         }
